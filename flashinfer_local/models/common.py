@@ -1,0 +1,93 @@
+"""Pieces every model family shares: norms, rotary embeddings, the KV cache, attention.
+
+Model code only computes: weights arrive as a dict of torch tensors (canonical names from
+``storage.format``), the FFN arrives as a callable, and position state is passed in explicitly.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from storage.config import ModelConfig
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    # x [T, d], w [d]
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), w, b, eps)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2], with linear or llama3 context scaling applied."""
+    hd = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    s = cfg.rope_scaling
+    if not s:
+        return inv.float()
+    if s["rope_type"] == "linear":
+        return (inv / s["factor"]).float()
+    # llama3: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between
+    factor, lo, hi = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old = s.get("original_max_position_embeddings", 8192)
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    ramp = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+    return torch.where(medium, ramp, scaled).float()
+
+
+class KVCache:
+    """Preallocated keys/values, sized per layer by that layer's key/value heads.
+
+    k[l], v[l]: [n_kv_heads[l], capacity, head_dim] float32. Also holds the rotary tables
+    cos/sin [capacity, head_dim] for rope models.
+    """
+
+    def __init__(self, cfg: ModelConfig, capacity: int):
+        self.capacity = capacity
+        self.k = [torch.zeros(kv, capacity, cfg.head_dim) for kv in cfg.n_kv_heads]
+        self.v = [torch.zeros(kv, capacity, cfg.head_dim) for kv in cfg.n_kv_heads]
+        self.cos = self.sin = None
+        if not cfg.learned_positions:
+            freqs = torch.outer(torch.arange(capacity, dtype=torch.float32), rope_inv_freq(cfg))
+            emb = torch.cat([freqs, freqs], dim=-1)
+            self.cos, self.sin = emb.cos(), emb.sin()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x [heads, T, hd]; cos/sin [T, hd]; HF "rotate half" convention
+    h = x.shape[-1] // 2
+    rot = torch.cat([-x[..., h:], x[..., :h]], dim=-1)
+    return x * cos + rot * sin
+
+
+def attention(cfg: ModelConfig, w: dict, p: str, layer: int, h: torch.Tensor, pos: int,
+              cache: KVCache) -> torch.Tensor:
+    """Self-attention of T new tokens at positions [pos, pos+T) against the cache. h [T, d] -> [T, d]."""
+    T = h.shape[0]
+    H, KV, hd = cfg.n_heads, cfg.n_kv_heads[layer], cfg.head_dim
+    q = F.linear(h, w[p + "q.weight"], w.get(p + "q.bias")).view(T, H, hd).transpose(0, 1)
+    k = F.linear(h, w[p + "k.weight"], w.get(p + "k.bias")).view(T, KV, hd).transpose(0, 1)
+    v = F.linear(h, w[p + "v.weight"], w.get(p + "v.bias")).view(T, KV, hd).transpose(0, 1)
+    if cache.cos is not None:
+        cos, sin = cache.cos[pos:pos + T], cache.sin[pos:pos + T]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    cache.k[layer][:, pos:pos + T] = k
+    cache.v[layer][:, pos:pos + T] = v
+    K, V = cache.k[layer][:, :pos + T], cache.v[layer][:, :pos + T]
+    mask = None
+    if T > 1:  # query t sees keys [0, pos + t]
+        mask = torch.ones(T, pos + T, dtype=torch.bool).tril(diagonal=pos)
+    o = F.scaled_dot_product_attention(q[None], K[None], V[None], attn_mask=mask,
+                                       enable_gqa=KV != H)[0]
+    return F.linear(o.transpose(0, 1).reshape(T, H * hd), w[p + "o.weight"], w.get(p + "o.bias"))

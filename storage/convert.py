@@ -1,0 +1,200 @@
+"""Checkpoint -> bundle conversion, streamed tensor by tensor.
+
+Peak memory is about one dequantized tensor (or one layer's gate/up/down) plus its converted copy,
+never the whole model. Everything is written into a hidden temporary directory beside ``out`` that is
+renamed into place only when complete, so an interrupted or failed convert leaves no bundle at
+``out`` and never touches an existing one (``force`` swaps it out only after the new one is done).
+"""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import format as fmt
+from .config import ModelConfig
+from .errors import CheckpointError, FlashinferError
+from .source import Source, open_source
+from .st_writer import SafetensorsWriter
+
+log = logging.getLogger(__name__)
+
+SMALL = ("norm.weight", "norm.bias", ".bias", "down_bias")  # kept f32: tiny, precision-sensitive
+
+
+def dense_specs(cfg: ModelConfig, dtype: str) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+    """(name, dtype, shape) of every dense tensor, derived from the config alone."""
+    d, hd, H = cfg.d_model, cfg.head_dim, cfg.n_heads
+    big = np.dtype(fmt.DTYPES[dtype])
+    specs = []
+    for name in fmt.dense_tensor_names(cfg):
+        leaf = name.split(".", 2)[-1] if name.startswith("layers.") else name
+        kv = cfg.n_kv_heads[int(name.split(".")[1])] if name.startswith("layers.") else 0
+        shape = {
+            "embed": (cfg.vocab_size, d), "lm_head": (cfg.vocab_size, d),
+            "pos_embed": (cfg.max_position + cfg.position_offset, d),
+            "q.weight": (H * hd, d), "q.bias": (H * hd,),
+            "k.weight": (kv * hd, d), "k.bias": (kv * hd,),
+            "v.weight": (kv * hd, d), "v.bias": (kv * hd,),
+            "o.weight": (d, H * hd), "o.bias": (d,), "down_bias": (d,),
+        }.get(leaf, (d,))  # norms
+        dt = np.dtype(np.float32) if name.endswith(SMALL) else big
+        specs.append((name, dt, shape))
+    return specs
+
+
+def ffn_specs(cfg: ModelConfig, layout: fmt.RecordLayout) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+    """Per layer the U8 record tensor, plus a pad tensor where needed to keep 4 KiB alignment."""
+    specs = []
+    for i in range(cfg.n_layers):
+        specs.append((fmt.ffn_tensor_name(i), np.dtype(np.uint8), (cfg.d_ff, layout.record_bytes)))
+        gap = (-cfg.d_ff * layout.record_bytes) % fmt.TENSOR_ALIGN
+        if gap and i + 1 < cfg.n_layers:
+            specs.append((f"layers.{i}.ffn_pad", np.dtype(np.uint8), (gap,)))
+    return specs
+
+
+def build_records(cfg: ModelConfig, layout: fmt.RecordLayout, tensors: dict[str, np.ndarray]) -> np.ndarray:
+    """Assemble one layer's records [d_ff, record_bytes] (U8) from its canonical FFN tensors.
+
+    tensors: "gate"/"up" [d_ff, d], "down" [d, d_ff] (transposed here: neuron i is column i),
+    "up_bias" [d_ff].
+    """
+    rec = np.zeros((cfg.d_ff, layout.record_bytes), np.uint8)
+    for f in layout.fields:
+        src = tensors[f.name]
+        if f.name == "down":
+            src = src.T
+        dt = np.dtype(fmt.DTYPES[f.dtype])
+        view = rec[:, f.offset:f.offset + f.count * dt.itemsize].view(dt)
+        view[:] = src.reshape(cfg.d_ff, f.count)
+    return rec
+
+
+def _check_shape(src: Source, name: str, a: np.ndarray, shape: tuple) -> np.ndarray:
+    if tuple(a.shape) != tuple(shape):
+        raise CheckpointError(f"{src.identity['path']}: tensor '{name}' has shape {tuple(a.shape)}, "
+                              f"the config implies {tuple(shape)}")
+    return a
+
+
+def _ffn_shapes(cfg: ModelConfig) -> dict[str, tuple]:
+    return {"gate": (cfg.d_ff, cfg.d_model), "up": (cfg.d_ff, cfg.d_model),
+            "down": (cfg.d_model, cfg.d_ff), "up_bias": (cfg.d_ff,)}
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm import tqdm
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+                disable=not enabled, leave=False)
+
+
+def _write_bundle(src: Source, tmp: Path, dtype: str, progress: bool) -> None:
+    cfg = src.config
+    layout = fmt.record_layout(cfg, dtype)
+    dspecs, fspecs = dense_specs(cfg, dtype), ffn_specs(cfg, layout)
+    need = sum(int(np.prod(s)) * d.itemsize for _, d, s in dspecs + fspecs)
+    free = shutil.disk_usage(tmp).free
+    if free < need + (64 << 20):
+        raise FlashinferError(f"not enough disk space in {tmp.parent}: the bundle needs "
+                              f"{need / 2**30:.2f}GiB, {free / 2**30:.2f}GiB is free")
+    files = {}
+    with _progress(need, progress, "convert") as bar:
+        w = SafetensorsWriter(tmp / fmt.DENSE_FILE, dspecs)
+        try:
+            for name, dt, shape in dspecs:
+                if name == "lm_head" and not src.has("lm_head"):
+                    raise CheckpointError(f"{src.identity['path']}: the head ('lm_head') is missing")
+                a = _check_shape(src, name, src.load(name), shape)
+                w.write(name, a.astype(dt, copy=False))
+                bar.update(a.size * dt.itemsize)
+                del a
+            files[fmt.DENSE_FILE] = w.close()
+        finally:
+            w.abort()
+        w = SafetensorsWriter(tmp / fmt.FFN_FILE, fspecs)
+        try:
+            shapes = _ffn_shapes(cfg)
+            for name, dt, shape in fspecs:
+                if name.endswith("_pad"):
+                    w.write(name, np.zeros(shape, np.uint8))
+                    continue
+                layer = int(name.split(".")[1])
+                parts = {}
+                for full in fmt.ffn_source_names(cfg, layer):
+                    leaf = full.rsplit(".", 1)[-1]
+                    parts[leaf] = _check_shape(src, full, src.load(full), shapes[leaf])
+                rec = build_records(cfg, layout, parts)
+                del parts
+                w.write(name, rec)
+                bar.update(rec.nbytes)
+            files[fmt.FFN_FILE] = w.close()
+        finally:
+            w.abort()
+    tok = src.tokenizer
+    if tok.tokenizer_json is not None:
+        data = tok.tokenizer_json.encode()
+        (tmp / fmt.TOKENIZER_FILE).write_bytes(data)
+        import hashlib
+        files[fmt.TOKENIZER_FILE] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    from . import __version__
+    manifest = {
+        "format": fmt.FORMAT_NAME,
+        "format_version": fmt.FORMAT_VERSION,
+        "created_by": f"flashinfer-local {__version__}",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "source": src.identity,
+        "config": cfg.to_dict(),
+        "tokenizer": {"file": fmt.TOKENIZER_FILE if tok.tokenizer_json is not None else None,
+                      "chat_template": tok.chat_template, "bos_token": tok.bos_token,
+                      "eos_token": tok.eos_token, "add_bos": tok.add_bos},
+        "dense": {"file": fmt.DENSE_FILE, "dtype": dtype, "small_tensors_dtype": "f32"},
+        "ffn": {"file": fmt.FFN_FILE, "dtype": dtype, "tensor": "layers.{i}.ffn",
+                "n_neurons": cfg.d_ff, "layout": layout.to_dict()},
+        "files": files,
+    }
+    (tmp / fmt.MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def convert(src_path: str | Path, out: str | Path, dtype: str = "f16", force: bool = False,
+            progress: bool = True) -> Path:
+    """Convert a checkpoint (HF folder or GGUF file) into a bundle directory at ``out``."""
+    if dtype not in fmt.DTYPES:
+        raise FlashinferError(f"--dtype {dtype} is not supported (choose one of: {', '.join(fmt.DTYPES)})")
+    out = Path(out).absolute()
+    if out.exists() and not force:
+        raise FlashinferError(f"{out} already exists; pass --force to replace it")
+    if out.exists() and not (out / fmt.MANIFEST).exists() and any(out.iterdir()):
+        raise FlashinferError(f"{out} exists and is not a bundle; refusing to replace it, choose another OUT")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    t0 = time.perf_counter()
+    with open_source(src_path) as src:
+        tmp.mkdir()
+        try:
+            _write_bundle(src, tmp, dtype, progress)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if e.errno == errno.ENOSPC:
+                raise FlashinferError(f"disk full while writing the bundle in {out.parent}; "
+                                      "free some space and re-run convert (nothing was written)") from None
+            raise
+        except BaseException:  # includes KeyboardInterrupt: leave nothing behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+    log.info("converted %s -> %s in %.1fs", src_path, out, time.perf_counter() - t0)
+    return out

@@ -1,0 +1,195 @@
+"""Hugging Face checkpoint folders: config.json + *.safetensors (sharded or not) + tokenizer files."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .config import ModelConfig
+from .errors import CheckpointError, UnsupportedModelError
+from .source import Source, TokenizerInfo
+
+log = logging.getLogger(__name__)
+
+# model_type -> our architecture family
+FAMILIES = {"llama": "llama", "mistral": "llama", "deci": "llama", "qwen2": "qwen2", "opt": "opt"}
+# checkpoint tensors that carry nothing we need (recomputed buffers)
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _config(c: dict) -> ModelConfig:
+    mt = c.get("model_type")
+    arch = FAMILIES.get(mt)
+    if arch is None:
+        raise UnsupportedModelError(
+            f"model_type '{mt}' is not supported (supported: {', '.join(sorted(FAMILIES))})")
+    eos = c.get("eos_token_id")
+    eos = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+    n_layers = c["num_hidden_layers"]
+    heads = c["num_attention_heads"]
+    if arch == "opt":
+        if not c.get("do_layer_norm_before", True):
+            raise UnsupportedModelError("OPT with do_layer_norm_before=false (opt-350m) is not supported")
+        if c.get("word_embed_proj_dim", c["hidden_size"]) != c["hidden_size"]:
+            raise UnsupportedModelError("OPT with word_embed_proj_dim != hidden_size is not supported")
+        if c.get("activation_function", "relu") != "relu":
+            raise UnsupportedModelError(
+                f"OPT activation '{c.get('activation_function')}' is not supported (relu only)")
+        return ModelConfig(
+            arch="opt", vocab_size=c["vocab_size"], d_model=c["hidden_size"], d_ff=c["ffn_dim"],
+            n_layers=n_layers, n_heads=heads, n_kv_heads=(heads,) * n_layers,
+            head_dim=c["hidden_size"] // heads, max_position=c["max_position_embeddings"],
+            norm_eps=1e-5, tie_embeddings=c.get("tie_word_embeddings", True), activation="relu",
+            bos_token_id=c.get("bos_token_id"), eos_token_ids=eos)
+    if c.get("hidden_act", "silu") != "silu":
+        raise UnsupportedModelError(f"hidden_act '{c.get('hidden_act')}' is not supported (silu only)")
+    kv = c.get("num_key_value_heads_per_layer")
+    if kv is None:
+        kv = [c.get("num_key_value_heads") or heads] * n_layers
+    scaling = c.get("rope_scaling")
+    if scaling:
+        rtype = scaling.get("rope_type", scaling.get("type"))
+        if rtype == "default":
+            scaling = None
+        elif rtype not in ("linear", "llama3"):
+            raise UnsupportedModelError(f"rope_scaling type '{rtype}' is not supported (linear, llama3)")
+        else:
+            scaling = {**scaling, "rope_type": rtype}
+    if arch == "llama" and c.get("sliding_window"):
+        log.warning("sliding_window=%s is ignored: attention is full over the context",
+                    c["sliding_window"])
+    return ModelConfig(
+        arch=arch, vocab_size=c["vocab_size"], d_model=c["hidden_size"],
+        d_ff=c["intermediate_size"], n_layers=n_layers, n_heads=heads, n_kv_heads=tuple(kv),
+        head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+        max_position=c.get("max_position_embeddings", 2048), norm_eps=c.get("rms_norm_eps", 1e-6),
+        rope_theta=c.get("rope_theta", 10000.0), rope_scaling=scaling,
+        tie_embeddings=c.get("tie_word_embeddings", False), activation="silu",
+        bos_token_id=c.get("bos_token_id"), eos_token_ids=eos)
+
+
+def _name_map(cfg: ModelConfig, keys: set[str]) -> dict[str, str]:
+    """canonical name -> checkpoint tensor name."""
+    m = {}
+    if cfg.arch == "opt":
+        pre = "model.decoder." if any(k.startswith("model.decoder.") for k in keys) else "decoder."
+        m["embed"] = pre + "embed_tokens.weight"
+        m["pos_embed"] = pre + "embed_positions.weight"
+        for s in ("weight", "bias"):
+            m[f"final_norm.{s}"] = pre + f"final_layer_norm.{s}"
+        for i in range(cfg.n_layers):
+            p, q = f"{pre}layers.{i}.", f"layers.{i}."
+            for s in ("weight", "bias"):
+                m[q + f"attn_norm.{s}"] = p + f"self_attn_layer_norm.{s}"
+                m[q + f"ffn_norm.{s}"] = p + f"final_layer_norm.{s}"
+                for a, b in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "out_proj")):
+                    m[q + f"{a}.{s}"] = p + f"self_attn.{b}.{s}"
+            m[q + "up"], m[q + "up_bias"] = p + "fc1.weight", p + "fc1.bias"
+            m[q + "down"], m[q + "down_bias"] = p + "fc2.weight", p + "fc2.bias"
+    else:
+        m["embed"] = "model.embed_tokens.weight"
+        m["final_norm.weight"] = "model.norm.weight"
+        for i in range(cfg.n_layers):
+            p, q = f"model.layers.{i}.", f"layers.{i}."
+            m[q + "attn_norm.weight"] = p + "input_layernorm.weight"
+            m[q + "ffn_norm.weight"] = p + "post_attention_layernorm.weight"
+            for a in "qkvo":
+                for s in ("weight", "bias"):
+                    m[q + f"{a}.{s}"] = p + f"self_attn.{a}_proj.{s}"
+            for a in ("gate", "up", "down"):
+                m[q + a] = p + f"mlp.{a}_proj.weight"
+    m["lm_head"] = "lm_head.weight"
+    return m
+
+
+def _token_text(t) -> str | None:
+    return t.get("content") if isinstance(t, dict) else t
+
+
+class HFSource(Source):
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            raw = json.loads((self.path / "config.json").read_text())
+        except ValueError as e:
+            raise CheckpointError(f"{self.path / 'config.json'}: not valid JSON ({e})") from None
+        self.config = _config(raw)
+        self._files = self._tensor_files()
+        self._map = _name_map(self.config, set(self._files))
+        known = set(self._map.values())
+        unknown = [k for k in self._files if k not in known and not k.endswith(IGNORED_SUFFIXES)]
+        if unknown:
+            raise UnsupportedModelError(
+                f"{self.path}: checkpoint tensor '{unknown[0]}' (and {len(unknown) - 1} more) has no "
+                f"place in a {self.config.arch} model; this variant is not supported")
+        if self.config.tie_embeddings is False and "lm_head.weight" not in self._files:
+            log.info("no lm_head.weight in checkpoint: tying the head to the embeddings")
+            self.config = ModelConfig.from_dict({**self.config.to_dict(), "tie_embeddings": True})
+        size = sum(f.stat().st_size for f in set(self._files.values()))
+        self.identity = {"kind": "hf", "name": self.path.name, "path": str(self.path.resolve()),
+                         "bytes": size, "mtime": max(f.stat().st_mtime for f in set(self._files.values()))}
+        self.tokenizer = self._tokenizer()
+        self._open = {}
+
+    def _tensor_files(self) -> dict[str, Path]:
+        from safetensors import safe_open
+        index = self.path / "model.safetensors.index.json"
+        if index.exists():
+            wm = json.loads(index.read_text())["weight_map"]
+            files = {k: self.path / v for k, v in wm.items()}
+            for f in set(files.values()):
+                if not f.exists():
+                    raise CheckpointError(f"{index}: shard {f.name} is missing")
+            return files
+        shards = sorted(self.path.glob("*.safetensors"))
+        if not shards:
+            raise CheckpointError(f"{self.path}: no *.safetensors files (PyTorch .bin checkpoints are "
+                                  "not supported; re-save with safe_serialization=True)")
+        files = {}
+        for s in shards:
+            try:
+                with safe_open(s, framework="pt") as f:
+                    for k in f.keys():
+                        files[k] = s
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointError(f"{s}: unreadable safetensors file ({e})") from None
+        return files
+
+    def _tokenizer(self) -> TokenizerInfo:
+        tj = self.path / "tokenizer.json"
+        info = TokenizerInfo(tokenizer_json=tj.read_text() if tj.exists() else None)
+        tc = self.path / "tokenizer_config.json"
+        if tc.exists():
+            c = json.loads(tc.read_text())
+            tmpl = c.get("chat_template")
+            if isinstance(tmpl, list):  # [{"name": "default", "template": ...}, ...]
+                tmpl = next((t["template"] for t in tmpl if t.get("name") == "default"), None)
+            info.chat_template = tmpl
+            info.bos_token = _token_text(c.get("bos_token"))
+            info.eos_token = _token_text(c.get("eos_token"))
+        jinja = self.path / "chat_template.jinja"
+        if jinja.exists():
+            info.chat_template = jinja.read_text()
+        return info
+
+    def has(self, name: str) -> bool:
+        return self._map.get(name) in self._files
+
+    def load(self, name: str) -> np.ndarray:
+        from safetensors import safe_open
+        key = self._map.get(name)
+        if key not in self._files:
+            raise CheckpointError(f"{self.path}: tensor '{key or name}' is missing from the checkpoint")
+        f = self._files[key]
+        if f not in self._open:
+            self._open[f] = safe_open(f, framework="pt")
+        try:
+            t = self._open[f].get_slice(key)[:]
+        except Exception as e:
+            raise CheckpointError(f"{f}: cannot read tensor '{key}' ({e}); the file may be truncated") from None
+        return t.float().numpy()
+
+    def close(self) -> None:
+        self._open.clear()

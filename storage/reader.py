@@ -1,0 +1,138 @@
+"""Open a bundle: validate it, map the dense part, locate and read FFN records."""
+from __future__ import annotations
+
+import hashlib
+import mmap
+from pathlib import Path
+
+import numpy as np
+
+from . import format as fmt
+from .config import ModelConfig
+from .errors import BundleError, FlashinferError
+
+
+class Bundle:
+    """A validated, opened bundle. Dense tensors are copy-on-write memory maps (no data copied)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.manifest = m = fmt.load_manifest(self.path)
+        try:
+            self.config = ModelConfig.from_dict(m["config"])
+            self.layout = fmt.RecordLayout.from_dict(m["ffn"]["layout"])
+        except FlashinferError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"{self.path / fmt.MANIFEST}: malformed config or layout ({e}); "
+                              "re-run convert") from None
+        self.dense_dtype = m["dense"]["dtype"]
+        self.ffn_dtype = m["ffn"]["dtype"]
+        for name, info in m["files"].items():
+            f = self.path / name
+            if not f.exists():
+                raise BundleError(f"{f}: missing; the bundle is incomplete, re-run convert")
+            if f.stat().st_size != info["bytes"]:
+                raise BundleError(f"{f}: {f.stat().st_size} bytes, manifest says {info['bytes']} "
+                                  "(truncated or modified); re-run convert")
+        self._dense_meta, self._dense_start = fmt.read_safetensors_header(self.path / fmt.DENSE_FILE)
+        self._ffn_meta, self._ffn_start = fmt.read_safetensors_header(self.path / fmt.FFN_FILE)
+        self._check_tensors()
+        self._dense_map = None
+
+    def _check_tensors(self) -> None:
+        cfg = self.config
+        for name in fmt.dense_tensor_names(cfg):
+            if name not in self._dense_meta:
+                raise BundleError(f"{self.path / fmt.DENSE_FILE}: tensor '{name}' missing; re-run convert")
+        for i in range(cfg.n_layers):
+            t = self._ffn_meta.get(fmt.ffn_tensor_name(i))
+            if t is None or t["shape"] != [cfg.d_ff, self.layout.record_bytes]:
+                raise BundleError(f"{self.path / fmt.FFN_FILE}: layer {i} records missing or misshapen; "
+                                  "re-run convert")
+            if self.ffn_offset(i) % fmt.TENSOR_ALIGN:
+                raise BundleError(f"{self.path / fmt.FFN_FILE}: layer {i} records are not 4 KiB aligned")
+
+    # ---- dense part
+    def dense(self, name: str) -> np.ndarray:
+        """A dense tensor as a read-only-in-spirit copy-on-write memory map (pages load on use)."""
+        if self._dense_map is None:
+            with open(self.path / fmt.DENSE_FILE, "rb") as f:
+                self._dense_map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        t = self._dense_meta[name]
+        a, b = t["data_offsets"]
+        dt = fmt.NP_DTYPE[t["dtype"]]
+        return np.frombuffer(self._dense_map, dtype=dt, count=(b - a) // dt.itemsize,
+                             offset=self._dense_start + a).reshape(t["shape"])
+
+    def has_dense(self, name: str) -> bool:
+        return name in self._dense_meta
+
+    # ---- FFN records
+    def ffn_offset(self, layer: int) -> int:
+        """Absolute file offset of layer ``layer``'s first record (a multiple of 4 KiB)."""
+        return self._ffn_start + self._ffn_meta[fmt.ffn_tensor_name(layer)]["data_offsets"][0]
+
+    @property
+    def ffn_path(self) -> Path:
+        return self.path / fmt.FFN_FILE
+
+    def read_ffn_layer(self, layer: int) -> np.ndarray:
+        """All records of one layer, read into memory: [d_ff, record_bytes] uint8."""
+        n, rb = self.config.d_ff, self.layout.record_bytes
+        out = np.empty((n, rb), np.uint8)
+        with open(self.ffn_path, "rb", buffering=0) as f:
+            f.seek(self.ffn_offset(layer))
+            got = f.readinto(memoryview(out).cast("B"))
+        if got != out.nbytes:
+            raise BundleError(f"{self.ffn_path}: short read in layer {layer}; re-run convert")
+        return out
+
+    def field(self, records: np.ndarray, name: str) -> np.ndarray:
+        """Typed view [m, count] of one field of records [m, record_bytes] (no copy)."""
+        f = self.layout.field(name)
+        dt = np.dtype(fmt.DTYPES[f.dtype])
+        return records[:, f.offset:f.offset + f.count * dt.itemsize].view(dt)
+
+    # ---- facts for inspect
+    @property
+    def tokenizer_file(self) -> Path | None:
+        name = self.manifest["tokenizer"].get("file")
+        return self.path / name if name else None
+
+    def sizes(self) -> dict:
+        cfg = self.config
+        files = {k: v["bytes"] for k, v in self.manifest["files"].items()}
+        return {
+            "files": files,
+            "total_bytes": sum(files.values()),
+            "dense_bytes": files[fmt.DENSE_FILE],
+            "ffn_bytes": files[fmt.FFN_FILE],
+            "record_bytes": self.layout.record_bytes,
+            "record_padding_bytes": self.layout.padding_bytes,
+            "ffn_padding_bytes": (self.layout.padding_bytes * cfg.d_ff * cfg.n_layers
+                                  + sum(int(np.prod(t["shape"])) for k, t in self._ffn_meta.items()
+                                        if k.endswith("_pad"))),
+        }
+
+    def verify(self, progress=None) -> list[str]:
+        """Recompute every file's sha256; returns the names that do not match (empty: all good)."""
+        bad = []
+        for name, info in self.manifest["files"].items():
+            h = hashlib.sha256()
+            with open(self.path / name, "rb") as f:
+                while chunk := f.read(16 << 20):
+                    h.update(chunk)
+                    if progress:
+                        progress(len(chunk))
+            if h.hexdigest() != info["sha256"]:
+                bad.append(name)
+        return bad
+
+    def close(self) -> None:
+        if self._dense_map is not None:
+            try:
+                self._dense_map.close()
+            except BufferError:  # arrays still view it; the map closes when they are gone
+                pass
+            self._dense_map = None

@@ -1,0 +1,69 @@
+"""Checkpoint sources: a uniform, lazy view of an HF folder or a GGUF file.
+
+A source knows the model's :class:`ModelConfig`, its tokenizer, and can load any canonical tensor
+(names in :mod:`storage.format`) as float32 in the HF orientation, one tensor at a time, so the
+converter never holds more than one layer in memory.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import ModelConfig
+from .errors import CheckpointError
+
+
+@dataclass
+class TokenizerInfo:
+    tokenizer_json: str | None = None   # text of an HF `tokenizers` tokenizer.json
+    chat_template: str | None = None    # jinja2 template, as in tokenizer_config.json / GGUF
+    bos_token: str | None = None
+    eos_token: str | None = None
+    add_bos: bool = False               # prepend BOS when encoding a prompt
+
+
+class Source(ABC):
+    config: ModelConfig
+    tokenizer: TokenizerInfo
+    identity: dict        # {"kind", "name", "path", "bytes", "mtime"}
+
+    @abstractmethod
+    def has(self, name: str) -> bool: ...
+
+    @abstractmethod
+    def load(self, name: str) -> np.ndarray:
+        """The canonical tensor ``name`` as float32, HF orientation. Raises CheckpointError if absent."""
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_source(path: str | Path) -> Source:
+    """Open an HF checkpoint folder or a GGUF file as a Source."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file or directory")
+    if p.is_file():
+        with open(p, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise CheckpointError(f"{p}: not a GGUF file (magic {magic!r}); give a GGUF file or an HF folder")
+        from .gguf_source import GGUFSource
+        return GGUFSource(p)
+    if (p / "config.json").exists():
+        from .hf_source import HFSource
+        return HFSource(p)
+    ggufs = sorted(p.glob("*.gguf"))
+    if len(ggufs) == 1:
+        from .gguf_source import GGUFSource
+        return GGUFSource(ggufs[0])
+    raise CheckpointError(f"{p}: neither an HF checkpoint folder (no config.json) nor a GGUF file")
