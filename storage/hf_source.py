@@ -48,7 +48,10 @@ def _config(c: dict) -> ModelConfig:
     kv = c.get("num_key_value_heads_per_layer")
     if kv is None:
         kv = [c.get("num_key_value_heads") or heads] * n_layers
-    scaling = c.get("rope_scaling")
+    # transformers >= 5 writes rope settings into "rope_parameters"; older configs use top-level keys
+    rp = c.get("rope_parameters") or {}
+    theta = c.get("rope_theta", rp.get("rope_theta", 10000.0))
+    scaling = c.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
     if scaling:
         rtype = scaling.get("rope_type", scaling.get("type"))
         if rtype == "default":
@@ -65,7 +68,7 @@ def _config(c: dict) -> ModelConfig:
         d_ff=c["intermediate_size"], n_layers=n_layers, n_heads=heads, n_kv_heads=tuple(kv),
         head_dim=c.get("head_dim") or c["hidden_size"] // heads,
         max_position=c.get("max_position_embeddings", 2048), norm_eps=c.get("rms_norm_eps", 1e-6),
-        rope_theta=c.get("rope_theta", 10000.0), rope_scaling=scaling,
+        rope_theta=theta, rope_scaling=scaling,
         tie_embeddings=c.get("tie_word_embeddings", False), activation="silu",
         bos_token_id=c.get("bos_token_id"), eos_token_ids=eos)
 

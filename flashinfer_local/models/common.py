@@ -84,10 +84,13 @@ def attention(cfg: ModelConfig, w: dict, p: str, layer: int, h: torch.Tensor, po
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     cache.k[layer][:, pos:pos + T] = k
     cache.v[layer][:, pos:pos + T] = v
-    K, V = cache.k[layer][:, :pos + T], cache.v[layer][:, :pos + T]
-    mask = None
+    K, V = cache.k[layer][:, :pos + T], cache.v[layer][:, :pos + T]     # [KV, S, hd]
+    # grouped-query attention without repeating K/V: query head h reads kv head h // G, so the
+    # G heads of a group and their T tokens form one [G*T, hd] block per kv head
+    G, S = H // KV, pos + T
+    s = torch.bmm(q.reshape(KV, G * T, hd), K.transpose(1, 2)) * hd ** -0.5   # [KV, G*T, S]
     if T > 1:  # query t sees keys [0, pos + t]
-        mask = torch.ones(T, pos + T, dtype=torch.bool).tril(diagonal=pos)
-    o = F.scaled_dot_product_attention(q[None], K[None], V[None], attn_mask=mask,
-                                       enable_gqa=KV != H)[0]
+        mask = torch.ones(T, S, dtype=torch.bool).tril(diagonal=pos)
+        s = s.view(KV, G, T, S).masked_fill(~mask, float("-inf")).view(KV, G * T, S)
+    o = torch.bmm(torch.softmax(s, dim=-1), V).view(H, T, hd)
     return F.linear(o.transpose(0, 1).reshape(T, H * hd), w[p + "o.weight"], w.get(p + "o.bias"))

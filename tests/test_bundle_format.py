@@ -1,0 +1,141 @@
+"""The bundle on disk: layout, alignment, records, checksums, atomic writes."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from storage import format as fmt
+from storage.convert import convert
+from storage.errors import BundleError, CheckpointError, FlashinferError
+from storage.reader import Bundle
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_records_hold_each_neurons_weights(tiny_ckpt, tiny_bundle, arch, dtype):
+    b = Bundle(tiny_bundle(arch, dtype))
+    cfg, lay = b.config, b.layout
+    assert lay.record_bytes % fmt.RECORD_ALIGN == 0
+    ckpt = tiny_ckpt(arch)
+    with safe_open(next(ckpt.glob("*.safetensors")), "pt") as f:
+        names = {k.split("layers.1.")[-1]: k for k in f.keys() if "layers.1." in k}
+        if arch == "opt":
+            up, down = f.get_tensor(names["fc1.weight"]), f.get_tensor(names["fc2.weight"])
+            bias = f.get_tensor(names["fc1.bias"])
+        else:
+            up, down = f.get_tensor(names["mlp.up_proj.weight"]), f.get_tensor(names["mlp.down_proj.weight"])
+            gate = f.get_tensor(names["mlp.gate_proj.weight"])
+    rec = b.read_ffn_layer(1)
+    assert rec.shape == (cfg.d_ff, lay.record_bytes)
+    tol = 0 if dtype == "f32" else 1e-3
+    np.testing.assert_allclose(b.field(rec, "up"), up.numpy(), atol=tol)
+    np.testing.assert_allclose(b.field(rec, "down"), down.numpy().T, atol=tol)   # column i of down
+    if arch == "opt":
+        np.testing.assert_allclose(b.field(rec, "up_bias")[:, 0], bias.numpy(), atol=tol)
+    else:
+        np.testing.assert_allclose(b.field(rec, "gate"), gate.numpy(), atol=tol)
+    assert not rec[:, lay.payload_bytes:].any()   # padding is zeros
+
+
+def test_layer_tensors_are_4k_aligned_and_contiguous(tiny_bundle):
+    b = Bundle(tiny_bundle("llama", "f16"))
+    for i in range(b.config.n_layers):
+        off = b.ffn_offset(i)
+        assert off % fmt.TENSOR_ALIGN == 0
+        with open(b.ffn_path, "rb") as f:   # the bytes at the offset are the layer's records
+            f.seek(off)
+            raw = np.frombuffer(f.read(b.layout.record_bytes * 3), np.uint8).reshape(3, -1)
+        np.testing.assert_array_equal(raw, b.read_ffn_layer(i)[:3])
+
+
+def test_manifest_and_checksums(tiny_bundle):
+    path = tiny_bundle("qwen2", "f32")
+    m = json.loads((path / fmt.MANIFEST).read_text())
+    assert m["format"] == fmt.FORMAT_NAME and m["format_version"] == fmt.FORMAT_VERSION
+    assert set(m["files"]) == {fmt.DENSE_FILE, fmt.FFN_FILE, fmt.TOKENIZER_FILE}
+    assert m["source"]["kind"] == "hf"
+    assert Bundle(path).verify() == []
+
+
+def test_verify_detects_flipped_byte(tiny_bundle, tmp_path):
+    path = shutil.copytree(tiny_bundle("llama", "f32"), tmp_path / "b")
+    f = path / fmt.FFN_FILE
+    data = bytearray(f.read_bytes())
+    data[-100] ^= 0xFF
+    f.write_bytes(bytes(data))
+    assert Bundle(path).verify() == [fmt.FFN_FILE]
+
+
+def test_truncated_bundle_is_refused(tiny_bundle, tmp_path):
+    path = shutil.copytree(tiny_bundle("llama", "f32"), tmp_path / "b")
+    f = path / fmt.FFN_FILE
+    f.write_bytes(f.read_bytes()[:-5000])
+    with pytest.raises(BundleError, match="truncated"):
+        Bundle(path)
+
+
+def test_wrong_format_version_is_refused(tiny_bundle, tmp_path):
+    path = shutil.copytree(tiny_bundle("llama", "f32"), tmp_path / "b")
+    m = json.loads((path / fmt.MANIFEST).read_text())
+    m["format_version"] = 99
+    (path / fmt.MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="version 99"):
+        Bundle(path)
+
+
+def test_unknown_architecture_is_refused(tiny_ckpt, tmp_path):
+    src = shutil.copytree(tiny_ckpt("llama"), tmp_path / "ckpt")
+    c = json.loads((src / "config.json").read_text())
+    c["model_type"] = "gpt_neox"
+    (src / "config.json").write_text(json.dumps(c))
+    with pytest.raises(CheckpointError, match="gpt_neox"):
+        convert(src, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_checkpoint_is_refused(tiny_ckpt, tmp_path):
+    src = shutil.copytree(tiny_ckpt("llama"), tmp_path / "ckpt")
+    st = next(src.glob("*.safetensors"))
+    st.write_bytes(st.read_bytes()[:-4096])
+    with pytest.raises(CheckpointError):
+        convert(src, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_interrupted_convert_leaves_nothing_and_keeps_existing(tiny_ckpt, tiny_bundle, tmp_path, monkeypatch):
+    out = shutil.copytree(tiny_bundle("llama", "f32"), tmp_path / "b")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    from storage import hf_source
+    calls = {"n": 0}
+    real = hf_source.HFSource.load
+
+    def flaky(self, name):
+        calls["n"] += 1
+        if calls["n"] == 12:
+            raise KeyboardInterrupt
+        return real(self, name)
+    monkeypatch.setattr(hf_source.HFSource, "load", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        convert(tiny_ckpt("llama"), out, force=True, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]      # no partial directory left
+
+
+def test_existing_out_needs_force(tiny_ckpt, tiny_bundle, tmp_path):
+    out = shutil.copytree(tiny_bundle("llama", "f32"), tmp_path / "b")
+    with pytest.raises(FlashinferError, match="--force"):
+        convert(tiny_ckpt("llama"), out, progress=False)
+    convert(tiny_ckpt("llama"), out, dtype="f16", force=True, progress=False)
+    assert Bundle(out).ffn_dtype == "f16"
+
+
+def test_f16_bundle_close_to_f32(tiny_bundle):
+    from flashinfer_local.engine import Engine
+    ids = list(range(3, 20))
+    a = Engine(tiny_bundle("llama", "f32")).logits(ids)
+    b = Engine(tiny_bundle("llama", "f16")).logits(ids)
+    assert torch.allclose(a, b, atol=2e-2 * a.abs().max())

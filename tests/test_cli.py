@@ -1,0 +1,120 @@
+"""The command line: convert, inspect, run, and one-line errors on bad input."""
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from flashinfer_local.cli import main
+from storage import format as fmt
+
+
+def cli(*args):
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    return r
+
+
+def one_line_error(r, *needles):
+    assert r.exit_code == 1, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    lines = [x for x in r.output.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), r.output
+    for n in needles:
+        assert n in lines[0], r.output
+
+
+def test_convert_inspect_run(tiny_ckpt, tmp_path):
+    out = tmp_path / "bundle"
+    r = cli("convert", tiny_ckpt("qwen2"), out, "--dtype", "f16")
+    assert r.exit_code == 0, r.output
+    assert "wrote" in r.output and "peak RSS" in r.output
+    r = cli("inspect", out, "--verify")
+    assert r.exit_code == 0, r.output
+    assert "qwen2" in r.output and "padding" in r.output and "checksums match" in r.output
+    sj = tmp_path / "stats.json"
+    r = cli("run", out, "-p", "hello there", "-n", "6", "--temperature", "0", "--stats", "--stats-json", sj)
+    assert r.exit_code == 0, r.output
+    s = json.loads(sj.read_text())
+    for k in ("text", "token_ids", "prompt_tokens", "generated_tokens", "prefill_tokens_per_s",
+              "decode_tokens_per_s", "peak_rss_bytes"):
+        assert k in s
+    assert s["generated_tokens"] == len(s["token_ids"]) <= 6
+    assert s["peak_rss_bytes"] > 0
+
+
+def test_run_converts_a_checkpoint_once_into_the_cache(tiny_ckpt, tmp_path, monkeypatch):
+    monkeypatch.setenv("FLASHINFER_HOME", str(tmp_path / "home"))
+    for _ in range(2):
+        r = cli("run", tiny_ckpt("llama"), "-p", "abc", "-n", "3", "--seed", "1")
+        assert r.exit_code == 0, r.output
+    assert len(list((tmp_path / "home" / "bundles").iterdir())) == 1
+
+
+def test_bad_inputs_give_one_line_errors(tiny_ckpt, tiny_bundle, tmp_path):
+    # unknown architecture
+    src = shutil.copytree(tiny_ckpt("llama"), tmp_path / "ckpt")
+    c = json.loads((src / "config.json").read_text())
+    c["model_type"] = "mamba"
+    (src / "config.json").write_text(json.dumps(c))
+    one_line_error(cli("convert", src, tmp_path / "o1"), "mamba")
+    # wrong format version
+    b = shutil.copytree(tiny_bundle("llama", "f32"), tmp_path / "b")
+    m = json.loads((b / fmt.MANIFEST).read_text())
+    m["format_version"] = 7
+    (b / fmt.MANIFEST).write_text(json.dumps(m))
+    one_line_error(cli("inspect", b), "version 7")
+    one_line_error(cli("run", b, "-p", "x"), "version 7")
+    # truncated records
+    b2 = shutil.copytree(tiny_bundle("llama", "f32"), tmp_path / "b2")
+    f = b2 / fmt.FFN_FILE
+    f.write_bytes(f.read_bytes()[:-4096])
+    one_line_error(cli("run", b2, "-p", "x"), "truncated")
+    # a file that is neither GGUF nor a folder
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"\0" * 100)
+    one_line_error(cli("convert", junk, tmp_path / "o2"), "not a GGUF")
+    # existing output without --force
+    one_line_error(cli("convert", tiny_ckpt("llama"), b2), "--force")
+    # bad option values
+    one_line_error(cli("run", tiny_bundle("llama", "f32"), "-p", "x", "--top-p", "1.5"), "--top-p")
+
+
+def test_missing_gguf_tensor_is_one_line_error(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+    path = tmp_path / "tiny.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    d, ff, L = 32, 64, 1
+    w.add_block_count(L)
+    w.add_context_length(64)
+    w.add_embedding_length(d)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(50)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt2")
+    toks = [chr(ord("a") + i % 26) * (1 + i // 26) for i in range(50)]
+    w.add_token_list(toks)
+    w.add_token_types([1] * 50)
+    w.add_token_merges([])
+    rng = np.random.default_rng(0)
+    t = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    w.add_tensor("token_embd.weight", t(50, d))
+    w.add_tensor("output_norm.weight", t(d))
+    w.add_tensor("blk.0.attn_norm.weight", t(d))
+    w.add_tensor("blk.0.attn_q.weight", t(d, d))
+    w.add_tensor("blk.0.attn_k.weight", t(16, d))
+    w.add_tensor("blk.0.attn_v.weight", t(16, d))
+    w.add_tensor("blk.0.attn_output.weight", t(d, d))
+    w.add_tensor("blk.0.ffn_norm.weight", t(d))
+    w.add_tensor("blk.0.ffn_gate.weight", t(ff, d))
+    w.add_tensor("blk.0.ffn_down.weight", t(d, ff))   # ffn_up is missing
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    r = cli("convert", path, tmp_path / "out")
+    one_line_error(r, "ffn_up")
+    assert not (tmp_path / "out").exists()
