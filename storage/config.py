@@ -30,7 +30,7 @@ class ModelConfig:
     max_position: int              # longest context the model was trained for
     norm_eps: float
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None   # None, or {"rope_type": "linear"|"llama3", ...}
+    rope_scaling: dict | None = None   # None or {"rope_type": "linear"|"llama3"|"freq_factors", ...}
     tie_embeddings: bool = False
     activation: str = "silu"       # silu (gated), relu (OPT)
     bos_token_id: int | None = None

@@ -12,6 +12,7 @@ from flashinfer_local.generate import SamplingParams
 from storage.convert import convert
 
 from conftest import smollm_gguf
+from tiny_models import reference_greedy, reference_logits
 
 PROMPTS = [
     "The capital of France is",
@@ -28,10 +29,8 @@ def compare(gguf_path, tmp_path, n_tokens=64, prompts=PROMPTS):
     eng = Engine(convert(gguf_path, tmp_path / "b", dtype="f32", progress=False))
     for text in prompts:
         ids = eng.tokenizer.encode(text)
-        with torch.no_grad():
-            want_logits = ref(torch.tensor([ids])).logits[0]
-            want = ref.generate(torch.tensor([ids]), max_new_tokens=n_tokens, do_sample=False,
-                                min_new_tokens=n_tokens)[0, len(ids):].tolist()
+        want_logits = reference_logits(ref, ids)
+        want = reference_greedy(ref, ids, n_tokens)     # manual loop: generate() would mask EOS
         got_logits = eng.logits(ids)
         assert (want_logits - got_logits).abs().max() < 1e-3 * want_logits.abs().max(), text
         got = [s.token_id for s in eng.generate(ids, max_tokens=n_tokens,

@@ -31,6 +31,8 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
         return inv.float()
     if s["rope_type"] == "linear":
         return (inv / s["factor"]).float()
+    if s["rope_type"] == "freq_factors":   # GGUF's rope_freqs: one divisor per frequency
+        return (inv / torch.tensor(s["factors"], dtype=torch.float64)).float()
     # llama3: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between
     factor, lo, hi = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
     old = s.get("original_max_position_embeddings", 8192)
