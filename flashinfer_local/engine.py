@@ -6,7 +6,6 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from storage.reader import Bundle
@@ -22,13 +21,12 @@ log = logging.getLogger(__name__)
 
 
 def _dense_weights(bundle: Bundle) -> dict[str, torch.Tensor]:
-    """Dense tensors as float32 torch tensors: zero-copy views of the map for f32 bundles, one
-    upcast copy for f16 ones."""
+    """Dense tensors as torch tensors in the bundle's precision: zero-copy views of the map."""
     from storage import format as fmt
     w = {}
     for name in fmt.dense_tensor_names(bundle.config):
         a = bundle.dense(name)
-        w[name] = torch.from_numpy(a if a.dtype == np.float32 else a.astype(np.float32))
+        w[name] = torch.from_numpy(a)
     return w
 
 

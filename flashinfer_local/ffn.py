@@ -6,46 +6,46 @@ SSD into a window cache) plug in without touching model code.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from storage import format as fmt
 from storage.reader import Bundle
+
+from .models.common import linear
 
 
 class DenseFFN:
-    """Every record of every layer held in DRAM as float32 (the all-in-memory mode).
+    """Every record of every layer held in DRAM, in the bundle's precision (the all-in-memory mode).
 
-    Per layer one matrix W [d_ff, record_bytes / itemsize] in record layout: neuron i is row i and the
-    gate/up/down fields are column slices of it (strided views, no copies: BLAS reads them with a
-    leading dimension of the record length).
+    Records are split once at load into contiguous per-field matrices in the orientation BLAS
+    reads fastest (gate/up [d_ff, d], down [d, d_ff]): measured here, computing straight from the
+    strided record fields was 15-25% slower per layer. Streaming modes compute on gathered records.
     """
 
     def __init__(self, bundle: Bundle):
-        cfg, lay = bundle.config, bundle.layout
+        cfg = bundle.config
         self.gated = cfg.gated
-        item = np.dtype(fmt.DTYPES[bundle.ffn_dtype]).itemsize
-        # f32 record columns covering each field: [start, stop)
-        self.cols = {f.name: (f.offset // item, f.offset // item + f.count) for f in lay.fields}
-        self.layers: list[torch.Tensor] = []
+        self.gate, self.up, self.down, self.up_bias = [], [], [], []
         for i in range(cfg.n_layers):
-            rec = bundle.read_ffn_layer(i).view(fmt.DTYPES[bundle.ffn_dtype])  # [d_ff, R/item]
-            self.layers.append(torch.from_numpy(rec.astype(np.float32, copy=False)))
+            rec = bundle.read_ffn_layer(i)                               # [d_ff, record_bytes] u8
 
-    def _field(self, layer: int, name: str) -> torch.Tensor:
-        a, b = self.cols[name]
-        return self.layers[layer][:, a:b]
+            def field(name):
+                return torch.from_numpy(bundle.field(rec, name))
+            self.up.append(field("up").contiguous())                    # [d_ff, d]
+            self.down.append(field("down").t().contiguous())            # [d, d_ff]
+            if self.gated:
+                self.gate.append(field("gate").contiguous())            # [d_ff, d]
+            else:
+                self.up_bias.append(field("up_bias")[:, 0].float())  # [d_ff]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.layers)
+        return sum(t.numel() * t.element_size() for t in self.gate + self.up + self.down + self.up_bias)
 
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         # x [T, d] -> [T, d]
-        up = F.linear(x, self._field(layer, "up"))                    # [T, d_ff]
         if self.gated:
-            h = F.silu(F.linear(x, self._field(layer, "gate"))) * up
+            h = F.silu(linear(x, self.gate[layer])) * linear(x, self.up[layer])   # [T, d_ff]
         else:
-            h = F.relu(up + self._field(layer, "up_bias")[:, 0])
-        return h @ self._field(layer, "down")                          # [T, d]
+            h = F.relu(linear(x, self.up[layer], self.up_bias[layer]))
+        return linear(h, self.down[layer])

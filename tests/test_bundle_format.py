@@ -133,9 +133,16 @@ def test_existing_out_needs_force(tiny_ckpt, tiny_bundle, tmp_path):
     assert Bundle(out).ffn_dtype == "f16"
 
 
-def test_f16_bundle_close_to_f32(tiny_bundle):
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_f16_bundle_close_to_f32(tiny_bundle, arch):
+    """Prefill (f16 weights upcast) and decode (f16 matrix-vector) both stay close to f32."""
     from flashinfer_local.engine import Engine
     ids = list(range(3, 20))
-    a = Engine(tiny_bundle("llama", "f32")).logits(ids)
-    b = Engine(tiny_bundle("llama", "f16")).logits(ids)
+    e32, e16 = Engine(tiny_bundle(arch, "f32")), Engine(tiny_bundle(arch, "f16"))
+    a, b = e32.logits(ids), e16.logits(ids)
     assert torch.allclose(a, b, atol=2e-2 * a.abs().max())
+    c32, c16 = e32.new_cache(len(ids)), e16.new_cache(len(ids))
+    for pos, t in enumerate(ids):        # one token at a time: the decode path
+        a = e32.forward(torch.tensor([t]), pos, c32)
+        b = e16.forward(torch.tensor([t]), pos, c16)
+        assert torch.allclose(a, b, atol=2e-2 * a.abs().max())

@@ -92,7 +92,7 @@ def main():
                          "ratio": med["flashinfer-local"] / med["transformers fp32"]})
             del eng, hf
     print(f"\nDecode tokens/s, all weights in DRAM, {a.tokens} greedy tokens, median of {a.runs}, "
-          f"{a.threads} threads, bundle {a.dtype} computed in f32\n")
+          f"{a.threads} threads, bundle {a.dtype}\n")
     print("| model | flashinfer-local | transformers fp32 | ratio |\n|---|---:|---:|---:|")
     for r in rows:
         m = r["median_tps"]

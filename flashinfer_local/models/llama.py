@@ -6,11 +6,10 @@ Pre-norm blocks: x += attn(rms_norm(x)); x += ffn(rms_norm(x)). RoPE positions, 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from storage.config import ModelConfig
 
-from .common import KVCache, attention, rms_norm
+from .common import KVCache, attention, linear, rms_norm
 
 
 class LlamaModel:
@@ -31,4 +30,4 @@ class LlamaModel:
             x = x + self.ffn(i, rms_norm(x, w[p + "ffn_norm.weight"], cfg.norm_eps))
         if last_only:
             x = x[-1:]
-        return F.linear(rms_norm(x, w["final_norm.weight"], cfg.norm_eps), self.head)
+        return linear(rms_norm(x, w["final_norm.weight"], cfg.norm_eps), self.head)

@@ -6,11 +6,10 @@ MLP (fc1 = "up", fc2 = "down"); fc2's bias is per output, so it lives in the den
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from storage.config import ModelConfig
 
-from .common import KVCache, attention, layer_norm
+from .common import KVCache, attention, linear, layer_norm
 
 
 class OPTModel:
@@ -31,4 +30,4 @@ class OPTModel:
             x = x + self.ffn(i, h) + w[p + "down_bias"]
         if last_only:
             x = x[-1:]
-        return F.linear(layer_norm(x, w["final_norm.weight"], w["final_norm.bias"], eps), self.head)
+        return linear(layer_norm(x, w["final_norm.weight"], w["final_norm.bias"], eps), self.head)
