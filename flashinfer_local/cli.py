@@ -30,6 +30,8 @@ def main(verbose: int):
     """Run language models larger than your DRAM from a bundled store on the SSD."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("flashinfer_local.resolve", "flashinfer_local.fetch"):   # say what first use does
+        logging.getLogger(name).setLevel(min(level, logging.INFO))
 
 
 @main.command()

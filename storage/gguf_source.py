@@ -14,6 +14,7 @@ orientation: nothing is transposed. What differs from HF:
 from __future__ import annotations
 
 import logging
+import mmap
 import re
 from pathlib import Path
 
@@ -208,13 +209,14 @@ class GGUFSource(Source):
             raise CheckpointError(f"{self.path}: tensor '{gname}' ({name}) is missing; "
                                   "the GGUF is incomplete")
         try:
-            w = self._dequantize(t.data, t.tensor_type)
+            w = self._dequantize_rows(t)
         except NotImplementedError:
             raise UnsupportedModelError(f"{self.path.name}: tensor '{gname}' is stored as "
                                         f"{t.tensor_type.name}, which cannot be dequantized") from None
         # F32 data comes back as a view of the memory map: copy so nothing outlives close()
         w = w.copy() if np.may_share_memory(w, t.data) else w
         w = w.astype(np.float32, copy=False)
+        self._release(t)
         want = self._expected_shape(layer, key)
         if w.shape != want:
             raise CheckpointError(f"{self.path}: tensor '{gname}' ({name}) has shape "
@@ -223,6 +225,34 @@ class GGUFSource(Source):
             heads = self.config.n_heads if key[0] == "q" else self.config.n_kv_heads[layer]
             w = np.ascontiguousarray(_unpermute_rows(w, heads))
         return w
+
+    def _dequantize_rows(self, t, chunk_bytes: int = 32 << 20) -> np.ndarray:
+        """Dequantize in row chunks into one float32 array: numpy's dequantizers make several
+        temporaries the size of their input, which for a large embedding would triple peak memory."""
+        data = t.data
+        if data.ndim < 2 or data.nbytes <= chunk_bytes:
+            return self._dequantize(data, t.tensor_type)
+        step = max(1, chunk_bytes // max(1, data[0].nbytes))
+        first = self._dequantize(data[:step], t.tensor_type)
+        out = np.empty((data.shape[0],) + first.shape[1:], np.float32)
+        out[:step] = first
+        for a in range(step, data.shape[0], step):
+            out[a:a + step] = self._dequantize(data[a:a + step], t.tensor_type)
+        return out
+
+    def _release(self, t) -> None:
+        """Drop the mapped pages of a tensor already converted, so a streaming convert's RSS holds
+        about one tensor, not the whole GGUF (the pages are file-backed: dropping them loses nothing)."""
+        mm = getattr(self._reader.data, "_mmap", None)
+        if mm is None or not hasattr(mm, "madvise"):
+            return
+        page = mmap.PAGESIZE
+        start = (int(t.data_offset) // page) * page
+        end = int(t.data_offset) + int(t.n_bytes)
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+        except (OSError, ValueError):   # best effort: only memory use is at stake
+            pass
 
     def close(self) -> None:
         """Drop the memory map (arrays returned by :meth:`load` stay valid: they are copies)."""
