@@ -8,14 +8,19 @@ from pathlib import Path
 
 import torch
 
+from storage.errors import FlashinferError
 from storage.reader import Bundle
 
+from .budget import SLACK_BYTES, plan_budget
 from .ffn import DenseFFN
 from .generate import SamplingParams, Sampler, Step, decode_loop
 from .memory import PeakRSS, rss_bytes
 from .models import build_model
 from .models.common import KVCache
+from .selection import make_selector
+from .streaming import StreamingFFN
 from .tokenizer import Tokenizer
+from .units import fmt_bytes
 
 log = logging.getLogger(__name__)
 
@@ -30,35 +35,73 @@ def _dense_weights(bundle: Bundle) -> dict[str, torch.Tensor]:
     return w
 
 
-class Engine:
-    """A bundle ready to generate. ``Engine(path)`` validates the bundle and loads it (all in DRAM)."""
+OFFLOAD_MODES = ("none", "window", "naive")
 
-    def __init__(self, path: str | Path, threads: int | None = None):
+
+class Engine:
+    """A bundle ready to generate.
+
+    offload: "none" holds every FFN record in DRAM; "window" streams records from the SSD into a
+    sliding-window cache; "naive" reads every selected record for every token (the paper's baseline);
+    None picks "none" when the whole bundle fits ``dram_budget`` (or no budget is given), else
+    "window". ``dram_budget`` (bytes) counts everything the engine holds for the model; the runtime's
+    own baseline (interpreter, torch) is measured before the model is opened and reported apart.
+    """
+
+    def __init__(self, path: str | Path, threads: int | None = None, offload: str | None = None,
+                 dram_budget: int | None = None, window: int = 4, io_threads: int = 8,
+                 selector: str = "all", sparsity: float = 0.5, context: int = 2048, direct: bool = True):
         torch.set_num_threads(threads or min(os.cpu_count() or 1, 8))
         self.runtime_baseline_bytes = rss_bytes()
         self.bundle = Bundle(path)
-        self.config = self.bundle.config
+        self.config = cfg = self.bundle.config
+        self.context = min(context, cfg.max_position)
+        if offload not in (None, *OFFLOAD_MODES):
+            raise FlashinferError(f"--offload {offload} is not known (choose {', '.join(OFFLOAD_MODES)})")
+        if window < 1:
+            raise FlashinferError(f"--window {window} must be at least 1 token")
+        in_dram = self.bundle.sizes()["total_bytes"] + self.context * cfg.kv_bytes_per_token() + SLACK_BYTES
+        if offload is None:
+            offload = "none" if dram_budget is None or dram_budget >= in_dram else "window"
+        if offload == "none" and dram_budget is not None and dram_budget < in_dram:
+            raise FlashinferError(f"--dram-budget {fmt_bytes(dram_budget)} cannot hold this model in DRAM "
+                                  f"(needs about {fmt_bytes(in_dram)}); use --offload window")
+        if offload == "none" and selector != "all":
+            raise FlashinferError(f"--selector {selector} needs --offload window or naive")
+        self.offload, self.dram_budget = offload, dram_budget
         self.tokenizer = Tokenizer(self.bundle)
         self.weights = _dense_weights(self.bundle)
-        self.ffn = DenseFFN(self.bundle)
-        self.model = build_model(self.config, self.weights, self.ffn)
+        self.plan = None
+        if offload == "none":
+            self.selector = None
+            self.ffn = DenseFFN(self.bundle)
+        else:
+            self.plan = plan_budget(self.bundle, dram_budget if dram_budget is not None else 1 << 62,
+                                    self.context, offload)
+            self.selector = make_selector(selector, self.bundle, sparsity)
+            self.ffn = StreamingFFN(self.bundle, self.plan, offload, window, self.selector,
+                                    io_threads=io_threads, direct=direct)
+        self.model = build_model(cfg, self.weights, self.ffn)
 
     def new_cache(self, capacity: int) -> KVCache:
-        limit = self.config.max_position
+        limit = self.config.max_position if self.plan is None else self.context
         if capacity > limit:
-            from storage.errors import FlashinferError
-            raise FlashinferError(f"prompt + --max-tokens = {capacity} tokens exceeds the model's "
-                                  f"context of {limit}; shorten the prompt or lower --max-tokens")
+            raise FlashinferError(f"prompt + --max-tokens = {capacity} tokens exceeds the "
+                                  f"{'model' if self.plan is None else 'planned'} context of {limit}; "
+                                  "shorten the prompt or lower --max-tokens"
+                                  + ("" if self.plan is None else ", or raise --context"))
         return KVCache(self.config, capacity)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, pos: int, cache: KVCache, last_only: bool = True) -> torch.Tensor:
+        if self.plan is not None:
+            self.ffn.start_token()
         return self.model.forward(tokens, pos, cache, last_only)
 
     @torch.inference_mode()
     def logits(self, ids: list[int]) -> torch.Tensor:
         """Logits [len(ids), vocab] of one forward over ``ids`` from an empty cache."""
-        return self.model.forward(torch.tensor(ids), 0, self.new_cache(len(ids)), last_only=False)
+        return self.forward(torch.tensor(ids), 0, self.new_cache(len(ids)), last_only=False)
 
     def encode_prompt(self, prompt: str | list[int], chat: bool = False) -> list[int]:
         if isinstance(prompt, str):
@@ -66,6 +109,35 @@ class Engine:
                 return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
             return self.tokenizer.encode(prompt)
         return list(prompt)
+
+    def resident(self) -> dict:
+        """Bytes held per owner (the dense part counted whole: the head touches all of it)."""
+        dense = self.bundle.sizes()["dense_bytes"]
+        if self.plan is None:
+            return {"dense_bytes": dense, "ffn_dram_bytes": self.ffn.nbytes}
+        return {"dense_bytes": dense, "window_cache_bytes": self.ffn.cache_bytes,
+                "buffer_bytes": self.ffn.buffer_bytes, "selector_bytes": self.selector.nbytes}
+
+    def _stream_stats(self, st, c_prefill: dict, c_end: dict, kv_bytes: int) -> dict:
+        out = {"offload": self.offload, "dram_budget_bytes": self.dram_budget,
+               "runtime_baseline_bytes": self.runtime_baseline_bytes, "kv_cache_bytes": kv_bytes,
+               **self.resident()}
+        if self.plan is None:
+            return out
+        n = max(st.decode_steps, 1)
+        d = {k: c_end[k] - c_prefill[k] for k in c_end}
+        ops = c_end["read_ops"]
+        out.update({
+            "selector": self.selector.name,
+            "cache_rows_per_layer": self.plan.cache_rows_per_layer,
+            "flash_bytes_read": c_end["flash_bytes_read"], "read_ops": ops,
+            "mean_read_bytes": c_end["flash_bytes_read"] / ops if ops else 0,
+            "flash_bytes_per_token": d["flash_bytes_read"] / n,
+            "cache_hit_rate": d["hits"] / d["lookups"] if d["lookups"] else 0.0,
+            "ms_per_token": {k[:-2]: 1000 * d[k] / n for k in ("io_wait_s", "bookkeeping_s", "compute_s",
+                                                              "selection_s")},
+        })
+        return out
 
     def generate(self, prompt: str | list[int], max_tokens: int = 128,
                  sampling: SamplingParams | None = None, chat: bool = False,
@@ -75,12 +147,22 @@ class Engine:
         sampler = Sampler(sampling or SamplingParams())
         detok = self.tokenizer.decode if self.tokenizer._tok is not None else None
         eos = self.tokenizer.eos_token_ids if stop_at_eos else frozenset()
+        counters = self.ffn.counters if self.plan is not None else dict
+        c_prefill = None
         with PeakRSS() as peak, torch.inference_mode():
             steps = decode_loop(self.forward, self.new_cache, ids, max_tokens, sampler, eos,
                                 detok, on_token=peak.sample)
             for step in steps:
-                step.stats.peak_rss_bytes = peak.peak
+                c = counters()
+                if c_prefill is None:
+                    c_prefill = c
+                st = step.stats
+                st.peak_rss_bytes = peak.peak
+                st.extra = self._stream_stats(st, c_prefill, c, (len(ids) + max_tokens) *
+                                              self.config.kv_bytes_per_token())
                 yield step
 
     def close(self) -> None:
+        if self.plan is not None:
+            self.ffn.close()
         self.bundle.close()

@@ -59,6 +59,7 @@ class GenerationStats:
     decode_steps: int = 0
     peak_rss_bytes: int = 0
     token_ids: list[int] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)   # engine facts: memory by owner, I/O, cache, timings
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -73,7 +74,7 @@ class GenerationStats:
                 "prefill_s": self.prefill_s, "decode_s": self.decode_s, "decode_steps": self.decode_steps,
                 "prefill_tokens_per_s": self.prefill_tokens_per_s,
                 "decode_tokens_per_s": self.decode_tokens_per_s,
-                "peak_rss_bytes": self.peak_rss_bytes, "token_ids": list(self.token_ids)}
+                "peak_rss_bytes": self.peak_rss_bytes, "token_ids": list(self.token_ids), **self.extra}
 
 
 @dataclass

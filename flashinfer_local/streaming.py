@@ -1,0 +1,142 @@
+"""FFN records streamed from the SSD: the "LLM in a Flash" mechanism on this project's bundle.
+
+``StreamingFFN`` is an FFN backend (``ffn(layer, x) -> y``) that, per layer and token:
+1. asks the selector which neurons x needs (selection time);
+2. window mode: plans the layer's window cache (bookkeeping time) and submits direct reads of the
+   records not yet resident into the rows the plan appended;
+3. computes the resident part while those reads are in flight (overlap), waits (I/O wait time),
+   computes the new part, then streams any overflow (a selection larger than the cache) through two
+   scratch buffers, reading the next chunk while computing the current one.
+Naive mode has no cache: every token reads every selected record (with ``all``: the whole FFN).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from storage import format as fmt
+from storage.direct_io import RecordReader, aligned_empty
+from storage.reader import Bundle
+from storage.window_cache import LayerWindow
+
+from .budget import CHUNK_ROWS, BudgetPlan
+
+TORCH_DT = {"f16": torch.float16, "f32": torch.float32}
+
+
+class StreamingFFN:
+    def __init__(self, bundle: Bundle, plan: BudgetPlan, mode: str, window: int, selector,
+                 io_threads: int = 8, direct: bool = True):
+        cfg, lay = bundle.config, bundle.layout
+        self.cfg, self.mode, self.selector = cfg, mode, selector
+        self.gated = cfg.gated
+        self.tdt = TORCH_DT[bundle.ffn_dtype]
+        item = np.dtype(fmt.DTYPES[bundle.ffn_dtype]).itemsize
+        self.payload = lay.payload_bytes // item                       # elements per record used
+        self.cols = {f.name: slice(f.offset // item, f.offset // item + f.count) for f in lay.fields}
+        self.reader = RecordReader(bundle.ffn_path, lay.record_bytes,
+                                   [bundle.ffn_offset(i) for i in range(cfg.n_layers)],
+                                   threads=io_threads, direct=direct)
+        self.scratch = [aligned_empty((CHUNK_ROWS, lay.record_bytes)) for _ in range(2)]
+        self.windows = []
+        if mode == "window" and plan.cache_rows_per_layer > 0:
+            rows = plan.cache_rows_per_layer
+            self.windows = [LayerWindow(cfg.d_ff, lay.record_bytes, rows, window,
+                                        rows=aligned_empty((rows, lay.record_bytes)))
+                            for _ in range(cfg.n_layers)]
+        self.all_ids = np.arange(cfg.d_ff, dtype=np.int64)
+        self.token = -1
+        self.t = {"selection_s": 0.0, "bookkeeping_s": 0.0, "compute_s": 0.0, "io_wait_s": 0.0}
+        self.lookups = self.hits = self.moved = 0
+
+    # ---- accounting
+    @property
+    def cache_bytes(self) -> int:
+        return sum(w.nbytes for w in self.windows)
+
+    @property
+    def buffer_bytes(self) -> int:
+        return sum(s.nbytes for s in self.scratch)
+
+    def counters(self) -> dict:
+        return {**self.t, "flash_bytes_read": self.reader.bytes_read, "read_ops": self.reader.read_ops,
+                "lookups": self.lookups, "hits": self.hits, "rows_moved": self.moved}
+
+    def start_token(self) -> None:
+        """Called by the engine before each forward pass (a prefill counts as one step)."""
+        self.token += 1
+
+    # ---- compute (records [m, record_bytes] u8 -> accumulate into out [T, d])
+    def _compute(self, x: torch.Tensor, recs: np.ndarray, out: torch.Tensor,
+                 rows: np.ndarray | None = None) -> None:
+        """out += FFN of the records ``recs`` (or ``recs[rows]``, gathered a chunk at a time so the
+        scratch stays CHUNK_ROWS records whatever the cache size)."""
+        t0 = time.perf_counter()
+        n = recs.shape[0] if rows is None else len(rows)
+        for a in range(0, n, CHUNK_ROWS):
+            part = recs[a:a + CHUNK_ROWS] if rows is None else recs[rows[a:a + CHUNK_ROWS]]
+            # [c, payload] f32, contiguous; the fields are column slices of it
+            r = torch.from_numpy(part).view(self.tdt)[:, :self.payload].float()
+            c = self.cols
+            if self.gated:
+                h = F.silu(F.linear(x, r[:, c["gate"]])) * F.linear(x, r[:, c["up"]])
+            else:
+                h = F.relu(F.linear(x, r[:, c["up"]]) + r[:, c["up_bias"]][:, 0])
+            out.addmm_(h, r[:, c["down"]])
+        self.t["compute_s"] += time.perf_counter() - t0
+
+    def _wait(self, batch) -> None:
+        t0 = time.perf_counter()
+        batch.wait()
+        self.t["io_wait_s"] += time.perf_counter() - t0
+
+    def _stream(self, layer: int, x: torch.Tensor, ids: np.ndarray, out: torch.Tensor) -> None:
+        """Read ``ids`` in chunks through the two scratch buffers, computing one while reading the next."""
+        chunks = [ids[a:a + CHUNK_ROWS] for a in range(0, len(ids), CHUNK_ROWS)]
+        if not chunks:
+            return
+        pending = self.reader.submit(layer, chunks[0], self.scratch[0][:len(chunks[0])])
+        for j, ch in enumerate(chunks):
+            self._wait(pending)
+            if j + 1 < len(chunks):
+                nxt = chunks[j + 1]
+                pending = self.reader.submit(layer, nxt, self.scratch[(j + 1) % 2][:len(nxt)])
+            self._compute(x, self.scratch[j % 2][:len(ch)], out)
+
+    def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        # x [T, d] (f32) -> [T, d]
+        t0 = time.perf_counter()
+        ids = self.selector.select(layer, x)
+        ids = self.all_ids if ids is None else ids
+        self.t["selection_s"] += time.perf_counter() - t0
+        out = torch.zeros(x.shape[0], self.cfg.d_model)
+        self.lookups += len(ids)
+        if not self.windows:                      # naive: everything from the SSD, nothing kept
+            self._stream(layer, x, ids, out)
+            return out
+        win = self.windows[layer]
+        t0 = time.perf_counter()
+        plan = win.plan(self.token, ids)
+        self.t["bookkeeping_s"] += time.perf_counter() - t0
+        self.hits += len(plan.hit_ids)
+        self.moved += plan.moved
+        batch = None
+        if len(plan.new_ids):
+            batch = self.reader.submit(layer, plan.new_ids, win.rows[plan.new_rows])
+        if len(plan.hit_rows):                    # overlap: resident part while reads are in flight
+            rows = np.sort(plan.hit_rows)
+            if rows[-1] - rows[0] + 1 == len(rows):   # one contiguous block: no gather needed
+                self._compute(x, win.rows[rows[0]:rows[-1] + 1], out)
+            else:
+                self._compute(x, win.rows, out, rows)
+        if batch is not None:
+            self._wait(batch)
+            self._compute(x, win.rows[plan.new_rows], out)
+        self._stream(layer, x, plan.overflow_ids, out)
+        return out
+
+    def close(self) -> None:
+        self.reader.close()

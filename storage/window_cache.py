@@ -1,0 +1,235 @@
+"""The sliding-window neuron cache of one FFN layer, as in Apple's "LLM in a Flash".
+
+DRAM holds a preallocated matrix of FFN records (one row = one neuron's record, ``record_bytes``
+bytes, see ``storage/format.py``) and, per row, the neuron id it holds. Rows ``[0, n_used)`` are in
+use and stay dense:
+
+* a neuron used by one of the last ``window`` tokens stays resident;
+* a neuron that leaves the window is deleted by moving a row from the end into its slot (so no
+  holes and no free list; the cost is one record copy per hole);
+* neurons newly needed are appended at the end in ascending id order, so consecutive ids land in
+  consecutive rows and the reader fills them with one coalesced read;
+* when the window wants more rows than ``capacity``, rows not needed by the current token are
+  evicted, least recently used first, then least often used, then lowest neuron id (deterministic
+  ties); the cache never exceeds ``capacity``. Neurons that still do not fit (a selection larger
+  than the capacity) are returned as ``overflow`` for the caller to stream through scratch memory.
+
+All bookkeeping is vectorized numpy; the cost of one ``plan`` is a few passes over ``n_used`` rows
+and the selection, plus the record copies of delete-by-move.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one ``LayerWindow.plan`` decided. Row indices refer to the state *after* the plan."""
+
+    hit_ids: np.ndarray     # [h] int64: selected ids that were resident before this plan (ascending)
+    hit_rows: np.ndarray    # [h] int32: their rows now (after delete-by-move), aligned with hit_ids
+    new_ids: np.ndarray     # [k] int64: selected ids appended now (ascending); records still to read
+    new_rows_start: int     # new_ids[j] occupies row new_rows_start + j (one contiguous block)
+    overflow_ids: np.ndarray  # [o] int64: selected ids that did not fit; not cached (ascending)
+    moved: int              # rows copied by delete-by-move (record copies: the data-movement cost)
+    expired: int            # rows deleted because they left the window
+    evicted: int            # rows deleted for capacity (still inside the window)
+
+    @property
+    def new_rows(self) -> slice:
+        """The rows the caller must fill with the records of ``new_ids``, in order."""
+        return slice(self.new_rows_start, self.new_rows_start + len(self.new_ids))
+
+
+def least_recent(last_used: np.ndarray, uses: np.ndarray, ids: np.ndarray, k: int,
+                 n_neurons: int) -> np.ndarray:
+    """Positions of the ``k`` entries smallest in (last_used, uses, id) order (in no order).
+
+    Inputs are [c] arrays with distinct ``ids`` in [0, n_neurons) and ``uses`` >= 0. The three keys
+    are packed into one int64, ``((last_used - min) * (max_uses + 1) + uses) * n_neurons + id``,
+    which orders exactly like the lexicographic triple and is unique, so ``argpartition`` (O(c))
+    finds the same set as a full ``np.lexsort`` (O(c log c): 82 vs 22 us at c = 1500, 455 vs 42 us
+    at c = 4000). Falls back to lexsort when the packed key could overflow (huge token gaps or
+    use counts).
+    """
+    if k >= len(ids):
+        return np.arange(len(ids))
+    lo, umax = int(last_used.min()), int(uses.max())
+    if (int(last_used.max()) - lo + 1) * (umax + 1) * n_neurons < 2**62:
+        key = ((last_used - lo) * (umax + 1) + uses) * n_neurons + ids
+        return np.argpartition(key, k - 1)[:k] if k > 0 else np.arange(0)
+    return np.lexsort((ids, uses, last_used))[:k]    # last key is primary
+
+
+class LayerWindow:
+    """Sliding-window cache of one layer's FFN records.
+
+    State (``capacity`` rows; only ``[0, n_used)`` are meaningful):
+
+    * ``rows``      [capacity, record_bytes] uint8: record of the neuron held in each row
+    * ``ids``       [capacity] int32: neuron held in each row (-1 past ``n_used``)
+    * ``slot``      [n_neurons] int32: row of each neuron, -1 when absent (inverse of ``ids``)
+    * ``last_used`` [capacity] int64: last token that selected the row's neuron
+    * ``uses``      [capacity] int64: times the neuron was selected since it last became resident
+    * ``n_used``    int: rows in use
+    * ``token``     int: the token of the latest plan (-1 before the first)
+    """
+
+    def __init__(self, n_neurons: int, record_bytes: int, capacity: int, window: int,
+                 rows: np.ndarray | None = None):
+        if n_neurons < 1 or record_bytes < 1 or capacity < 0 or window < 1:
+            raise ValueError(f"LayerWindow: need n_neurons >= 1, record_bytes >= 1, capacity >= 0, "
+                             f"window >= 1 (got {n_neurons}, {record_bytes}, {capacity}, {window})")
+        if capacity >= 2**31 or n_neurons >= 2**31:
+            raise ValueError("LayerWindow: ids and rows are int32; capacity and n_neurons must be < 2**31")
+        if rows is None:
+            rows = np.zeros((capacity, record_bytes), np.uint8)
+        elif (rows.dtype != np.uint8 or rows.shape != (capacity, record_bytes)
+              or not rows.flags.c_contiguous or not rows.flags.writeable):
+            # C-contiguous: a block of rows must be one span of memory for a single read into it
+            raise ValueError(f"LayerWindow: rows must be a writable C-contiguous uint8 array of shape "
+                             f"{(capacity, record_bytes)}, got {rows.dtype} {rows.shape}")
+        self.n_neurons, self.record_bytes = n_neurons, record_bytes
+        self.capacity, self.window = capacity, window
+        self.rows = rows
+        self.ids = np.full(capacity, -1, np.int32)
+        self.slot = np.full(n_neurons, -1, np.int32)
+        self.last_used = np.zeros(capacity, np.int64)
+        self.uses = np.zeros(capacity, np.int64)
+        self.n_used = 0
+        self.token = -1
+
+    # ------------------------------------------------------------------ planning
+    def plan(self, token: int, selected: np.ndarray) -> Plan:
+        """Update the window for ``token`` needing neurons ``selected`` (sorted, unique ids).
+
+        Afterwards every selected id is resident (``hit_ids``/``new_ids``) or in ``overflow_ids``;
+        the caller reads the records of ``new_ids`` into ``rows[plan.new_rows]`` before using them.
+        ``token`` must not decrease from one call to the next (an equal token is allowed and counts
+        its hits again).
+        """
+        sel = np.asarray(selected, dtype=np.int64).reshape(-1)       # [s]
+        if token < self.token:
+            raise ValueError(f"LayerWindow.plan: token {token} is before the previous token {self.token}")
+        if sel.size and (sel[0] < 0 or sel[-1] >= self.n_neurons or
+                         (sel.size > 1 and not (sel[1:] > sel[:-1]).all())):
+            raise ValueError(f"LayerWindow.plan: selected must be sorted unique ids in [0, {self.n_neurons})")
+        self.token = token
+        n = self.n_used
+
+        # 1. hits: refresh recency and count
+        srow = self.slot[sel]                                        # [s] row of each id, -1 absent
+        hit = srow >= 0
+        # integer positions then take: ~2x faster than three boolean-mask compressions
+        hi, mi = np.flatnonzero(hit), np.flatnonzero(~hit)
+        hit_ids, hit_rows0 = sel.take(hi), srow.take(hi)             # [h]; rows before compaction
+        self.last_used[hit_rows0] = token
+        self.uses[hit_rows0] += 1
+        miss_ids = sel.take(mi)                                      # [m] ascending
+
+        # 2. expire: rows whose last use is `window` or more tokens ago. Hits now have
+        #    last_used == token > token - window, so the current selection never expires.
+        dead = self.last_used[:n] <= token - self.window             # [n] rows to delete
+        n_expired = int(np.count_nonzero(dead))
+
+        # 3. capacity: evict more rows (not selected now) until the misses fit, or none is left.
+        #    Done on the same `dead` mask so that one compaction pass serves both deletions
+        #    (each hole is filled once instead of possibly twice).
+        need = len(miss_ids) - (self.capacity - n + n_expired)
+        n_evicted = 0
+        if need > 0:
+            live = ~dead
+            live[hit_rows0] = False
+            cand = np.flatnonzero(live)                              # [c] evictable rows
+            if cand.size > need:
+                cand = cand[least_recent(self.last_used[cand], self.uses[cand], self.ids[cand],
+                                         need, self.n_neurons)]
+            dead[cand] = True
+            n_evicted = int(cand.size)
+        moved = self._delete(dead)
+
+        # 4. append the misses that fit, lowest ids first, as one contiguous block of rows
+        start = self.n_used
+        k = min(len(miss_ids), self.capacity - start)
+        new_ids, overflow = miss_ids[:k], miss_ids[k:]
+        end = start + k
+        self.ids[start:end] = new_ids
+        self.slot[new_ids] = np.arange(start, end, dtype=np.int32)
+        self.last_used[start:end] = token
+        self.uses[start:end] = 1
+        self.n_used = end
+
+        return Plan(hit_ids=hit_ids, hit_rows=self.slot[hit_ids], new_ids=new_ids,
+                    new_rows_start=start, overflow_ids=overflow, moved=moved,
+                    expired=n_expired, evicted=n_evicted)
+
+    def _delete(self, dead: np.ndarray) -> int:
+        """Delete the rows flagged in ``dead`` ([n_used] bool) by delete-by-move; returns rows moved.
+
+        With d deleted rows the new end is m = n_used - d. Deleted rows below m are holes; the
+        surviving rows in [m, n_used) are exactly as many, and fill them in ascending order
+        (ascending-to-ascending keeps runs of consecutive rows in order).
+        """
+        n = self.n_used
+        d = np.flatnonzero(dead)                                     # [d] ascending
+        if d.size == 0:
+            return 0
+        m = n - d.size
+        self.slot[self.ids[d]] = -1
+        holes = d[: np.searchsorted(d, m)]                           # [q] deleted rows < m
+        src = np.flatnonzero(~dead[m:]) + m                          # [q] surviving rows >= m
+        if holes.size:
+            # holes < m <= src: source and destination never overlap; one fancy-indexed copy each
+            self.rows[holes] = self.rows[src]
+            moved_ids = self.ids[src]
+            self.ids[holes] = moved_ids
+            self.last_used[holes] = self.last_used[src]
+            self.uses[holes] = self.uses[src]
+            self.slot[moved_ids] = holes
+        self.ids[m:n] = -1
+        self.n_used = m
+        return int(holes.size)
+
+    # ------------------------------------------------------------------ queries
+    def rows_for(self, ids) -> np.ndarray:
+        """Rows ([len(ids)] int32) of resident neurons ``ids``; KeyError if any is not resident."""
+        ids = np.asarray(ids, dtype=np.int64)
+        r = self.slot[ids]
+        if (r < 0).any():
+            raise KeyError(f"neurons not resident: {ids[r < 0][:10].tolist()}")
+        return r
+
+    @property
+    def resident_ids(self) -> np.ndarray:
+        """Ids held in rows [0, n_used), in row order (a view)."""
+        return self.ids[: self.n_used]
+
+    @property
+    def nbytes(self) -> int:
+        """DRAM held: record rows plus the metadata arrays."""
+        return int(self.rows.nbytes + self.ids.nbytes + self.slot.nbytes
+                   + self.last_used.nbytes + self.uses.nbytes)
+
+    def check(self) -> None:
+        """Assert the invariants (for tests; O(capacity + n_neurons)).
+
+        * 0 <= n_used <= capacity; ids[n_used:] == -1;
+        * ids[:n_used] are distinct valid neuron ids and slot is their exact inverse
+          (slot[ids[r]] == r, and every other neuron has slot -1);
+        * 1 <= uses, last_used <= token for every used row;
+        * after a plan every resident row has last_used > token - window: expiry deletes every row
+          that left the window unconditionally (a row selected now has last_used == token), and
+          capacity eviction only ever deletes more, so no row is kept outside the window.
+        """
+        n = self.n_used
+        assert 0 <= n <= self.capacity, (n, self.capacity)
+        ids = self.ids[:n]
+        assert (self.ids[n:] == -1).all()
+        assert ((ids >= 0) & (ids < self.n_neurons)).all()
+        assert (self.slot[ids] == np.arange(n)).all(), "slot is not the inverse of ids"
+        assert np.count_nonzero(self.slot >= 0) == n, "slot holds stale rows"
+        assert (self.uses[:n] >= 1).all()
+        assert (self.last_used[:n] <= self.token).all()
+        assert (self.last_used[:n] > self.token - self.window).all(), "a row outlived the window"
