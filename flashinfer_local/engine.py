@@ -148,7 +148,7 @@ class Engine:
         """Yield generated tokens one by one (each a :class:`Step` with its text and live stats)."""
         ids = self.encode_prompt(prompt, chat)
         sampler = Sampler(sampling or SamplingParams())
-        detok = self.tokenizer.decode if self.tokenizer._tok is not None else None
+        detok = self.tokenizer.decode if self.tokenizer.available else None
         eos = self.tokenizer.eos_token_ids if stop_at_eos else frozenset()
         counters = self.ffn.counters if self.plan is not None else dict
         c_prefill = None

@@ -24,6 +24,11 @@ class Tokenizer:
                 eos.add(tid)
         self.eos_token_ids = frozenset(eos)
 
+    @property
+    def available(self) -> bool:
+        """Whether text can be encoded/decoded (the bundle carries a tokenizer)."""
+        return self._tok is not None
+
     def _need(self):
         if self._tok is None:
             raise FlashinferError("this bundle has no tokenizer (its checkpoint had no tokenizer.json); "
