@@ -80,6 +80,8 @@ def main():
         for name in names:       # rows interleaved so machine noise hits all of them
             results.setdefault(name, []).append(run_row(a.bundle, ROWS[name], budget, ids, a.gen))
             print(f"run {r + 1} {name}: {results[name][-1]['decode_tps']:.3f} tok/s", file=sys.stderr)
+            a.json.parent.mkdir(parents=True, exist_ok=True)       # partial results survive a cut-off
+            a.json.write_text(json.dumps({"partial": True, "seq_read_bytes_per_s": seq, "runs": results}))
     med = {n: {k: statistics.median(run[k] for run in rs) for k in rs[0] if k != "tokens"}
            for n, rs in results.items()}
     print(f"\n{b.path.name}: bundle {fmt_bytes(size)}, budget {fmt_bytes(budget)} ({a.budget_frac:.0%}), "
