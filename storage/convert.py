@@ -162,9 +162,10 @@ def _write_bundle(src: Source, tmp: Path, dtype: str, progress: bool) -> None:
     (tmp / fmt.MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
-def convert(src_path: str | Path, out: str | Path, dtype: str = "f16", force: bool = False,
+def convert(src_path: str | Path | Source, out: str | Path, dtype: str = "f16", force: bool = False,
             progress: bool = True) -> Path:
-    """Convert a checkpoint (HF folder or GGUF file) into a bundle directory at ``out``."""
+    """Convert a checkpoint (HF folder or GGUF file, or an open :class:`Source`) into a bundle
+    directory at ``out``."""
     if dtype not in fmt.DTYPES:
         raise FlashinferError(f"--dtype {dtype} is not supported (choose one of: {', '.join(fmt.DTYPES)})")
     out = Path(out).absolute()
@@ -176,7 +177,7 @@ def convert(src_path: str | Path, out: str | Path, dtype: str = "f16", force: bo
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     t0 = time.perf_counter()
-    with open_source(src_path) as src:
+    with (src_path if isinstance(src_path, Source) else open_source(src_path)) as src:
         tmp.mkdir()
         try:
             _write_bundle(src, tmp, dtype, progress)

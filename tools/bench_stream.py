@@ -21,6 +21,8 @@ import statistics
 import sys
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flashinfer_local.engine import Engine  # noqa: E402
 from flashinfer_local.generate import SamplingParams  # noqa: E402
@@ -72,7 +74,10 @@ def main():
     budget = int(size * a.budget_frac)
     from flashinfer_local.tokenizer import Tokenizer
     tok = Tokenizer(b)
-    ids = (tok.encode(TEXT * 20))[:a.prompt_tokens]
+    if tok.available:
+        ids = (tok.encode(TEXT * 20))[:a.prompt_tokens]
+    else:   # synthetic bundles have no tokenizer: fixed pseudo-random ids
+        ids = [int(i) for i in np.random.default_rng(0).integers(0, b.config.vocab_size, a.prompt_tokens)]
     seq = measure_sequential_bandwidth(b.ffn_path)
     results = {}
     names = a.rows.split(",")
