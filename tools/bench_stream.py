@@ -9,13 +9,12 @@ per row (medians over --runs): decode tokens/s, ms/token split (I/O wait, bookke
 selection), FFN bytes read per token, effective read throughput (bytes read per token / time per
 token: conservative, since reads overlap compute), bookkeeping share of token time, peak RSS
 above the runtime baseline, and in the same run the disk's sequential direct-read bandwidth
-measured on the bundle's own FFN file. The oracle is a measuring tool: its dense copy of gate/up
+measured on the bundle's own FFN file. Each row runs in its own interpreter. The oracle is a measuring tool: its dense copy of gate/up
 weights is held outside the budget and subtracted from its peak RSS.
 """
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import statistics
 import sys
@@ -26,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flashinfer_local.engine import Engine  # noqa: E402
 from flashinfer_local.generate import SamplingParams  # noqa: E402
-from flashinfer_local.units import fmt_bytes  # noqa: E402
+from flashinfer_local.units import fmt_bytes, parse_size  # noqa: E402
 from storage.direct_io import measure_sequential_bandwidth  # noqa: E402
 from storage.reader import Bundle  # noqa: E402
 
@@ -36,6 +35,17 @@ ROWS = {"naive": dict(offload="naive"), "window-all": dict(offload="window"),
 TEXT = ("In the beginning of computing, programs were written for machines with very little memory. "
         "Engineers learned to move data between fast and slow storage by hand, deciding which parts "
         "of a program had to stay close to the processor and which could wait on a drum or a tape. ")
+
+
+def run_row_isolated(path, name, budget, ids, gen):
+    """Run one row in a fresh interpreter, so its runtime baseline and peak RSS are its own (in one
+    process, memory the previous rows released but the allocator kept would count against it)."""
+    import subprocess
+    arg = json.dumps({"path": str(path), "name": name, "budget": budget, "ids": ids, "gen": gen})
+    r = subprocess.run([sys.executable, __file__, "--one-row", arg], capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"row {name} failed:\n{r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def run_row(path, kw, budget, ids, gen):
@@ -54,15 +64,18 @@ def run_row(path, kw, budget, ids, gen):
            "peak_above_baseline": st.peak_rss_bytes - eng.runtime_baseline_bytes - x["selector_bytes"],
            "selector_bytes": x["selector_bytes"], "tokens": st.token_ids}
     eng.close()
-    del eng
-    gc.collect()
     return row
 
 
 def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "--one-row":
+        j = json.loads(sys.argv[2])
+        print(json.dumps(run_row(j["path"], ROWS[j["name"]], j["budget"], j["ids"], j["gen"])))
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bundle", type=Path)
     ap.add_argument("--budget-frac", type=float, default=0.5)
+    ap.add_argument("--budget", help="absolute budget (e.g. 4GiB); overrides --budget-frac")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
@@ -71,7 +84,7 @@ def main():
     a = ap.parse_args()
     b = Bundle(a.bundle)
     size = b.sizes()["total_bytes"]
-    budget = int(size * a.budget_frac)
+    budget = parse_size(a.budget) if a.budget else int(size * a.budget_frac)
     from flashinfer_local.tokenizer import Tokenizer
     tok = Tokenizer(b)
     if tok.available:
@@ -83,7 +96,7 @@ def main():
     names = a.rows.split(",")
     for r in range(a.runs):
         for name in names:       # rows interleaved so machine noise hits all of them
-            results.setdefault(name, []).append(run_row(a.bundle, ROWS[name], budget, ids, a.gen))
+            results.setdefault(name, []).append(run_row_isolated(a.bundle, name, budget, ids, a.gen))
             print(f"run {r + 1} {name}: {results[name][-1]['decode_tps']:.3f} tok/s", file=sys.stderr)
             a.json.parent.mkdir(parents=True, exist_ok=True)       # partial results survive a cut-off
             a.json.write_text(json.dumps({"partial": True, "seq_read_bytes_per_s": seq, "runs": results}))
