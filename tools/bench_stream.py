@@ -102,8 +102,9 @@ def main():
             a.json.write_text(json.dumps({"partial": True, "seq_read_bytes_per_s": seq, "runs": results}))
     med = {n: {k: statistics.median(run[k] for run in rs) for k in rs[0] if k != "tokens"}
            for n, rs in results.items()}
-    print(f"\n{b.path.name}: bundle {fmt_bytes(size)}, budget {fmt_bytes(budget)} ({a.budget_frac:.0%}), "
-          f"prompt {len(ids)} tokens, {a.gen} generated, greedy, median of {a.runs}; sequential direct "
+    print(f"\n{b.path.name}: bundle {fmt_bytes(size)}, budget {fmt_bytes(budget)} ({budget / size:.0%}), "
+          f"prompt {len(ids)} tokens, {a.gen} generated, greedy, median of {a.runs}; naive's I/O limit at the "
+          f"sequential bandwidth: {b.sizes()['ffn_bytes'] / seq:.2f} s/token; sequential direct "
           f"read bandwidth in this run: {seq / 1e9:.2f} GB/s\n")
     print("| row | tok/s | ms/token | I/O wait | bookkeeping | compute | selection | read/token | "
           "effective read GB/s (% of seq) | mean read | hit rate | peak RSS above baseline |")
