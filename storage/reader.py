@@ -39,6 +39,7 @@ class Bundle:
         self._ffn_meta, self._ffn_start = fmt.read_safetensors_header(self.path / fmt.FFN_FILE)
         self._check_tensors()
         self._dense_map = None
+        self._sizes = None
 
     def _check_tensors(self) -> None:
         cfg = self.config
@@ -101,6 +102,12 @@ class Bundle:
         return self.path / name if name else None
 
     def sizes(self) -> dict:
+        """Bytes per file and part, record size and padding (computed once: a bundle is immutable)."""
+        if self._sizes is None:
+            self._sizes = self._compute_sizes()
+        return self._sizes
+
+    def _compute_sizes(self) -> dict:
         cfg = self.config
         files = {k: v["bytes"] for k, v in self.manifest["files"].items()}
         return {
