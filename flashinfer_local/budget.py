@@ -16,6 +16,8 @@ from storage.reader import Bundle
 from .units import fmt_bytes
 
 CHUNK_ROWS = 1024          # records computed per step: bounds the f32 scratch of one step
+SCRATCH_BUFFERS = 2        # overflow/naive reads: one chunk read while the previous is computed
+KERNEL_THREADS_MAX = 64    # per-thread kernel scratch is counted for up to this many threads
 SLACK_BYTES = 96 << 20     # activations, logits, allocator slack, small per-token arrays
 
 
@@ -34,12 +36,19 @@ class BudgetPlan:
         return asdict(self)
 
 
+def numba_threads() -> int:
+    import numba
+    return numba.get_num_threads()
+
+
 def _fixed(bundle: Bundle, context: int) -> tuple[int, int, int]:
     cfg, lay = bundle.config, bundle.layout
     dense = (bundle.path / fmt.DENSE_FILE).stat().st_size
     kv = context * cfg.kv_bytes_per_token(4) + 2 * context * cfg.head_dim * 4
     payload_f32 = lay.payload_bytes * 4 // (2 if bundle.ffn_dtype == "f16" else 4)
-    buffers = CHUNK_ROWS * lay.record_bytes + CHUNK_ROWS * payload_f32
+    # read scratch + f32 prefill chunk + the decode kernel's per-thread record and accumulator
+    kernel = min(numba_threads(), KERNEL_THREADS_MAX) * (payload_f32 + 4 * cfg.d_model)
+    buffers = SCRATCH_BUFFERS * CHUNK_ROWS * lay.record_bytes + CHUNK_ROWS * payload_f32 + kernel
     return dense, kv, buffers
 
 

@@ -22,7 +22,7 @@ from storage.direct_io import RecordReader, aligned_empty
 from storage.reader import Bundle
 from storage.window_cache import LayerWindow
 
-from .budget import CHUNK_ROWS, BudgetPlan
+from .budget import CHUNK_ROWS, SCRATCH_BUFFERS, BudgetPlan
 from .kernels import RecordKernel
 
 TORCH_DT = {"f16": torch.float16, "f32": torch.float32}
@@ -32,7 +32,7 @@ class StreamingFFN:
     def __init__(self, bundle: Bundle, plan: BudgetPlan, mode: str, window: int, selector,
                  io_threads: int = 8, direct: bool = True):
         cfg, lay = bundle.config, bundle.layout
-        self.cfg, self.mode, self.selector = cfg, mode, selector
+        self.cfg, self.selector = cfg, selector
         self.gated = cfg.gated
         self.tdt = TORCH_DT[bundle.ffn_dtype]
         item = np.dtype(fmt.DTYPES[bundle.ffn_dtype]).itemsize
@@ -41,7 +41,7 @@ class StreamingFFN:
         self.reader = RecordReader(bundle.ffn_path, lay.record_bytes,
                                    [bundle.ffn_offset(i) for i in range(cfg.n_layers)],
                                    threads=io_threads, direct=direct)
-        self.scratch = [aligned_empty((CHUNK_ROWS, lay.record_bytes)) for _ in range(2)]
+        self.scratch = [aligned_empty((CHUNK_ROWS, lay.record_bytes)) for _ in range(SCRATCH_BUFFERS)]
         self.kernel = RecordKernel(lay, bundle.ffn_dtype, cfg.d_model)
         self.windows = []
         if mode == "window" and plan.cache_rows_per_layer > 0:

@@ -98,3 +98,8 @@ def test_smollm2_streamed_below_its_size(smollm_bundle):
     st = steps[-1].stats
     assert st.peak_rss_bytes - eng.runtime_baseline_bytes <= budget
     assert st.extra["flash_bytes_per_token"] > 0
+
+
+def test_budget_counts_the_buffers_the_backend_allocates(tiny_bundle):
+    eng = Engine(tiny_bundle("llama", "f32"), offload="window", context=CTX)
+    assert eng.ffn.buffer_bytes <= eng.plan.buffer_bytes
