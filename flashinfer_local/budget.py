@@ -1,15 +1,18 @@
 """The DRAM budget: what the engine will hold for a model, planned before anything is loaded.
 
 One plan, computed from the bundle and the options, says how many bytes each owner gets: the dense
-part (memory-mapped, fully resident once used: the tied head touches every embedding row), the KV
-cache, read buffers and compute scratch, and the window cache, which gets whatever is left. A budget
-that cannot hold the fixed part is refused with the minimum that would work.
+part (memory-mapped; attention and the head are touched whole every token), the KV cache, read
+buffers and compute scratch, and the window cache, which gets whatever is left. An untied embedding
+matrix is the exception in the dense part: a token reads one row of it, so only the pages that
+``context`` tokens can touch are counted, and the rest stays on the SSD. A budget that cannot hold
+the fixed part is refused with the minimum that would work.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
 from storage import format as fmt
+from storage.config import ModelConfig
 from storage.errors import FlashinferError
 from storage.reader import Bundle
 
@@ -18,6 +21,7 @@ from .units import fmt_bytes
 CHUNK_ROWS = 1024          # records computed per step: bounds the f32 scratch of one step
 SCRATCH_BUFFERS = 2        # overflow/naive reads: one chunk read while the previous is computed
 KERNEL_THREADS_MAX = 64    # per-thread kernel scratch is counted for up to this many threads
+PAGE = 4096
 SLACK_BYTES = 96 << 20     # activations, logits, allocator slack, small per-token arrays
 
 
@@ -41,15 +45,34 @@ def numba_threads() -> int:
     return numba.get_num_threads()
 
 
-def _fixed(bundle: Bundle, context: int) -> tuple[int, int, int]:
-    cfg, lay = bundle.config, bundle.layout
-    dense = (bundle.path / fmt.DENSE_FILE).stat().st_size
+def dense_resident_bytes(cfg: ModelConfig, dense_file_bytes: int, embed_bytes: int, context: int) -> int:
+    """The dense file counted whole, except an untied embedding: only the rows ``context`` lookups touch."""
+    if cfg.tie_embeddings:
+        return dense_file_bytes
+    row = embed_bytes // cfg.vocab_size
+    touched = min(embed_bytes, context * (-(-row // PAGE) + 1) * PAGE)
+    return dense_file_bytes - embed_bytes + touched
+
+
+def fixed_bytes(cfg: ModelConfig, layout: fmt.RecordLayout, ffn_dtype: str, dense_file_bytes: int,
+                embed_bytes: int, context: int) -> tuple[int, int, int]:
+    """(dense, KV cache, buffers) a streaming run holds whatever the window gets, from sizes alone.
+
+    Shared by the engine's plan and by ``estimate`` (which has no bundle yet).
+    """
+    dense = dense_resident_bytes(cfg, dense_file_bytes, embed_bytes, context)
     kv = context * cfg.kv_bytes_per_token(4) + 2 * context * cfg.head_dim * 4
-    payload_f32 = lay.payload_bytes * 4 // (2 if bundle.ffn_dtype == "f16" else 4)
+    payload_f32 = layout.payload_bytes * 4 // (2 if ffn_dtype == "f16" else 4)
     # read scratch + f32 prefill chunk + the decode kernel's per-thread record and accumulator
     kernel = min(numba_threads(), KERNEL_THREADS_MAX) * (payload_f32 + 4 * cfg.d_model)
-    buffers = SCRATCH_BUFFERS * CHUNK_ROWS * lay.record_bytes + CHUNK_ROWS * payload_f32 + kernel
+    buffers = SCRATCH_BUFFERS * CHUNK_ROWS * layout.record_bytes + CHUNK_ROWS * payload_f32 + kernel
     return dense, kv, buffers
+
+
+def _fixed(bundle: Bundle, context: int) -> tuple[int, int, int]:
+    embed = bundle.dense_nbytes("embed")
+    return fixed_bytes(bundle.config, bundle.layout, bundle.ffn_dtype,
+                       (bundle.path / fmt.DENSE_FILE).stat().st_size, embed, context)
 
 
 def plan_budget(bundle: Bundle, budget: int, context: int, mode: str) -> BudgetPlan:

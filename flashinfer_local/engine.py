@@ -44,13 +44,15 @@ class Engine:
     offload: "none" holds every FFN record in DRAM; "window" streams records from the SSD into a
     sliding-window cache; "naive" reads every selected record for every token (the paper's baseline);
     None picks "none" when the whole bundle fits ``dram_budget`` (or no budget is given), else
-    "window". ``dram_budget`` (bytes) counts everything the engine holds for the model; the runtime's
+    "window". ``evict`` picks what the window cache keeps when the selections outgrow it (see
+    ``storage.window_cache``). ``dram_budget`` (bytes) counts everything the engine holds for the model; the runtime's
     own baseline (interpreter, torch) is measured before the model is opened and reported apart.
     """
 
     def __init__(self, path: str | Path, threads: int | None = None, offload: str | None = None,
                  dram_budget: int | None = None, window: int = 4, io_threads: int = 8,
-                 selector: str = "all", sparsity: float = 0.5, context: int = 2048, direct: bool = True):
+                 selector: str = "all", sparsity: float = 0.5, context: int = 2048, direct: bool = True,
+                 evict: str = "frequency"):
         torch.set_num_threads(threads or min(os.cpu_count() or 1, 8))
         if offload != "none":
             from .kernels import warm_up
@@ -61,6 +63,9 @@ class Engine:
         self.context = min(context, cfg.max_position)
         if offload not in (None, *OFFLOAD_MODES):
             raise FlashinferError(f"--offload {offload} is not known (choose {', '.join(OFFLOAD_MODES)})")
+        from storage.window_cache import EVICT
+        if evict not in EVICT:
+            raise FlashinferError(f"--evict {evict} is not known (choose {', '.join(EVICT)})")
         if window < 1:
             raise FlashinferError(f"--window {window} must be at least 1 token")
         in_dram = self.bundle.sizes()["total_bytes"] + self.context * cfg.kv_bytes_per_token() + SLACK_BYTES
@@ -83,7 +88,7 @@ class Engine:
                                     self.context, offload)
             self.selector = make_selector(selector, self.bundle, sparsity)
             self.ffn = StreamingFFN(self.bundle, self.plan, offload, window, self.selector,
-                                    io_threads=io_threads, direct=direct)
+                                    io_threads=io_threads, direct=direct, evict=evict)
         self.model = build_model(cfg, self.weights, self.ffn)
 
     def new_cache(self, capacity: int) -> KVCache:
@@ -114,11 +119,11 @@ class Engine:
         return list(prompt)
 
     def resident(self) -> dict:
-        """Bytes held per owner (the dense part counted whole: the head touches all of it)."""
-        dense = self.bundle.sizes()["dense_bytes"]
+        """Bytes held per owner, as planned (the dense part whole but for an untied embedding's
+        untouched rows, see budget.py)."""
         if self.plan is None:
-            return {"dense_bytes": dense, "ffn_dram_bytes": self.ffn.nbytes}
-        return {"dense_bytes": dense, "window_cache_bytes": self.ffn.cache_bytes,
+            return {"dense_bytes": self.bundle.sizes()["dense_bytes"], "ffn_dram_bytes": self.ffn.nbytes}
+        return {"dense_bytes": self.plan.dense_bytes, "window_cache_bytes": self.ffn.cache_bytes,
                 "buffer_bytes": self.ffn.buffer_bytes, "selector_bytes": self.selector.nbytes}
 
     def _stream_stats(self, st, c_prefill: dict, c_end: dict, kv_bytes: int) -> dict:
@@ -136,6 +141,7 @@ class Engine:
             "flash_bytes_read": c_end["flash_bytes_read"], "read_ops": ops,
             "mean_read_bytes": c_end["flash_bytes_read"] / ops if ops else 0,
             "flash_bytes_per_token": d["flash_bytes_read"] / n,
+            "gap_bytes_per_token": d["gap_bytes_read"] / n,     # part of the above read through gaps
             "cache_hit_rate": d["hits"] / d["lookups"] if d["lookups"] else 0.0,
             "ms_per_token": {k[:-2]: 1000 * d[k] / n for k in ("io_wait_s", "bookkeeping_s", "compute_s",
                                                               "selection_s")},

@@ -2,8 +2,8 @@
 
 A layer's records are one aligned span of the file (see ``storage.format``): record ``i`` of layer
 ``l`` starts at ``layer_offsets[l] + i * record_bytes``, a multiple of 512. ``RecordReader`` turns a
-sorted set of neuron ids into runs of consecutive ids (``coalesce``) and issues one ``os.preadv``
-per run on a thread pool. ``preadv`` releases the GIL, so reads overlap each other and compute.
+sorted set of neuron ids into runs of consecutive ids (``coalesce``), merges runs separated by small
+gaps (``merge_gaps``), and issues one ``os.preadv`` per merged run on a thread pool. ``preadv`` releases the GIL, so reads overlap each other and compute.
 
 The file is opened with ``O_DIRECT`` where the file system allows it, so what this reader measures
 is the SSD, not the page cache. O_DIRECT needs the buffer address, file offset and length to be
@@ -70,6 +70,27 @@ def coalesce(ids: np.ndarray, max_run: int) -> list[tuple[int, int, int]]:
     return list(zip(ids[idx].tolist(), count.tolist(), idx.tolist()))
 
 
+def merge_gaps(runs: list[tuple[int, int, int]], max_gap: int, max_span: int) -> list[list[tuple[int, int, int]]]:
+    """Group runs (from ``coalesce``) whose gaps are at most ``max_gap`` records into spans of at
+    most ``max_span`` records (gaps included): each group is read with one request.
+
+    A request costs about as much as tens of KiB of transfer on an SSD, so reading a few unwanted
+    records between two wanted runs (into a junk buffer) is cheaper than a second request.
+    Example: runs of ids [1, 2, 5, 20], max_gap 2 -> [[(1, 2, 0), (5, 1, 2)], [(20, 1, 3)]].
+    """
+    groups: list[list[tuple[int, int, int]]] = []
+    for run in runs:
+        if groups:
+            g = groups[-1]
+            first, n, _ = g[-1]
+            gap = run[0] - (first + n)
+            if gap <= max_gap and run[0] + run[1] - g[0][0] <= max_span:
+                g.append(run)
+                continue
+        groups.append([run])
+    return groups
+
+
 def _open(path: Path, direct: bool) -> tuple[int, bool]:
     """Open ``path`` read-only; returns (fd, is_direct). O_DIRECT only if the open and a probe work."""
     global _warned_fallback
@@ -105,6 +126,18 @@ def _open(path: Path, direct: bool) -> tuple[int, bool]:
         raise BundleError(f"{path}: cannot open ({e.strerror})") from None
 
 
+def _skip(bufs: list[memoryview], n: int) -> list[memoryview]:
+    """``bufs`` without their first ``n`` bytes (to resume a short read)."""
+    out = []
+    for b in bufs:
+        if n >= len(b):
+            n -= len(b)
+            continue
+        out.append(b[n:])
+        n = 0
+    return out
+
+
 class ReadBatch:
     """The reads of one ``RecordReader.submit`` call (futures of pool tasks, each a few runs)."""
 
@@ -128,12 +161,15 @@ class RecordReader:
     """Reads sets of records of one layer into caller buffers with parallel (direct) preadv.
 
     ``layer_offsets[l]``: file offset of layer ``l``'s record 0 (a multiple of 512; 4096 in bundles).
-    Stats (plain ints/floats, updated under a lock): ``bytes_read``, ``read_ops`` (one per run),
-    ``wait_s`` (seconds callers spent blocked in ``ReadBatch.wait``).
+    Reads of runs less than ``max_gap_bytes`` apart are merged: the records between them are read
+    into a junk buffer (see ``merge_gaps``). Stats (plain ints/floats, updated under a lock):
+    ``bytes_read`` (all bytes transferred), ``gap_bytes`` (the part of it read through gaps and
+    dropped), ``read_ops`` (one per request), ``wait_s`` (seconds callers spent blocked in
+    ``ReadBatch.wait``).
     """
 
     def __init__(self, path, record_bytes: int, layer_offsets: list[int], threads: int = 8,
-                 max_read_bytes: int = 256 * 1024, direct: bool = True):
+                 max_read_bytes: int = 256 * 1024, max_gap_bytes: int = 0, direct: bool = True):
         if record_bytes <= 0 or record_bytes % BLOCK:
             raise ValueError(f"record_bytes must be a positive multiple of {BLOCK}, got {record_bytes}")
         if any(o % BLOCK for o in layer_offsets):
@@ -142,29 +178,35 @@ class RecordReader:
         self.record_bytes = record_bytes
         self.layer_offsets = [int(o) for o in layer_offsets]
         self.max_run = max(1, max_read_bytes // record_bytes)
+        self.max_gap = max_gap_bytes // record_bytes       # unwanted records read through, at most
+        # gap bytes land here and are dropped; every reader thread shares it (contents never used)
+        self._junk = aligned_empty(max(self.max_gap, 1) * record_bytes)
         self.fd, self.direct = _open(self.path, direct)
         self.threads = threads
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="record-read")
         self._lock = threading.Lock()
-        self.bytes_read, self.read_ops, self.wait_s = 0, 0, 0.0
+        self.bytes_read, self.read_ops, self.wait_s, self.gap_bytes = 0, 0, 0.0, 0
 
-    def _count(self, nbytes: int = 0, ops: int = 0, wait_s: float = 0.0) -> None:
+    def _count(self, nbytes: int = 0, ops: int = 0, wait_s: float = 0.0, gap_bytes: int = 0) -> None:
         with self._lock:
+            self.gap_bytes += gap_bytes
             self.bytes_read += nbytes
             self.read_ops += ops
             self.wait_s += wait_s
 
-    def _read_runs(self, runs: list[tuple[memoryview, int]]) -> None:
-        """On a pool thread: fill each ``(buf, offset)`` (buf: 512-aligned rows of dest).
+    def _read_runs(self, reads: list[tuple[list[memoryview], int]]) -> None:
+        """On a pool thread: one ``preadv`` per ``(buffers, offset)``; buffers are 512-aligned rows
+        of dest, and junk rows for the gaps between runs.
 
-        Several runs share one task: a pool task costs tens of microseconds of Python, about as
+        Several reads share one task: a pool task costs tens of microseconds of Python, about as
         much as a small SSD read (measured: ~15k tasks/s vs ~140k runs/s on a 2-core VM)."""
         nbytes = ops = 0
         try:
-            for buf, offset in runs:
-                done, n = 0, len(buf)
+            for bufs, offset in reads:
+                n = sum(len(b) for b in bufs)
+                done = 0
                 while done < n:   # regular files return short only at EOF; loop anyway
-                    got = os.preadv(self.fd, [buf[done:]], offset + done)
+                    got = os.preadv(self.fd, _skip(bufs, done), offset + done)
                     # direct: a remainder off a 512 boundary can only be the file's end
                     if got <= 0 or (self.direct and got % BLOCK and done + got < n):
                         raise BundleError(
@@ -200,8 +242,19 @@ class RecordReader:
             return ReadBatch(self, [])
         base, rb = self.layer_offsets[layer], self.record_bytes
         mv = memoryview(dest).cast("B")      # flat bytes view: row i is mv[i*rb:(i+1)*rb]
-        runs = [(mv[i * rb:(i + n) * rb], base + first * rb)    # (dest rows, file offset)
-                for first, n, i in coalesce(ids, self.max_run)]
+        junk = memoryview(self._junk)
+        runs = []                            # (buffers, file offset): one request each
+        gap = 0
+        for group in merge_gaps(coalesce(ids, self.max_run), self.max_gap, self.max_run):
+            bufs, end = [], group[0][0]
+            for first, n, i in group:
+                if first > end:              # the unwanted records between two runs
+                    bufs.append(junk[:(first - end) * rb])
+                    gap += (first - end) * rb
+                bufs.append(mv[i * rb:(i + n) * rb])
+                end = first + n
+            runs.append((bufs, base + group[0][0] * rb))
+        self._count(gap_bytes=gap)
         # ~4 tasks per worker: enough to keep every worker busy (queue depth = threads) and balance
         # uneven latencies, few enough that the per-task Python cost stays small
         per_task = -(-len(runs) // (4 * self.threads))

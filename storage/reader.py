@@ -66,6 +66,10 @@ class Bundle:
         return np.frombuffer(self._dense_map, dtype=dt, count=(b - a) // dt.itemsize,
                              offset=self._dense_start + a).reshape(t["shape"])
 
+    def dense_nbytes(self, name: str) -> int:
+        a, b = self._dense_meta[name]["data_offsets"]
+        return b - a
+
     def has_dense(self, name: str) -> bool:
         return name in self._dense_meta
 

@@ -17,25 +17,35 @@ import numpy as np
 from .format import ST_DTYPE, TENSOR_ALIGN
 
 
+def encode_header(specs: list[tuple[str, np.dtype, tuple[int, ...]]],
+                  metadata: dict[str, str] | None = None) -> tuple[bytes, dict[str, int], int]:
+    """(padded header JSON, data offset of each tensor, total file bytes) of a file of ``specs``.
+
+    The file is the 8-byte header length, the header, then the tensors back to back; the size of a
+    bundle file is known from its specs alone (``estimate`` uses this before any conversion).
+    """
+    header, off, offsets = {}, 0, {}
+    if metadata:
+        header["__metadata__"] = metadata
+    for name, dt, shape in specs:
+        dt = np.dtype(dt)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        header[name] = {"dtype": ST_DTYPE[dt], "shape": [int(x) for x in shape],
+                        "data_offsets": [off, off + nbytes]}
+        offsets[name] = off
+        off += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * ((-(8 + len(raw))) % TENSOR_ALIGN)
+    return raw, offsets, 8 + len(raw) + off
+
+
 class SafetensorsWriter:
     def __init__(self, path: Path, specs: list[tuple[str, np.dtype, tuple[int, ...]]],
                  metadata: dict[str, str] | None = None):
         self.path = Path(path)
         self._specs = [(n, np.dtype(d), tuple(int(x) for x in s)) for n, d, s in specs]
-        header, off = {}, 0
-        if metadata:
-            header["__metadata__"] = metadata
-        self.offsets = {}
-        for name, dt, shape in self._specs:
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-            header[name] = {"dtype": ST_DTYPE[dt], "shape": list(shape), "data_offsets": [off, off + nbytes]}
-            self.offsets[name] = off
-            off += nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        pad = (-(8 + len(raw))) % TENSOR_ALIGN
-        raw += b" " * pad
+        raw, self.offsets, self.total_bytes = encode_header(self._specs, metadata)
         self.data_start = 8 + len(raw)
-        self.total_bytes = self.data_start + off
         self._next = 0
         self._hash = hashlib.sha256()
         self._f = open(self.path, "wb")

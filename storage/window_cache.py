@@ -9,10 +9,18 @@ use and stay dense:
   holes and no free list; the cost is one record copy per hole);
 * neurons newly needed are appended at the end in ascending id order, so consecutive ids land in
   consecutive rows and the reader fills them with one coalesced read;
-* when the window wants more rows than ``capacity``, rows not needed by the current token are
-  evicted, least recently used first, then least often used, then lowest neuron id (deterministic
-  ties); the cache never exceeds ``capacity``. Neurons that still do not fit (a selection larger
-  than the capacity) are returned as ``overflow`` for the caller to stream through scratch memory.
+* when the window wants more rows than ``capacity``, the cache never exceeds it; what goes depends
+  on ``evict``:
+  - ``"recency"``: rows not needed by the current token are evicted, least recently used first,
+    then least used since they became resident, then lowest neuron id (deterministic ties); the
+    misses of the current token always win a row over a row it does not need;
+  - ``"frequency"``: resident rows the current token does not need and the current token's misses
+    compete for the rows left: the ones selected by the most tokens so far (a per-neuron lifetime
+    count) win, then the most recently used, then the lowest id. When the selections are larger
+    than the cache this keeps the hot neurons resident instead of cycling the whole cache every
+    token (a miss loses nothing by not being cached: it is read this token either way).
+  Neurons that do not get a row are returned as ``overflow`` for the caller to stream through
+  scratch memory.
 
 All bookkeeping is vectorized numpy; the cost of one ``plan`` is a few passes over ``n_used`` rows
 and the selection, plus the record copies of delete-by-move.
@@ -63,6 +71,9 @@ def least_recent(last_used: np.ndarray, uses: np.ndarray, ids: np.ndarray, k: in
     return np.lexsort((ids, uses, last_used))[:k]    # last key is primary
 
 
+EVICT = ("recency", "frequency")
+
+
 class LayerWindow:
     """Sliding-window cache of one layer's FFN records.
 
@@ -73,12 +84,15 @@ class LayerWindow:
     * ``slot``      [n_neurons] int32: row of each neuron, -1 when absent (inverse of ``ids``)
     * ``last_used`` [capacity] int64: last token that selected the row's neuron
     * ``uses``      [capacity] int64: times the neuron was selected since it last became resident
+    * ``freq``      [n_neurons] int64: tokens that selected each neuron so far (``evict="frequency"``)
     * ``n_used``    int: rows in use
     * ``token``     int: the token of the latest plan (-1 before the first)
     """
 
     def __init__(self, n_neurons: int, record_bytes: int, capacity: int, window: int,
-                 rows: np.ndarray | None = None):
+                 rows: np.ndarray | None = None, evict: str = "recency"):
+        if evict not in EVICT:
+            raise ValueError(f"LayerWindow: evict must be one of {EVICT}, got {evict!r}")
         if n_neurons < 1 or record_bytes < 1 or capacity < 0 or window < 1:
             raise ValueError(f"LayerWindow: need n_neurons >= 1, record_bytes >= 1, capacity >= 0, "
                              f"window >= 1 (got {n_neurons}, {record_bytes}, {capacity}, {window})")
@@ -98,6 +112,8 @@ class LayerWindow:
         self.slot = np.full(n_neurons, -1, np.int32)
         self.last_used = np.zeros(capacity, np.int64)
         self.uses = np.zeros(capacity, np.int64)
+        self.evict = evict
+        self.freq = np.zeros(n_neurons if evict == "frequency" else 0, np.int64)
         self.n_used = 0
         self.token = -1
 
@@ -125,6 +141,9 @@ class LayerWindow:
         # integer positions then take: ~2x faster than three boolean-mask compressions
         hi, mi = np.flatnonzero(hit), np.flatnonzero(~hit)
         hit_ids, hit_rows0 = sel.take(hi), srow.take(hi)             # [h]; rows before compaction
+        self._lost = sel[:0]
+        if self.evict == "frequency":
+            self.freq[sel] += 1
         self.last_used[hit_rows0] = token
         self.uses[hit_rows0] += 1
         miss_ids = sel.take(mi)                                      # [m] ascending
@@ -143,7 +162,9 @@ class LayerWindow:
             live = ~dead
             live[hit_rows0] = False
             cand = np.flatnonzero(live)                              # [c] evictable rows
-            if cand.size > need:
+            if self.evict == "frequency":
+                cand, miss_ids = self._compete(token, cand, miss_ids, need)
+            elif cand.size > need:
                 cand = cand[least_recent(self.last_used[cand], self.uses[cand], self.ids[cand],
                                          need, self.n_neurons)]
             dead[cand] = True
@@ -154,6 +175,8 @@ class LayerWindow:
         start = self.n_used
         k = min(len(miss_ids), self.capacity - start)
         new_ids, overflow = miss_ids[:k], miss_ids[k:]
+        if self.evict == "frequency" and len(self._lost):
+            overflow = np.union1d(overflow, self._lost)
         end = start + k
         self.ids[start:end] = new_ids
         self.slot[new_ids] = np.arange(start, end, dtype=np.int32)
@@ -164,6 +187,21 @@ class LayerWindow:
         return Plan(hit_ids=hit_ids, hit_rows=self.slot[hit_ids], new_ids=new_ids,
                     new_rows_start=start, overflow_ids=overflow, moved=moved,
                     expired=n_expired, evicted=n_evicted)
+
+    def _compete(self, token: int, cand: np.ndarray, miss_ids: np.ndarray,
+                 need: int) -> tuple[np.ndarray, np.ndarray]:
+        """``evict="frequency"``: rows ``cand`` (resident, not selected now) and ``miss_ids`` compete
+        for ``len(cand) + len(miss_ids) - need`` rows. The losers are the ``need`` entries smallest
+        in (lifetime selections, last use, id) order: losing rows are evicted, losing misses go to
+        overflow (kept in ``self._lost``). Returns (rows to evict, misses to append, ascending)."""
+        ids = np.concatenate((self.ids[cand].astype(np.int64), miss_ids))           # [c + m]
+        last = np.concatenate((self.last_used[cand], np.full(len(miss_ids), token, np.int64)))
+        lose = least_recent(self.freq[ids], last, ids, need, self.n_neurons)          # positions
+        lost = np.zeros(len(ids), bool)
+        lost[lose] = True
+        c = len(cand)
+        self._lost = miss_ids[lost[c:]]
+        return cand[lost[:c]], miss_ids[~lost[c:]]
 
     def _delete(self, dead: np.ndarray) -> int:
         """Delete the rows flagged in ``dead`` ([n_used] bool) by delete-by-move; returns rows moved.
@@ -210,7 +248,7 @@ class LayerWindow:
     def nbytes(self) -> int:
         """DRAM held: record rows plus the metadata arrays."""
         return int(self.rows.nbytes + self.ids.nbytes + self.slot.nbytes
-                   + self.last_used.nbytes + self.uses.nbytes)
+                   + self.last_used.nbytes + self.uses.nbytes + self.freq.nbytes)
 
     def check(self) -> None:
         """Assert the invariants (for tests; O(capacity + n_neurons)).

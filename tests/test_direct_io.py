@@ -227,3 +227,28 @@ def test_measure_sequential_bandwidth(record_file, direct):
     path, _ = record_file
     bw = measure_sequential_bandwidth(path, seconds=0.05, block=64 << 10, direct=direct)
     assert bw > 0
+
+
+def test_merge_gaps_groups_runs_within_the_gap_and_span():
+    from storage.direct_io import merge_gaps
+    runs = coalesce(np.array([1, 2, 5, 20, 21, 23]), 8)
+    assert merge_gaps(runs, 2, 8) == [[(1, 2, 0), (5, 1, 2)], [(20, 2, 3), (23, 1, 5)]]
+    assert merge_gaps(runs, 0, 8) == [[r] for r in runs]
+    # the span limit counts the gap: 1..5 is 5 records
+    assert merge_gaps(runs, 2, 4) == [[(1, 2, 0)], [(5, 1, 2)], [(20, 2, 3), (23, 1, 5)]]
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_gap_reads_fill_only_the_wanted_rows(tmp_path, direct):
+    rb, n = 1024, 64
+    data = np.random.default_rng(3).integers(0, 256, (n, rb), dtype=np.uint8)
+    path = tmp_path / "recs.bin"
+    path.write_bytes(data.tobytes())
+    ids = np.array([0, 2, 3, 7, 8, 30, 33, 63])
+    with RecordReader(path, rb, [0], threads=3, max_gap_bytes=3 * rb, direct=direct) as r:
+        dest = aligned_empty((len(ids), rb))
+        r.read(0, ids, dest)
+        assert np.array_equal(dest, data[ids])
+        # gaps read: 1 (id 1) + 3 (4..6) + 2 (31, 32); 8..30 is too far
+        assert r.gap_bytes == 6 * rb
+        assert r.read_ops == 3 and r.bytes_read == (len(ids) + 6) * rb

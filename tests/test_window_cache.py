@@ -10,13 +10,16 @@ from storage.window_cache import LayerWindow, least_recent
 class ReferenceWindow:
     """Dict-based model of the policy: id -> [last_used, uses]; no rows, no order."""
 
-    def __init__(self, capacity: int, window: int):
-        self.capacity, self.window = capacity, window
+    def __init__(self, capacity: int, window: int, evict: str = "recency"):
+        self.capacity, self.window, self.evict = capacity, window, evict
         self.res: dict[int, list[int]] = {}
+        self.freq: dict[int, int] = {}          # tokens that selected each id (lifetime)
 
     def plan(self, token: int, selected: list[int]):
         """Returns (hit_ids, new_ids, overflow_ids) as ascending lists."""
         sel = sorted(selected)
+        for i in sel:
+            self.freq[i] = self.freq.get(i, 0) + 1
         hits = [i for i in sel if i in self.res]
         for i in hits:
             self.res[i][0] = token
@@ -26,6 +29,18 @@ class ReferenceWindow:
                 del self.res[i]
         misses = [i for i in sel if i not in self.res]
         free = self.capacity - len(self.res)
+        if len(misses) > free and self.evict == "frequency":
+            # resident-but-unneeded and missing ids compete; the fewest lifetime selections lose,
+            # then the least recently used (misses are used now), then the lowest id
+            cands = [(self.freq[i], lu, i) for i, (lu, _) in self.res.items() if i not in set(sel)]
+            cands += [(self.freq[i], token, i) for i in misses]
+            lost = {i for _, _, i in sorted(cands)[: len(misses) - free]}
+            for i in lost & set(self.res):
+                del self.res[i]
+            kept = [i for i in misses if i not in lost]
+            for i in kept:
+                self.res[i] = [token, 1]
+            return hits, kept, sorted(lost & set(misses))
         if len(misses) > free:                        # evict: oldest, then fewest uses, then lowest id
             cands = sorted((lu, u, i) for i, (lu, u) in self.res.items() if i not in set(sel))
             for _, _, i in cands[: len(misses) - free]:
@@ -57,7 +72,7 @@ def check_against(w: LayerWindow, ref: ReferenceWindow, plan, out, sel, pat):
     assert plan.hit_ids.tolist() == hits
     assert plan.new_ids.tolist() == new
     assert plan.overflow_ids.tolist() == overflow
-    if len(sel) <= w.capacity:
+    if len(sel) <= w.capacity and w.evict == "recency":   # frequency may keep a hotter row instead
         assert len(plan.overflow_ids) == 0
     resident = set(w.resident_ids.tolist())
     assert set(sel) == (set(sel) & resident) | set(overflow)
@@ -94,10 +109,11 @@ def scenarios(draw):
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(scenarios())
-def test_matches_reference(sc):
+@given(scenarios(), st.sampled_from(["recency", "frequency"]))
+def test_matches_reference(sc, evict):
     n, cap, window, rb, steps = sc
-    w, ref, pat = LayerWindow(n, rb, cap, window), ReferenceWindow(cap, window), patterns(n, rb)
+    w, ref, pat = (LayerWindow(n, rb, cap, window, evict=evict), ReferenceWindow(cap, window, evict),
+                   patterns(n, rb))
     token = 0
     for dt, sel in steps:
         token += dt
