@@ -63,9 +63,11 @@ def fixed_bytes(cfg: ModelConfig, layout: fmt.RecordLayout, ffn_dtype: str, dens
     dense = dense_resident_bytes(cfg, dense_file_bytes, embed_bytes, context)
     kv = context * cfg.kv_bytes_per_token(4) + 2 * context * cfg.head_dim * 4
     payload_f32 = layout.payload_bytes * 4 // (2 if ffn_dtype == "f16" else 4)
-    # read scratch + f32 prefill chunk + the decode kernel's per-thread record and accumulator
+    # read scratch + prefill chunk (cached rows gathered, then as f32) + the decode kernel's
+    # per-thread record and accumulator
     kernel = min(numba_threads(), KERNEL_THREADS_MAX) * (payload_f32 + 4 * cfg.d_model)
-    buffers = SCRATCH_BUFFERS * CHUNK_ROWS * layout.record_bytes + CHUNK_ROWS * payload_f32 + kernel
+    buffers = ((SCRATCH_BUFFERS + 1) * CHUNK_ROWS * layout.record_bytes + CHUNK_ROWS * payload_f32
+               + kernel)
     return dense, kv, buffers
 
 

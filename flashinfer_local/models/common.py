@@ -13,20 +13,25 @@ import torch.nn.functional as F
 from storage.config import ModelConfig
 
 
+UPCAST_BYTES = 16 << 20     # f32 weight scratch of one prefill matmul step (counted in the budget's slack)
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, in] (f32) @ w[out, in].T + b -> [T, out] f32, for f32 or f16 weights.
 
     f16 weights: one token (decode) runs torch's f16 matrix-vector kernel, which reads half the
     bytes (about 1.5-3x faster than f32 here); several tokens (prefill) upcast the weight for the
     call, since torch's f16 matrix-matrix path on AVX2 CPUs is slower than f32 and prefill is
-    compute-bound anyway. Biases are always f32.
+    compute-bound anyway; the upcast goes UPCAST_BYTES of f32 weight at a time, so that a large
+    matrix (a 150k-row head) never needs a full f32 copy inside the DRAM budget. Biases are f32.
     """
     if w.dtype == x.dtype:
         return F.linear(x, w, b)
     if x.shape[0] == 1:
         y = F.linear(x.to(w.dtype), w).float()
     else:
-        y = F.linear(x, w.float())
+        rows = max(1, UPCAST_BYTES // (4 * w.shape[1]))
+        y = torch.cat([F.linear(x, w[a:a + rows].float()) for a in range(0, w.shape[0], rows)], dim=-1)
     return y if b is None else y + b
 
 
