@@ -77,6 +77,24 @@ def _fixed(bundle: Bundle, context: int) -> tuple[int, int, int]:
                        (bundle.path / fmt.DENSE_FILE).stat().st_size, embed, context)
 
 
+# storage.window_cache.LayerWindow's metadata: per row ids (int32), last_used and uses (int64); per
+# neuron slot (int32), freq (int64) and at most one int64 per neuron of per-plan overflow scratch
+WINDOW_ROW_META = 4 + 8 + 8
+WINDOW_NEURON_META = 4 + 8 + 8
+
+
+def window_rows(cfg: ModelConfig, record_bytes: int, free: int) -> int:
+    """Cache rows per layer that ``free`` bytes hold (each layer the same; at most d_ff)."""
+    per_layer = free // cfg.n_layers - cfg.d_ff * WINDOW_NEURON_META
+    return max(0, min(cfg.d_ff, per_layer // (record_bytes + WINDOW_ROW_META)))
+
+
+def window_cache_bytes(cfg: ModelConfig, record_bytes: int, rows: int) -> int:
+    if rows == 0:
+        return 0
+    return cfg.n_layers * (rows * (record_bytes + WINDOW_ROW_META) + cfg.d_ff * WINDOW_NEURON_META)
+
+
 def plan_budget(bundle: Bundle, budget: int, context: int, mode: str) -> BudgetPlan:
     """Split ``budget`` bytes between owners for ``mode`` (window | naive)."""
     cfg, lay = bundle.config, bundle.layout
@@ -88,11 +106,8 @@ def plan_budget(bundle: Bundle, budget: int, context: int, mode: str) -> BudgetP
             f"({fmt_bytes(dense)}), KV cache at {context} tokens ({fmt_bytes(kv)}) and buffers "
             f"({fmt_bytes(buffers + SLACK_BYTES)}) need at least {fmt_bytes(fixed)}; raise the budget "
             "or lower --context")
-    rows = 0
-    if mode == "window":
-        per_row = lay.record_bytes + 4 + 8 + 8 + 4          # row + ids/last_used/uses + slot share
-        rows = min(cfg.d_ff, (budget - fixed) // (per_row * cfg.n_layers))
-    cache = rows * cfg.n_layers * (lay.record_bytes + 20) + cfg.n_layers * cfg.d_ff * 4
+    rows = window_rows(cfg, lay.record_bytes, budget - fixed) if mode == "window" else 0
+    cache = window_cache_bytes(cfg, lay.record_bytes, rows)
     return BudgetPlan(budget, dense, kv, buffers, SLACK_BYTES, rows, cache, context)
 
 

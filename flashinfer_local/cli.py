@@ -110,6 +110,9 @@ def inspect(bundle: Path, verify: bool, as_json: bool):
 @click.option("--window", "window_tokens", default=4, show_default=True,
               help="Tokens a neuron stays cached after its last use.")
 @click.option("--io-threads", default=8, show_default=True, help="Parallel SSD reads in flight.")
+@click.option("--evict", type=click.Choice(["frequency", "recency"]), default="frequency",
+              show_default=True, help="What the window cache keeps when a token needs more neurons than "
+              "fit: the most often used ones, or the most recently used (the paper's window).")
 @click.option("--selector", type=click.Choice(["all", "oracle"]), default="all", show_default=True,
               help="Which neurons a token computes. all: exact; oracle: measuring tool (true top "
               "activations from dense weights held outside the budget), not for normal use.")
@@ -119,7 +122,7 @@ def inspect(bundle: Path, verify: bool, as_json: bool):
 @click.option("--stats", is_flag=True, help="Print speed and memory figures to stderr at the end.")
 @click.option("--stats-json", type=click.Path(path_type=Path), help="Write the figures as JSON.")
 def run(model, prompt, max_tokens, temperature, top_p, top_k, seed, chat, dtype, threads, dram_budget,
-        offload, window_tokens, io_threads, selector, sparsity, context, stats, stats_json):
+        offload, window_tokens, io_threads, evict, selector, sparsity, context, stats, stats_json):
     """Generate text from MODEL (a bundle, an HF folder, a GGUF file; default: SmolLM2-135M-Instruct)."""
     from .engine import Engine
     from .generate import SamplingParams
@@ -133,7 +136,7 @@ def run(model, prompt, max_tokens, temperature, top_p, top_k, seed, chat, dtype,
     baseline = rss_bytes()
     with PeakRSS() as peak:
         eng = Engine(path, threads=threads, offload=offload, dram_budget=budget, window=window_tokens,
-                     io_threads=io_threads, selector=selector, sparsity=sparsity, context=context)
+                     io_threads=io_threads, evict=evict, selector=selector, sparsity=sparsity, context=context)
         st, text = None, []
         for step in eng.generate(prompt, max_tokens=max_tokens, sampling=sampling, chat=chat):
             click.echo(step.text, nl=False)
@@ -166,3 +169,130 @@ def run(model, prompt, max_tokens, temperature, top_p, top_k, seed, chat, dtype,
                        f"compute {ms['compute']:.1f}, selection {ms['selection']:.1f}", err=True)
     if stats_json:
         stats_json.write_text(json.dumps(out, indent=1))
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("-p", "--prompt", required=True, help="Prompt text.")
+@click.option("-n", "--max-tokens", default=64, show_default=True, help="Tokens to generate at most.")
+@click.option("--temperature", default=0.7, show_default=True, help="0 is greedy.")
+@click.option("--top-p", default=0.95, show_default=True)
+@click.option("--top-k", default=40, show_default=True, help="0 turns it off.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Random seed (fixed by default, so sweep rows generate the same tokens).")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
+@click.option("--dtype", type=click.Choice(["f32", "f16"]), default="f16", show_default=True,
+              help="Precision used when MODEL is a checkpoint converted on first use.")
+@click.option("--threads", type=int, default=None, help="Compute threads (default: all cores).")
+@click.option("--dram-budget", default=None, help="DRAM the engine may hold for the model, e.g. 1.5GiB.")
+@click.option("--offload", type=click.Choice(["none", "window", "naive"]), default=None,
+              help="As for run (default: none if the bundle fits the budget, else window).")
+@click.option("--window", "window_tokens", default=4, show_default=True,
+              help="Tokens a neuron stays cached after its last use.")
+@click.option("--io-threads", default=8, show_default=True, help="Parallel SSD reads in flight.")
+@click.option("--evict", type=click.Choice(["frequency", "recency"]), default="frequency",
+              show_default=True, help="What the window cache keeps when a token needs more neurons than "
+              "fit: the most often used ones, or the most recently used (the paper's window).")
+@click.option("--selector", type=click.Choice(["all", "oracle"]), default="all", show_default=True,
+              help="Which neurons a token computes (oracle: a measuring tool, see run).")
+@click.option("--sparsity", default=0.5, show_default=True, help="Share of neurons the oracle skips.")
+@click.option("--context", default=2048, show_default=True,
+              help="Longest prompt + generation planned for (sizes the KV cache in the budget).")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Folder for profile.json and the charts (default: ./profile-<model name>).")
+@click.option("--sweep", default=None, help="Budgets to compare, each run in a fresh process: "
+              "shares of the bundle size or sizes, e.g. 25%,50%,75%,100% or 300MiB,1GiB.")
+@click.option("--target-tps", type=float, default=None,
+              help="With --sweep: report the smallest budget whose decode reaches this many tokens/s.")
+@click.option("--json-only", is_flag=True, hidden=True, help="Write profile.json only, print nothing "
+              "(the per-budget runs of --sweep).")
+def profile(model, prompt, max_tokens, temperature, top_p, top_k, seed, chat, dtype, threads, dram_budget,
+            offload, window_tokens, io_threads, evict, selector, sparsity, context, out, sweep, target_tps,
+            json_only):
+    """Generate from MODEL while recording where the memory goes (RSS over time by owner, per phase),
+    SSD bytes read per token and the window cache; writes profile.json and PNG charts to --out.
+    With --sweep, compares budgets instead (tokens/s, bytes/token, peak RSS; sweep.json, sweep.png)."""
+    from .generate import SamplingParams
+    from .resolve import resolve_model
+    from .units import parse_size
+
+    sampling = SamplingParams(temperature, top_p, top_k, seed)
+    path = resolve_model(model, dtype=dtype, progress=sys.stderr.isatty() and not json_only)
+    if target_tps is not None and sweep is None:
+        raise FlashinferError("--target-tps needs --sweep (the budgets to search)")
+    if sweep is not None and dram_budget is not None:
+        raise FlashinferError("--sweep sets the budgets itself; drop --dram-budget")
+    out = out or Path(f"profile-{path.name}")
+    out.mkdir(parents=True, exist_ok=True)
+    if sweep is not None:
+        _profile_sweep(path, sweep, target_tps, out, prompt=prompt, max_tokens=max_tokens,
+                       temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, chat=chat,
+                       threads=threads, offload=offload, window=window_tokens, io_threads=io_threads,
+                       evict=evict, selector=selector, sparsity=sparsity, context=context)
+        return
+    from .profile import profile_generation, report_lines
+    options = {"threads": threads, "offload": offload, "window": window_tokens, "io_threads": io_threads,
+               "evict": evict, "selector": selector, "sparsity": sparsity, "context": context,
+               "dram_budget": parse_size(dram_budget) if dram_budget is not None else None}
+    echo = None if json_only else (lambda s: click.echo(s, nl=False))
+    prof = profile_generation(path, options, prompt, max_tokens, sampling, chat, on_text=echo)
+    d = prof.to_dict()
+    (out / "profile.json").write_text(json.dumps(d, indent=1))
+    if json_only:
+        return
+    click.echo()
+    from .charts import write_profile_charts
+    charts = write_profile_charts(d, out)
+    for line in report_lines(d):
+        click.echo(line)
+    click.echo(f"wrote {out / 'profile.json'}, " + ", ".join(p.name for p in charts))
+
+
+def _profile_sweep(path: Path, budgets: str, target_tps, out: Path, **run) -> None:
+    from storage.reader import Bundle
+
+    from .budget import minimum_budget
+    from .charts import sweep_chart
+    from .sweep import parse_budgets, run_sweep, table_lines
+    b = Bundle(path)
+    parsed = parse_budgets(budgets, b.sizes()["total_bytes"])
+    minimum = minimum_budget(b, min(run["context"], b.config.max_position))
+    b.close()
+    args = ["-p", run["prompt"], "-n", run["max_tokens"], "--temperature", run["temperature"], "--top-p",
+            run["top_p"], "--top-k", run["top_k"], "--seed", run["seed"], "--window", run["window"],
+            "--io-threads", run["io_threads"], "--evict", run["evict"], "--selector", run["selector"], "--sparsity", run["sparsity"],
+            "--context", run["context"]]
+    args += ["--chat"] if run["chat"] else []
+    args += ["--threads", run["threads"]] if run["threads"] else []
+    args += ["--offload", run["offload"]] if run["offload"] else []
+    click.echo(f"sweep over {len(parsed)} budgets (bundle {fmt_bytes(b.sizes()['total_bytes'])}, minimum "
+               f"budget {fmt_bytes(minimum)}), one process each", err=True)
+    res = run_sweep(path, parsed, minimum, [str(a) for a in args], out, target_tps,
+                    on_row=lambda r: click.echo(f"  {r['label']}: {r['status']}", err=True))
+    (out / "sweep.json").write_text(json.dumps(res, indent=1))
+    sweep_chart(res, out / "sweep.png")
+    for line in table_lines(res):
+        click.echo(line)
+    click.echo(f"wrote {out / 'sweep.json'}, sweep.png (and each budget's profile.json under {out})")
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--context", default=2048, show_default=True, help="Tokens the KV cache is sized for.")
+@click.option("--dram-budget", default=None, help="Say how a run with this budget would go, e.g. 1.5GiB.")
+@click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
+def estimate(model, context, dram_budget, as_json):
+    """Estimate from MODEL's config alone (bundle, HF folder or GGUF; nothing is converted or loaded):
+    bundle size per precision, dense part, KV cache per token and at --context tokens, the minimum
+    --dram-budget, and with --dram-budget whether it runs in DRAM, streams, or does not fit."""
+    from .estimate import estimate as do_estimate
+    from .estimate import load_config, report_lines
+    from .units import parse_size
+    cfg, facts = load_config(model)
+    e = do_estimate(cfg, context, parse_size(dram_budget) if dram_budget is not None else None,
+                    facts["tokenizer_bytes"])
+    if as_json:
+        click.echo(json.dumps({"source": {k: v for k, v in facts.items() if k != "bundle"}, **e}, indent=1))
+        return
+    for line in report_lines(e, facts):
+        click.echo(line)

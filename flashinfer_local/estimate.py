@@ -1,0 +1,160 @@
+"""`estimate`: what a model will cost, from its config alone, before converting or running it.
+
+Per bundle precision: the files ``convert`` would write (their exact sizes: the safetensors
+headers are computed from the same specs the converter declares), the dense part, the FFN record
+size, and the smallest ``--dram-budget`` that runs (``budget.fixed_bytes`` plus the slack, as the
+engine's plan computes it). The KV cache per token and at ``context`` tokens follows each layer's
+own key/value heads (variable GQA). Given a budget, says whether the model runs all in DRAM,
+streams (and what share of the FFN the window cache holds), or does not fit.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from storage import format as fmt
+from storage.config import ModelConfig
+from storage.convert import dense_specs, ffn_specs
+from storage.st_writer import encode_header
+
+from . import budget as budget_mod
+from .budget import SLACK_BYTES, fixed_bytes
+from .units import fmt_bytes
+
+# Bundle precisions: name -> dtype of the FFN records and of the dense part's large tensors
+# (norms and biases stay f32). Quantized precisions add a row here once the format has them.
+PRECISIONS = {"f32": "f32", "f16": "f16"}
+
+
+
+def load_config(model: str | Path | None) -> tuple[ModelConfig, dict]:
+    """MODEL (bundle directory, HF folder, GGUF file; None: the default model, fetched but not
+    converted) -> (config, facts: kind, path, tokenizer bytes, a bundle's own sizes and dtype)."""
+    from storage.errors import FlashinferError
+    from storage.source import open_source
+    if model is None:
+        from .fetch import DEFAULT_MODEL, fetch
+        model = fetch(DEFAULT_MODEL)
+    p = Path(model)
+    if not p.exists():
+        raise FlashinferError(f"MODEL '{model}' not found: give a bundle directory, an HF checkpoint "
+                              "folder or a GGUF file (or omit it for the default model)")
+    if p.is_dir() and (p / fmt.MANIFEST).exists():
+        from storage.reader import Bundle
+        b = Bundle(p)
+        files = b.sizes()["files"]
+        return b.config, {"kind": "bundle", "path": str(p), "dtype": b.ffn_dtype,
+                          "tokenizer_bytes": files.get(fmt.TOKENIZER_FILE, 0), "bundle": b.sizes()}
+    with open_source(p) as src:
+        tok = src.tokenizer.tokenizer_json
+        return src.config, {"kind": src.identity.get("kind", "checkpoint"), "path": str(p),
+                            "tokenizer_bytes": len(tok.encode()) if tok is not None else 0}
+
+
+def bundle_bytes(cfg: ModelConfig, dtype: str, tokenizer_bytes: int = 0) -> dict:
+    """Exact sizes of the files ``convert --dtype dtype`` writes for ``cfg``."""
+    layout = fmt.record_layout(cfg, PRECISIONS[dtype])
+    dense = encode_header(dense_specs(cfg, dtype))[2]
+    ffn = encode_header(ffn_specs(cfg, layout))[2]
+    embed = cfg.vocab_size * cfg.d_model * np.dtype(fmt.DTYPES[dtype]).itemsize
+    return {"dense_bytes": dense, "ffn_bytes": ffn, "tokenizer_bytes": tokenizer_bytes,
+            "total_bytes": dense + ffn + tokenizer_bytes, "embed_bytes": embed,
+            "record_bytes": layout.record_bytes, "layout": layout}
+
+
+def kv_cache(cfg: ModelConfig, tokens: int) -> dict:
+    """KV cache (f32, as the engine holds it) per token, per layer and at ``tokens`` tokens."""
+    per_layer = [2 * kv * cfg.head_dim * 4 for kv in cfg.n_kv_heads]          # bytes per token
+    return {"per_token_bytes": cfg.kv_bytes_per_token(), "per_layer_per_token_bytes": per_layer,
+            "tokens": tokens, "bytes": tokens * cfg.kv_bytes_per_token(),
+            "rope_tables_bytes": 0 if cfg.learned_positions else 2 * tokens * cfg.head_dim * 4}
+
+
+def minimum_budget(cfg: ModelConfig, sizes: dict, dtype: str, context: int) -> dict:
+    """The smallest --dram-budget that runs: the streaming minimum (its parts as budget.plan_budget
+    counts them) or, for a model smaller than the streaming buffers, the all-in-DRAM size."""
+    dense, kv, buffers = fixed_bytes(cfg, sizes["layout"], PRECISIONS[dtype], sizes["dense_bytes"],
+                                     sizes["embed_bytes"], context)
+    streaming = dense + kv + buffers + SLACK_BYTES
+    in_dram = in_dram_bytes(cfg, sizes, context)
+    return {"dense_bytes": dense, "kv_bytes": kv, "buffer_bytes": buffers, "slack_bytes": SLACK_BYTES,
+            "streaming_bytes": streaming, "in_dram_bytes": in_dram, "minimum_bytes": min(streaming, in_dram)}
+
+
+def in_dram_bytes(cfg: ModelConfig, sizes: dict, context: int) -> int:
+    """The budget at which the engine holds everything in DRAM (offload none), as Engine decides."""
+    return sizes["total_bytes"] + context * cfg.kv_bytes_per_token() + SLACK_BYTES
+
+
+def window_rows(cfg: ModelConfig, sizes: dict, minimum: dict, budget: int) -> int:
+    """Window cache rows per layer a streaming run gets from ``budget`` (budget.plan_budget's rule)."""
+    return budget_mod.window_rows(cfg, sizes["record_bytes"], budget - minimum["streaming_bytes"])
+
+
+def verdict(cfg: ModelConfig, sizes: dict, minimum: dict, budget: int) -> dict:
+    """What a run with ``budget`` does: all in DRAM, streams (window cache share), or too small."""
+    if budget >= minimum["in_dram_bytes"]:
+        return {"mode": "none", "text": "runs all in DRAM"}
+    if budget < minimum["streaming_bytes"]:
+        return {"mode": "too small", "text": f"too small (minimum {fmt_bytes(minimum['minimum_bytes'])})"}
+    rows = window_rows(cfg, sizes, minimum, budget)
+    share = rows / cfg.d_ff
+    return {"mode": "window", "cache_rows_per_layer": rows, "ffn_share_cached": share,
+            "text": f"streams; window cache holds {100 * share:.0f}% of the FFN ({rows} rows/layer)"}
+
+
+def estimate(cfg: ModelConfig, context: int = 2048, budget: int | None = None,
+             tokenizer_bytes: int = 0) -> dict:
+    """Sizes per precision, KV cache, minimum budget and (given ``budget``) the verdict."""
+    context = min(context, cfg.max_position)
+    rows = {}
+    for dtype in PRECISIONS:
+        sizes = bundle_bytes(cfg, dtype, tokenizer_bytes)
+        minimum = minimum_budget(cfg, sizes, dtype, context)
+        r = {**{k: v for k, v in sizes.items() if k != "layout"}, "minimum_budget": minimum}
+        if budget is not None:
+            r["verdict"] = verdict(cfg, sizes, minimum, budget)
+        rows[dtype] = r
+    return {"context": context, "budget_bytes": budget, "precisions": rows, "kv_cache": kv_cache(cfg, context),
+            "model": {"arch": cfg.arch, "n_layers": cfg.n_layers, "d_model": cfg.d_model, "d_ff": cfg.d_ff,
+                      "n_heads": cfg.n_heads, "n_kv_heads": list(cfg.n_kv_heads), "head_dim": cfg.head_dim,
+                      "vocab_size": cfg.vocab_size, "max_position": cfg.max_position}}
+
+
+def report_lines(e: dict, facts: dict) -> list[str]:
+    """The terminal form of an ``estimate`` result."""
+    m, kv = e["model"], e["kv_cache"]
+    kvh = sorted(set(m["n_kv_heads"]))
+    lines = [f"{facts['path']} ({facts['kind']}): {m['arch']}, {m['n_layers']} layers, d_model {m['d_model']}, "
+             f"d_ff {m['d_ff']}, heads {m['n_heads']} (kv {kvh[0] if len(kvh) == 1 else m['n_kv_heads']}), "
+             f"vocab {m['vocab_size']}",
+             f"{'precision':<10}{'bundle':>12}{'dense':>12}{'ffn':>12}{'record':>10}{'min budget':>13}"
+             f"{'all in DRAM':>13}"
+             + ("   at --dram-budget " + fmt_bytes(e["budget_bytes"]) if e["budget_bytes"] else "")]
+    for dtype, r in e["precisions"].items():
+        mark = " *" if facts.get("dtype") == dtype else ""
+        lines.append(f"{dtype + mark:<10}{fmt_bytes(r['total_bytes']):>12}{fmt_bytes(r['dense_bytes']):>12}"
+                     f"{fmt_bytes(r['ffn_bytes']):>12}{str(r['record_bytes']) + 'B':>10}"
+                     f"{fmt_bytes(r['minimum_budget']['minimum_bytes']):>13}"
+                     f"{fmt_bytes(r['minimum_budget']['in_dram_bytes']):>13}"
+                     + (f"   {r['verdict']['text']}" if "verdict" in r else ""))
+    if facts.get("dtype"):
+        lines.append(f"* this bundle's precision (its files: {fmt_bytes(facts['bundle']['total_bytes'])})")
+    per_layer = sorted(set(kv["per_layer_per_token_bytes"]))
+    lines.append(f"KV cache (f32): {fmt_bytes(kv['per_token_bytes'])}/token"
+                 + ("" if len(per_layer) == 1 else f" (per layer {fmt_bytes(per_layer[0])} to "
+                                                     f"{fmt_bytes(per_layer[-1])}: variable GQA)")
+                 + f", {fmt_bytes(kv['bytes'])} at {kv['tokens']} tokens (+ rotary tables "
+                 f"{fmt_bytes(kv['rope_tables_bytes'])})")
+    f16 = e["precisions"].get(facts.get("dtype") or "f16")
+    mb = f16["minimum_budget"]
+    lines.append(f"streaming minimum at {e['context']} tokens ({facts.get('dtype') or 'f16'}): dense "
+                 f"{fmt_bytes(mb['dense_bytes'])} + KV {fmt_bytes(mb['kv_bytes'])} + buffers "
+                 f"{fmt_bytes(mb['buffer_bytes'])} + slack {fmt_bytes(mb['slack_bytes'])} = "
+                 f"{fmt_bytes(mb['streaming_bytes'])}"
+                 + ("" if mb["streaming_bytes"] <= mb["in_dram_bytes"] else
+                    "; above the all-in-DRAM size, so the minimum is to hold it all"))
+    lines.append("min budget: the smallest --dram-budget that runs; all in DRAM: from this budget on, "
+                 "nothing streams")
+    return lines
