@@ -62,12 +62,15 @@ def fixed_bytes(cfg: ModelConfig, layout: fmt.RecordLayout, ffn_dtype: str, dens
     """
     dense = dense_resident_bytes(cfg, dense_file_bytes, embed_bytes, context)
     kv = context * cfg.kv_bytes_per_token(4) + 2 * context * cfg.head_dim * 4
-    payload_f32 = layout.payload_bytes * 4 // (2 if ffn_dtype == "f16" else 4)
+    # f32 values of one record in a prefill chunk (int8/int4: plus two [chunk, d] dequantization
+    # temporaries of one field)
+    payload_f32 = 4 * sum(f.count for f in layout.fields if "." not in f.name)
+    dequant = 0 if ffn_dtype in fmt.DTYPES else 2 * CHUNK_ROWS * cfg.d_model * 4
     # read scratch + prefill chunk (cached rows gathered, then as f32) + the decode kernel's
     # per-thread record and accumulator
     kernel = min(numba_threads(), KERNEL_THREADS_MAX) * (payload_f32 + 4 * cfg.d_model)
     buffers = ((SCRATCH_BUFFERS + 1) * CHUNK_ROWS * layout.record_bytes + CHUNK_ROWS * payload_f32
-               + kernel)
+               + dequant + kernel)
     return dense, kv, buffers
 
 

@@ -37,8 +37,9 @@ def main(verbose: int):
 @main.command()
 @click.argument("src", type=click.Path(exists=True, path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--dtype", type=click.Choice(["f32", "f16"]), default="f16", show_default=True,
-              help="Precision of the weights in the bundle.")
+@click.option("--dtype", type=click.Choice(["f32", "f16", "int8", "int4"]), default="f16", show_default=True,
+              help="Precision of the FFN records (int8/int4: groups of 32 values with f16 scales; the "
+              "dense part of those bundles stays f16).")
 @click.option("--force", is_flag=True, help="Replace OUT (only after the new bundle is complete).")
 def convert(src: Path, out: Path, dtype: str, force: bool):
     """Convert a checkpoint (HF folder or GGUF file) SRC into a bundle directory OUT."""
@@ -99,7 +100,7 @@ def inspect(bundle: Path, verify: bool, as_json: bool):
 @click.option("--top-k", default=40, show_default=True, help="0 turns it off.")
 @click.option("--seed", type=int, default=None, help="Random seed for sampling.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
-@click.option("--dtype", type=click.Choice(["f32", "f16"]), default="f16", show_default=True,
+@click.option("--dtype", type=click.Choice(["f32", "f16", "int8", "int4"]), default="f16", show_default=True,
               help="Precision used when MODEL is a checkpoint converted on first use.")
 @click.option("--threads", type=int, default=None, help="Compute threads (default: all cores).")
 @click.option("--dram-budget", default=None, help="DRAM the engine may hold for the model, e.g. 1.5GiB "
@@ -181,7 +182,7 @@ def run(model, prompt, max_tokens, temperature, top_p, top_k, seed, chat, dtype,
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Random seed (fixed by default, so sweep rows generate the same tokens).")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
-@click.option("--dtype", type=click.Choice(["f32", "f16"]), default="f16", show_default=True,
+@click.option("--dtype", type=click.Choice(["f32", "f16", "int8", "int4"]), default="f16", show_default=True,
               help="Precision used when MODEL is a checkpoint converted on first use.")
 @click.option("--threads", type=int, default=None, help="Compute threads (default: all cores).")
 @click.option("--dram-budget", default=None, help="DRAM the engine may hold for the model, e.g. 1.5GiB.")

@@ -12,7 +12,7 @@ from storage.errors import FlashinferError
 from storage.reader import Bundle
 
 from .budget import SLACK_BYTES, plan_budget
-from .ffn import DenseFFN
+from .ffn import make_dram_ffn
 from .generate import SamplingParams, Sampler, Step, decode_loop
 from .memory import PeakRSS, rss_bytes
 from .models import build_model
@@ -82,7 +82,7 @@ class Engine:
         self.plan = None
         if offload == "none":
             self.selector = None
-            self.ffn = DenseFFN(self.bundle)
+            self.ffn = make_dram_ffn(self.bundle)
         else:
             self.plan = plan_budget(self.bundle, dram_budget if dram_budget is not None else 1 << 62,
                                     self.context, offload)

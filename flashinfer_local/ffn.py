@@ -6,12 +6,88 @@ SSD into a window cache) plug in without touching model code.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from storage import format as fmt
 from storage.reader import Bundle
 
+from .budget import CHUNK_ROWS
+from .kernels import RecordKernel
 from .models.common import linear
+
+TORCH_DT = {"f16": torch.float16, "f32": torch.float32}
+
+
+class RecordCompute:
+    """The FFN of a set of records [m, record_bytes] (u8), accumulated into out [T, d].
+
+    Decode (T = 1) runs the fused numba kernel over the records in place; a prefill (T > 1) turns
+    CHUNK_ROWS records at a time into f32 field matrices (a view for f16/f32, dequantization for
+    int8/int4) and uses BLAS, so its scratch stays bounded whatever the number of records.
+    """
+
+    def __init__(self, bundle: Bundle):
+        cfg, lay = bundle.config, bundle.layout
+        self.gated, self.layout = cfg.gated, lay
+        self.kernel = RecordKernel(lay, bundle.ffn_dtype, cfg.d_model)
+        self.tdt = TORCH_DT.get(bundle.ffn_dtype)             # None: quantized records
+        if self.tdt is not None:
+            item = np.dtype(fmt.DTYPES[bundle.ffn_dtype]).itemsize
+            self.payload = lay.payload_bytes // item          # elements per record used
+            self.cols = {f.name: slice(f.offset // item, f.offset // item + f.count) for f in lay.fields}
+        self.names = fmt.weight_fields(cfg) + ([] if cfg.gated else ["up_bias"])
+
+    @property
+    def nbytes(self) -> int:
+        return self.kernel.nbytes
+
+    def _fields(self, part: np.ndarray) -> dict[str, torch.Tensor]:
+        if self.tdt is not None:     # [c, payload] f32, contiguous; the fields are column slices of it
+            r = torch.from_numpy(part).view(self.tdt)[:, :self.payload].float()
+            return {n: r[:, self.cols[n]] for n in self.names}
+        return {n: torch.from_numpy(fmt.field_values(part, self.layout, n)) for n in self.names}
+
+    def __call__(self, x: torch.Tensor, recs: np.ndarray, out: torch.Tensor,
+                 rows: np.ndarray | None = None) -> None:
+        """out += FFN of ``recs`` (or ``recs[rows]``, gathered a chunk at a time)."""
+        if x.shape[0] == 1:       # decode: the fused kernel reads each record once, in place
+            self.kernel(recs, np.arange(recs.shape[0]) if rows is None else rows, x[0].numpy(),
+                        out[0].numpy())
+            return
+        n = recs.shape[0] if rows is None else len(rows)
+        for a in range(0, n, CHUNK_ROWS):
+            part = recs[a:a + CHUNK_ROWS] if rows is None else recs[rows[a:a + CHUNK_ROWS]]
+            f = self._fields(part)
+            if self.gated:
+                h = F.silu(F.linear(x, f["gate"])) * F.linear(x, f["up"])
+            else:
+                h = F.relu(F.linear(x, f["up"]) + f["up_bias"][:, 0])
+            out.addmm_(h, f["down"])
+
+
+class RecordFFN:
+    """Every record of every layer held in DRAM as records (the all-in-memory mode for int8/int4
+    bundles: computing on the quantized records is what makes them fast and small)."""
+
+    def __init__(self, bundle: Bundle):
+        self.records = [bundle.read_ffn_layer(i) for i in range(bundle.config.n_layers)]
+        self.compute = RecordCompute(bundle)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.nbytes for r in self.records) + self.compute.nbytes
+
+    def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(x.shape[0], x.shape[1])
+        self.compute(x, self.records[layer], out)
+        return out
+
+
+def make_dram_ffn(bundle: Bundle):
+    """The all-in-DRAM FFN backend for this bundle's record precision."""
+    return DenseFFN(bundle) if bundle.ffn_dtype in fmt.DTYPES else RecordFFN(bundle)
 
 
 class DenseFFN:

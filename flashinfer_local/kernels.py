@@ -67,6 +67,121 @@ def _ffn_f32(recs, rows, x, gate, up, down, bias, d, acc, out):
             out[j] += acc[t, j]
 
 
+# ---- group-quantized records (storage/quant.py): q8 codes * scale, q4 codes * scale + minimum.
+# A record's f16 scales (and minimums) are one contiguous run of ``ns`` values starting at u16
+# index ``sc``; they are converted into the thread's f32 scratch first, then every group of 32
+# codes is dotted with x and scaled once.
+
+@njit(inline="always", fastmath=True)
+def _scales(s16, sc, ns, bu, bf):
+    for j in range(ns):
+        h = np.uint32(s16[sc + j])
+        bu[j] = ((h & np.uint32(0x7FFF)) << np.uint32(13)) | ((h & np.uint32(0x8000)) << np.uint32(16))
+    for j in range(ns):
+        bf[j] *= _SCALE
+
+
+@njit(inline="always", fastmath=True)
+def _dot_q8(q, off, bf, so, x, ng):
+    tot = np.float32(0)
+    for gi in range(ng):
+        acc = np.float32(0)
+        b = off + gi * 32
+        xb = gi * 32
+        for j in range(32):
+            acc += np.float32(q[b + j]) * x[xb + j]
+        tot += bf[so + gi] * acc
+    return tot
+
+
+@njit(inline="always", fastmath=True)
+def _dot_q4(p, off, bf, so, mo, x, xs, ng):
+    tot = np.float32(0)
+    for gi in range(ng):
+        acc = np.float32(0)
+        b = off + gi * 16
+        xb = gi * 32
+        for k in range(16):
+            v = p[b + k]
+            acc += np.float32(v & np.uint8(15)) * x[xb + k] + np.float32(v >> np.uint8(4)) * x[xb + 16 + k]
+        tot += bf[so + gi] * acc + bf[mo + gi] * xs[gi]
+    return tot
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _ffn_q8(r8, r16, r32, rows, x, sc, ns, gq, uq, dq, gs, us, ds, bias, d, buf_u, buf_f, acc, out):
+    # r8 [n, R] int8 / r16 [n, R/2] uint16 / r32 [n, R/4] f32: views of the same records
+    nt = acc.shape[0]
+    m = rows.shape[0]
+    per = (m + nt - 1) // nt
+    ng = d // 32
+    for t in prange(nt):
+        a = acc[t]
+        a[:] = 0
+        bu = buf_u[t]
+        bf = buf_f[t]
+        for k in range(t * per, min(m, (t + 1) * per)):
+            r = rows[k]
+            q = r8[r]
+            _scales(r16[r], sc, ns, bu, bf)
+            u = _dot_q8(q, uq, bf, us, x, ng)
+            if gq < 0:
+                u += r32[r, bias]
+                hv = u if u > 0 else np.float32(0)
+            else:
+                g = _dot_q8(q, gq, bf, gs, x, ng)
+                hv = g / (np.float32(1) + np.exp(-g)) * u
+            if hv != 0:
+                for gi in range(ng):
+                    c = hv * bf[ds + gi]
+                    b = dq + gi * 32
+                    xb = gi * 32
+                    for j in range(32):
+                        a[xb + j] += c * np.float32(q[b + j])
+    for t in range(nt):
+        for j in range(d):
+            out[j] += acc[t, j]
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _ffn_q4(r8, r16, r32, rows, x, xs, sc, ns, gq, uq, dq, gs, us, ds, gm, um, dm, bias, d,
+            buf_u, buf_f, acc, out):
+    # r8 [n, R] uint8 (packed codes); xs [d / 32] f32: sums of x per group (for the minimums)
+    nt = acc.shape[0]
+    m = rows.shape[0]
+    per = (m + nt - 1) // nt
+    ng = d // 32
+    for t in prange(nt):
+        a = acc[t]
+        a[:] = 0
+        bu = buf_u[t]
+        bf = buf_f[t]
+        for k in range(t * per, min(m, (t + 1) * per)):
+            r = rows[k]
+            p = r8[r]
+            _scales(r16[r], sc, ns, bu, bf)
+            u = _dot_q4(p, uq, bf, us, um, x, xs, ng)
+            if gq < 0:
+                u += r32[r, bias]
+                hv = u if u > 0 else np.float32(0)
+            else:
+                g = _dot_q4(p, gq, bf, gs, gm, x, xs, ng)
+                hv = g / (np.float32(1) + np.exp(-g)) * u
+            if hv != 0:
+                for gi in range(ng):
+                    c = hv * bf[ds + gi]
+                    hm = hv * bf[dm + gi]
+                    b = dq + gi * 16
+                    xb = gi * 32
+                    for j in range(16):
+                        v = p[b + j]
+                        a[xb + j] += c * np.float32(v & np.uint8(15)) + hm
+                        a[xb + 16 + j] += c * np.float32(v >> np.uint8(4)) + hm
+    for t in range(nt):
+        for j in range(d):
+            out[j] += acc[t, j]
+
+
 @njit(inline="always", fastmath=True)
 def _neuron(r, x, gate, up, bias, d):
     """Activation of one neuron from its record r (f32 view): silu(gate.x) * (up.x), or relu(up.x + b)."""
@@ -86,20 +201,34 @@ class RecordKernel:
     """Preallocated scratch for the kernels, bound to one bundle's record layout."""
 
     def __init__(self, layout, dtype: str, d_model: int, threads: int | None = None):
-        self.item = 2 if dtype == "f16" else 4
-        off = {f.name: f.offset // self.item for f in layout.fields}
-        self.gate, self.up, self.down = off.get("gate", -1), off["up"], off["down"]
-        self.bias = off.get("up_bias", -1)
         self.d, self.dtype = d_model, dtype
-        self.payload = layout.payload_bytes // self.item
         nt = threads or numba.get_num_threads()
         self.acc = np.zeros((nt, d_model), np.float32)
-        self.buf_u = np.zeros((nt, self.payload), np.uint32)
+        f = {x.name: x for x in layout.fields}
+        self.bias = f["up_bias"].offset // 4 if "up_bias" in f else -1
+        if dtype in ("f16", "f32"):
+            self.item = 2 if dtype == "f16" else 4
+            off = {x.name: x.offset // self.item for x in layout.fields}
+            self.gate, self.up, self.down = off.get("gate", -1), off["up"], off["down"]
+            self.bias = off.get("up_bias", -1)
+            scratch = layout.payload_bytes // self.item
+        else:
+            # codes: byte offsets; scales/minimums: indices into the record's converted run of them
+            sfields = [x for x in layout.fields if "." in x.name]
+            self.sc = sfields[0].offset // 2
+            self.ns = sum(x.count for x in sfields)
+            idx = {x.name: (x.offset // 2 - self.sc) for x in sfields}
+            self.q = {v: f[v].offset if v in f else -1 for v in ("gate", "up", "down")}
+            self.s = {v: idx.get(v + ".scale", -1) for v in ("gate", "up", "down")}
+            self.m = {v: idx.get(v + ".min", -1) for v in ("gate", "up", "down")}
+            self.xs = np.zeros(d_model // 32, np.float32)
+            scratch = self.ns
+        self.buf_u = np.zeros((nt, scratch), np.uint32)
         self.buf_f = self.buf_u.view(np.float32)
 
     @property
     def nbytes(self) -> int:
-        return self.acc.nbytes + self.buf_u.nbytes
+        return self.acc.nbytes + self.buf_u.nbytes + getattr(self, "xs", self.acc[:0]).nbytes
 
     def __call__(self, recs: np.ndarray, rows: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
         """out [d] += FFN over records ``recs[rows]``; recs [n, record_bytes] uint8, x [d] f32."""
@@ -108,20 +237,33 @@ class RecordKernel:
         if self.dtype == "f16":
             _ffn_f16(recs.view(np.uint16), rows, x, self.gate, self.up, self.down, self.bias, self.d,
                      self.buf_u, self.buf_f, self.acc, out)
-        else:
+        elif self.dtype == "f32":
             _ffn_f32(recs.view(np.float32), rows, x, self.gate, self.up, self.down, self.bias, self.d,
                      self.acc, out)
+        elif self.dtype == "int8":
+            q, s = self.q, self.s
+            _ffn_q8(recs.view(np.int8), recs.view(np.uint16), recs.view(np.float32), rows, x, self.sc,
+                    self.ns, q["gate"], q["up"], q["down"], s["gate"], s["up"], s["down"], self.bias,
+                    self.d, self.buf_u, self.buf_f, self.acc, out)
+        else:
+            q, s, m = self.q, self.s, self.m
+            np.sum(x.reshape(-1, 32), axis=1, out=self.xs)
+            _ffn_q4(recs, recs.view(np.uint16), recs.view(np.float32), rows, x, self.xs, self.sc, self.ns,
+                    q["gate"], q["up"], q["down"], s["gate"], s["up"], s["down"], m["gate"], m["up"],
+                    m["down"], self.bias, self.d, self.buf_u, self.buf_f, self.acc, out)
 
 
 def warm_up() -> None:
     """Compile (or load from numba's on-disk cache) every kernel variant on tiny inputs, so JIT
     memory and time land in the runtime baseline rather than in the first token."""
-    from storage.format import Field, RecordLayout
-    for dtype, item in (("f16", 2), ("f32", 4)):
-        for gated in (True, False):
-            names = ["gate", "up", "down"] if gated else ["up", "down", "up_bias"]
-            fields = tuple(Field(n, dtype, i * 4 * item, 1 if n == "up_bias" else 4)
-                           for i, n in enumerate(names))
-            lay = RecordLayout(fields, 512, 12 * item)
-            k = RecordKernel(lay, dtype, 4, threads=1)
-            k(np.zeros((2, 512), np.uint8), np.arange(2), np.ones(4, np.float32), np.zeros(4, np.float32))
+    from storage.config import ModelConfig
+    from storage.format import record_layout
+    for gated in (True, False):
+        cfg = ModelConfig(arch="llama" if gated else "opt", n_layers=1, d_model=32, d_ff=2, n_heads=1,
+                          n_kv_heads=(1,), head_dim=32, vocab_size=2, max_position=8, norm_eps=1e-5,
+                          activation="silu" if gated else "relu")
+        for dtype in ("f16", "f32", "int8", "int4"):
+            lay = record_layout(cfg, dtype)
+            k = RecordKernel(lay, dtype, 32, threads=1)
+            k(np.zeros((2, lay.record_bytes), np.uint8), np.arange(2), np.ones(32, np.float32),
+              np.zeros(32, np.float32))

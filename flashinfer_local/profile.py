@@ -122,6 +122,7 @@ def _arrays(obj) -> list[np.ndarray]:
 
 def snapshot(eng, caches: list) -> dict:
     """Owners' resident bytes now, the KV cache per layer, window rows per layer, and RSS."""
+    from .ffn import RecordFFN
     from .streaming import StreamingFFN
     owners = dict.fromkeys(OWNERS, 0)
     owners["runtime"] = eng.runtime_baseline_bytes
@@ -131,8 +132,10 @@ def snapshot(eng, caches: list) -> dict:
         owners["dense"] = pm.resident(*_dense_map_span(eng))
         if isinstance(ffn, StreamingFFN):
             owners["window"] = sum(pm.array(a) for w in ffn.windows for a in _arrays(w))
-            owners["buffers"] = sum(pm.array(a) for a in ffn.scratch + _arrays(ffn.kernel))
+            owners["buffers"] = sum(pm.array(a) for a in ffn.scratch + _arrays(ffn.compute.kernel))
             rows = [int(w.n_used) for w in ffn.windows]
+        elif isinstance(ffn, RecordFFN):      # int8/int4 records in DRAM
+            owners["ffn_dram"] = sum(pm.array(a) for a in ffn.records + _arrays(ffn.compute.kernel))
         else:
             owners["ffn_dram"] = sum(pm.array(t) for t in ffn.gate + ffn.up + ffn.down + ffn.up_bias)
         if caches:

@@ -40,7 +40,7 @@ class OracleSelector:
         self.w = []   # per layer: (gate or None, up, up_bias or None), f16 [d_ff, d]
         for i in range(cfg.n_layers):
             rec = bundle.read_ffn_layer(i)
-            get = lambda n: torch.from_numpy(bundle.field(rec, n).astype(np.float16))  # noqa: E731
+            get = lambda n: torch.from_numpy(bundle.field_f32(rec, n).astype(np.float16))  # noqa: E731
             self.w.append((get("gate") if self.gated else None, get("up"),
                            None if self.gated else get("up_bias")[:, 0].float()))
         self.nbytes = sum(t.numel() * t.element_size() for ws in self.w for t in ws if t is not None)

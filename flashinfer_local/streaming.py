@@ -15,17 +15,13 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from storage import format as fmt
 from storage.direct_io import RecordReader, aligned_empty
 from storage.reader import Bundle
 from storage.window_cache import LayerWindow
 
 from .budget import CHUNK_ROWS, SCRATCH_BUFFERS, BudgetPlan
-from .kernels import RecordKernel
-
-TORCH_DT = {"f16": torch.float16, "f32": torch.float32}
+from .ffn import RecordCompute
 # Read through gaps of up to this many bytes of unwanted records rather than issue another request:
 # on this project's reference disk (tools/bench_stream.py; 9 KiB records of Qwen-1.5B f16, 8 reader
 # threads) 2-record gaps raised the useful read rate of 30-50%-dense selections by 15-40%.
@@ -37,16 +33,11 @@ class StreamingFFN:
                  io_threads: int = 8, direct: bool = True, evict: str = "frequency"):
         cfg, lay = bundle.config, bundle.layout
         self.cfg, self.selector = cfg, selector
-        self.gated = cfg.gated
-        self.tdt = TORCH_DT[bundle.ffn_dtype]
-        item = np.dtype(fmt.DTYPES[bundle.ffn_dtype]).itemsize
-        self.payload = lay.payload_bytes // item                       # elements per record used
-        self.cols = {f.name: slice(f.offset // item, f.offset // item + f.count) for f in lay.fields}
         self.reader = RecordReader(bundle.ffn_path, lay.record_bytes,
                                    [bundle.ffn_offset(i) for i in range(cfg.n_layers)],
                                    threads=io_threads, max_gap_bytes=MAX_GAP_BYTES, direct=direct)
         self.scratch = [aligned_empty((CHUNK_ROWS, lay.record_bytes)) for _ in range(SCRATCH_BUFFERS)]
-        self.kernel = RecordKernel(lay, bundle.ffn_dtype, cfg.d_model)
+        self.compute = RecordCompute(bundle)
         self.windows = []
         if mode == "window" and plan.cache_rows_per_layer > 0:
             rows = plan.cache_rows_per_layer
@@ -65,7 +56,7 @@ class StreamingFFN:
 
     @property
     def buffer_bytes(self) -> int:
-        return sum(s.nbytes for s in self.scratch) + self.kernel.nbytes
+        return sum(s.nbytes for s in self.scratch) + self.compute.nbytes
 
     def counters(self) -> dict:
         return {**self.t, "flash_bytes_read": self.reader.bytes_read, "read_ops": self.reader.read_ops,
@@ -79,25 +70,8 @@ class StreamingFFN:
     # ---- compute (records [m, record_bytes] u8 -> accumulate into out [T, d])
     def _compute(self, x: torch.Tensor, recs: np.ndarray, out: torch.Tensor,
                  rows: np.ndarray | None = None) -> None:
-        """out += FFN of the records ``recs`` (or ``recs[rows]``, gathered a chunk at a time so the
-        scratch stays CHUNK_ROWS records whatever the cache size)."""
         t0 = time.perf_counter()
-        if x.shape[0] == 1:       # decode: the fused numba kernel reads each record once, in place
-            self.kernel(recs, np.arange(recs.shape[0]) if rows is None else rows, x[0].numpy(),
-                        out[0].numpy())
-            self.t["compute_s"] += time.perf_counter() - t0
-            return
-        n = recs.shape[0] if rows is None else len(rows)
-        for a in range(0, n, CHUNK_ROWS):      # prefill: chunks converted to f32 for BLAS
-            part = recs[a:a + CHUNK_ROWS] if rows is None else recs[rows[a:a + CHUNK_ROWS]]
-            # [c, payload] f32, contiguous; the fields are column slices of it
-            r = torch.from_numpy(part).view(self.tdt)[:, :self.payload].float()
-            c = self.cols
-            if self.gated:
-                h = F.silu(F.linear(x, r[:, c["gate"]])) * F.linear(x, r[:, c["up"]])
-            else:
-                h = F.relu(F.linear(x, r[:, c["up"]]) + r[:, c["up_bias"]][:, 0])
-            out.addmm_(h, r[:, c["down"]])
+        self.compute(x, recs, out, rows)
         self.t["compute_s"] += time.perf_counter() - t0
 
     def _wait(self, batch) -> None:

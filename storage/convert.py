@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import format as fmt
+from . import quant
 from .config import ModelConfig
 from .errors import CheckpointError, FlashinferError
 from .source import Source, open_source
@@ -28,10 +29,15 @@ log = logging.getLogger(__name__)
 SMALL = ("norm.weight", "norm.bias", ".bias", "down_bias")  # kept f32: tiny, precision-sensitive
 
 
+def dense_dtype(dtype: str) -> str:
+    """Precision of the dense part for a bundle whose records are ``dtype`` (quantized: f16)."""
+    return dtype if dtype in fmt.DTYPES else "f16"
+
+
 def dense_specs(cfg: ModelConfig, dtype: str) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
     """(name, dtype, shape) of every dense tensor, derived from the config alone."""
     d, hd, H = cfg.d_model, cfg.head_dim, cfg.n_heads
-    big = np.dtype(fmt.DTYPES[dtype])
+    big = np.dtype(fmt.DTYPES[dense_dtype(dtype)])
     specs = []
     for name in fmt.dense_tensor_names(cfg):
         leaf = name.split(".", 2)[-1] if name.startswith("layers.") else name
@@ -67,13 +73,27 @@ def build_records(cfg: ModelConfig, layout: fmt.RecordLayout, tensors: dict[str,
     "up_bias" [d_ff].
     """
     rec = np.zeros((cfg.d_ff, layout.record_bytes), np.uint8)
-    for f in layout.fields:
-        src = tensors[f.name]
-        if f.name == "down":
-            src = src.T
-        dt = np.dtype(fmt.DTYPES[f.dtype])
-        view = rec[:, f.offset:f.offset + f.count * dt.itemsize].view(dt)
-        view[:] = src.reshape(cfg.d_ff, f.count)
+    fields = {f.name: f for f in layout.fields}
+
+    def put(name: str, a: np.ndarray) -> None:
+        f = fields[name]
+        rec[:, f.offset:f.offset + f.nbytes] = np.ascontiguousarray(a).view(np.uint8).reshape(cfg.d_ff, -1)
+    for name, f in fields.items():
+        if "." in name:
+            continue                             # scales/minimums: written with their vector
+        src = tensors[name].T if name == "down" else tensors[name]
+        src = src.reshape(cfg.d_ff, f.count)
+        if f.dtype in fmt.DTYPES:
+            put(name, src.astype(fmt.DTYPES[f.dtype]))
+        elif f.dtype == "q8":
+            q, sc = quant.quantize_q8(src)
+            put(name, q)
+            put(name + ".scale", sc)
+        else:
+            q, sc, mn = quant.quantize_q4(src)
+            put(name, q)
+            put(name + ".scale", sc)
+            put(name + ".min", mn)
     return rec
 
 
@@ -97,7 +117,10 @@ def _progress(total: int, enabled: bool, desc: str):
 
 def _write_bundle(src: Source, tmp: Path, dtype: str, progress: bool) -> None:
     cfg = src.config
-    layout = fmt.record_layout(cfg, dtype)
+    try:
+        layout = fmt.record_layout(cfg, dtype)
+    except ValueError as e:
+        raise FlashinferError(str(e)) from None
     dspecs, fspecs = dense_specs(cfg, dtype), ffn_specs(cfg, layout)
     need = sum(int(np.prod(s)) * d.itemsize for _, d, s in dspecs + fspecs)
     free = shutil.disk_usage(tmp).free
@@ -154,7 +177,7 @@ def _write_bundle(src: Source, tmp: Path, dtype: str, progress: bool) -> None:
         "tokenizer": {"file": fmt.TOKENIZER_FILE if tok.tokenizer_json is not None else None,
                       "chat_template": tok.chat_template, "bos_token": tok.bos_token,
                       "eos_token": tok.eos_token, "add_bos": tok.add_bos},
-        "dense": {"file": fmt.DENSE_FILE, "dtype": dtype, "small_tensors_dtype": "f32"},
+        "dense": {"file": fmt.DENSE_FILE, "dtype": dense_dtype(dtype), "small_tensors_dtype": "f32"},
         "ffn": {"file": fmt.FFN_FILE, "dtype": dtype, "tensor": "layers.{i}.ffn",
                 "n_neurons": cfg.d_ff, "layout": layout.to_dict()},
         "files": files,
@@ -166,8 +189,8 @@ def convert(src_path: str | Path | Source, out: str | Path, dtype: str = "f16", 
             progress: bool = True) -> Path:
     """Convert a checkpoint (HF folder or GGUF file, or an open :class:`Source`) into a bundle
     directory at ``out``."""
-    if dtype not in fmt.DTYPES:
-        raise FlashinferError(f"--dtype {dtype} is not supported (choose one of: {', '.join(fmt.DTYPES)})")
+    if dtype not in fmt.FFN_DTYPES:
+        raise FlashinferError(f"--dtype {dtype} is not supported (choose one of: {', '.join(fmt.FFN_DTYPES)})")
     out = Path(out).absolute()
     if out.exists() and not force:
         raise FlashinferError(f"{out} already exists; pass --force to replace it")

@@ -57,6 +57,11 @@ TENSOR_ALIGN = 4096
 
 # dtype names used in the manifest -> numpy dtype, and the safetensors spelling
 DTYPES = {"f32": np.float32, "f16": np.float16}
+# what `convert --dtype` accepts: the FFN records' precision. int8/int4 records hold group-quantized
+# vectors (storage.quant); the dense part of such a bundle is f16.
+FFN_DTYPES = ("f32", "f16", "int8", "int4")
+QUANT_FIELD = {"int8": "q8", "int4": "q4"}       # bundle dtype -> field dtype of its weight vectors
+FIELD_BITS = {"f32": 32, "f16": 16, "q8": 8, "q4": 4}
 ST_DTYPE = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.uint8): "U8",
             np.dtype(np.int8): "I8", np.dtype(np.int32): "I32", np.dtype(np.int64): "I64"}
 NP_DTYPE = {v: k for k, v in ST_DTYPE.items()}
@@ -107,10 +112,14 @@ def ffn_source_names(cfg: ModelConfig, layer: int) -> list[str]:
 
 @dataclass(frozen=True)
 class Field:
-    name: str      # gate | up | down | up_bias
-    dtype: str     # a key of DTYPES
+    name: str      # gate | up | down | up_bias, or gate.scale / gate.min ... (quantized records)
+    dtype: str     # a key of FIELD_BITS
     offset: int    # bytes from the start of the record
     count: int     # elements
+
+    @property
+    def nbytes(self) -> int:
+        return self.count * FIELD_BITS[self.dtype] // 8
 
 
 @dataclass(frozen=True)
@@ -138,17 +147,60 @@ class RecordLayout:
         return cls(tuple(Field(**f) for f in d["fields"]), d["record_bytes"], d["payload_bytes"])
 
 
+def weight_fields(cfg: ModelConfig) -> list[str]:
+    """The per-neuron vectors a record holds (each d_model values), in record order."""
+    return ["gate", "up", "down"] if cfg.gated else ["up", "down"]
+
+
 def record_layout(cfg: ModelConfig, dtype: str) -> RecordLayout:
-    """The FFN record of one neuron for this model stored in ``dtype``."""
-    item = np.dtype(DTYPES[dtype]).itemsize
-    names = ["gate", "up", "down"] if cfg.gated else ["up", "down", "up_bias"]
+    """The FFN record of one neuron for this model stored in ``dtype`` (a key of FFN_DTYPES).
+
+    f32/f16: the weight vectors, then (OPT) the up bias. int8: (OPT: the up bias, f32), the f16
+    group scales of each vector, then the int8 codes of each vector. int4: the bias, then scale and
+    minimum per vector, then the packed codes. Fields are ordered so every one is aligned to its
+    element size."""
+    if dtype not in FFN_DTYPES:
+        raise ValueError(f"unknown record dtype {dtype!r} (choose one of {FFN_DTYPES})")
     fields, off = [], 0
-    for n in names:
-        count = 1 if n == "up_bias" else cfg.d_model
-        fields.append(Field(n, dtype, off, count))
-        off += count * item
+
+    def add(name, dt, count):
+        nonlocal off
+        fields.append(Field(name, dt, off, count))
+        off += fields[-1].nbytes
+    vectors = weight_fields(cfg)
+    if dtype in DTYPES:
+        for n in vectors:
+            add(n, dtype, cfg.d_model)
+        if not cfg.gated:
+            add("up_bias", dtype, 1)
+    else:
+        from .quant import GROUP
+        if cfg.d_model % GROUP:
+            raise ValueError(f"--dtype {dtype} needs d_model divisible by {GROUP} (got {cfg.d_model})")
+        q = QUANT_FIELD[dtype]
+        if not cfg.gated:
+            add("up_bias", "f32", 1)
+        for n in vectors:
+            add(n + ".scale", "f16", cfg.d_model // GROUP)
+            if q == "q4":
+                add(n + ".min", "f16", cfg.d_model // GROUP)
+        for n in vectors:
+            add(n, q, cfg.d_model)
     rec = -(-off // RECORD_ALIGN) * RECORD_ALIGN
     return RecordLayout(tuple(fields), rec, off)
+
+
+def field_values(records: np.ndarray, layout: RecordLayout, name: str) -> np.ndarray:
+    """Field ``name`` of records [m, record_bytes] u8 as float32 [m, count] (dequantized if needed)."""
+    from . import quant
+    f = layout.field(name)
+    raw = records[:, f.offset:f.offset + f.nbytes]
+    if f.dtype in DTYPES:
+        return raw.view(DTYPES[f.dtype]).astype(np.float32)
+    scale = field_values(records, layout, name + ".scale")
+    if f.dtype == "q8":
+        return quant.dequantize_q8(raw.view(np.int8), scale)
+    return quant.dequantize_q4(raw, scale, field_values(records, layout, name + ".min"))
 
 
 # ---------------------------------------------------------------- safetensors headers

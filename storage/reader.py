@@ -28,6 +28,10 @@ class Bundle:
                               "re-run convert") from None
         self.dense_dtype = m["dense"]["dtype"]
         self.ffn_dtype = m["ffn"]["dtype"]
+        if self.ffn_dtype not in fmt.FFN_DTYPES or self.dense_dtype not in fmt.DTYPES:
+            raise BundleError(f"{self.path / fmt.MANIFEST}: record precision {self.ffn_dtype!r} / dense "
+                              f"{self.dense_dtype!r} is not one this version reads "
+                              f"({', '.join(fmt.FFN_DTYPES)}); upgrade flashinfer-local or re-run convert")
         for name, info in m["files"].items():
             f = self.path / name
             if not f.exists():
@@ -94,10 +98,13 @@ class Bundle:
         return out
 
     def field(self, records: np.ndarray, name: str) -> np.ndarray:
-        """Typed view [m, count] of one field of records [m, record_bytes] (no copy)."""
+        """Typed view [m, count] of one float field of records [m, record_bytes] (no copy)."""
         f = self.layout.field(name)
-        dt = np.dtype(fmt.DTYPES[f.dtype])
-        return records[:, f.offset:f.offset + f.count * dt.itemsize].view(dt)
+        return records[:, f.offset:f.offset + f.nbytes].view(fmt.DTYPES[f.dtype])
+
+    def field_f32(self, records: np.ndarray, name: str) -> np.ndarray:
+        """Field ``name`` of records [m, record_bytes] as float32 [m, count], dequantized if needed."""
+        return fmt.field_values(records, self.layout, name)
 
     # ---- facts for inspect
     @property
