@@ -87,11 +87,15 @@ def test_phases_series_and_bytes_per_token(tiny_bundle):
 
 
 def test_pagemap_and_page_cache(tmp_path):
-    a = np.empty(8 << 20, np.uint8)                          # anonymous: nothing resident until written
+    import mmap
+    m = mmap.mmap(-1, 8 << 20)        # a fresh anonymous map: nothing resident until written (np.empty
+    a = np.frombuffer(m, np.uint8)    # may reuse pages the allocator already touched)
     with PageMap() as pm:
         assert pm.array(a) < (2 << 20)
         a[: 4 << 20] = 1
         assert (4 << 20) <= pm.array(a) <= (8 << 20)
+    del a
+    m.close()
     f = tmp_path / "x.bin"
     f.write_bytes(b"\1" * (1 << 20))
     assert page_cache_bytes(f) == 1 << 20                   # just written: in the page cache
