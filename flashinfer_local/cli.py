@@ -75,7 +75,9 @@ def inspect(bundle: Path, verify: bool, as_json: bool):
                    f"heads {cfg.n_heads} (kv {kv[0] if len(kv) == 1 else kv}), head_dim {cfg.head_dim}, "
                    f"vocab {cfg.vocab_size}, context {cfg.max_position}"
                    f"{', tied head' if cfg.tie_embeddings else ''}")
-        click.echo(f"precision   dense {m['dense']['dtype']} (norms/biases f32), ffn {m['ffn']['dtype']}")
+        q = {"int8": " (symmetric, groups of 32 with an f16 scale)",
+             "int4": " (groups of 32 with an f16 scale and minimum)"}.get(m["ffn"]["dtype"], "")
+        click.echo(f"precision   dense {m['dense']['dtype']} (norms/biases f32), ffn {m['ffn']['dtype']}{q}")
         click.echo(f"size        total {fmt_bytes(s['total_bytes'])}: dense {fmt_bytes(s['dense_bytes'])}, "
                    f"ffn {fmt_bytes(s['ffn_bytes'])}")
         fields = ", ".join(f"{f.name} {f.count}x{f.dtype}@{f.offset}" for f in lay.fields)

@@ -15,17 +15,16 @@ import numpy as np
 
 from storage import format as fmt
 from storage.config import ModelConfig
-from storage.convert import dense_specs, ffn_specs
+from storage.convert import dense_dtype, dense_specs, ffn_specs
 from storage.st_writer import encode_header
 
 from . import budget as budget_mod
 from .budget import SLACK_BYTES, fixed_bytes
 from .units import fmt_bytes
 
-# Bundle precisions: name -> dtype of the FFN records and of the dense part's large tensors
-# (norms and biases stay f32). Quantized precisions add a row here once the format has them.
-PRECISIONS = {"f32": "f32", "f16": "f16"}
-
+# Bundle precisions (convert --dtype): the FFN records' dtype; the dense part is
+# storage.convert.dense_dtype of it (int8/int4 bundles keep it f16; norms and biases stay f32)
+PRECISIONS = fmt.FFN_DTYPES
 
 
 def load_config(model: str | Path | None) -> tuple[ModelConfig, dict]:
@@ -54,10 +53,10 @@ def load_config(model: str | Path | None) -> tuple[ModelConfig, dict]:
 
 def bundle_bytes(cfg: ModelConfig, dtype: str, tokenizer_bytes: int = 0) -> dict:
     """Exact sizes of the files ``convert --dtype dtype`` writes for ``cfg``."""
-    layout = fmt.record_layout(cfg, PRECISIONS[dtype])
+    layout = fmt.record_layout(cfg, dtype)
     dense = encode_header(dense_specs(cfg, dtype))[2]
     ffn = encode_header(ffn_specs(cfg, layout))[2]
-    embed = cfg.vocab_size * cfg.d_model * np.dtype(fmt.DTYPES[dtype]).itemsize
+    embed = cfg.vocab_size * cfg.d_model * np.dtype(fmt.DTYPES[dense_dtype(dtype)]).itemsize
     return {"dense_bytes": dense, "ffn_bytes": ffn, "tokenizer_bytes": tokenizer_bytes,
             "total_bytes": dense + ffn + tokenizer_bytes, "embed_bytes": embed,
             "record_bytes": layout.record_bytes, "layout": layout}
@@ -74,7 +73,7 @@ def kv_cache(cfg: ModelConfig, tokens: int) -> dict:
 def minimum_budget(cfg: ModelConfig, sizes: dict, dtype: str, context: int) -> dict:
     """The smallest --dram-budget that runs: the streaming minimum (its parts as budget.plan_budget
     counts them) or, for a model smaller than the streaming buffers, the all-in-DRAM size."""
-    dense, kv, buffers = fixed_bytes(cfg, sizes["layout"], PRECISIONS[dtype], sizes["dense_bytes"],
+    dense, kv, buffers = fixed_bytes(cfg, sizes["layout"], dtype, sizes["dense_bytes"],
                                      sizes["embed_bytes"], context)
     streaming = dense + kv + buffers + SLACK_BYTES
     in_dram = in_dram_bytes(cfg, sizes, context)
@@ -110,7 +109,10 @@ def estimate(cfg: ModelConfig, context: int = 2048, budget: int | None = None,
     context = min(context, cfg.max_position)
     rows = {}
     for dtype in PRECISIONS:
-        sizes = bundle_bytes(cfg, dtype, tokenizer_bytes)
+        try:
+            sizes = bundle_bytes(cfg, dtype, tokenizer_bytes)
+        except ValueError:            # int8/int4 need d_model divisible by the group size
+            continue
         minimum = minimum_budget(cfg, sizes, dtype, context)
         r = {**{k: v for k, v in sizes.items() if k != "layout"}, "minimum_budget": minimum}
         if budget is not None:
