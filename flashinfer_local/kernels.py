@@ -81,35 +81,43 @@ def _scales(s16, sc, ns, bu, bf):
         bf[j] *= _SCALE
 
 
+# The group dots accumulate into 32 lanes and reduce once per vector: a horizontal sum per group of
+# 32 was measured 2.5x slower (0.91 vs 0.36 ns per value, one core).
 @njit(inline="always", fastmath=True)
-def _dot_q8(q, off, bf, so, x, ng):
-    tot = np.float32(0)
+def _dot_q8(q, off, bf, so, x, ng, ln):
+    ln[:] = 0
     for gi in range(ng):
-        acc = np.float32(0)
+        sg = bf[so + gi]
         b = off + gi * 32
         xb = gi * 32
         for j in range(32):
-            acc += np.float32(q[b + j]) * x[xb + j]
-        tot += bf[so + gi] * acc
+            ln[j] += np.float32(q[b + j]) * sg * x[xb + j]
+    tot = np.float32(0)
+    for j in range(32):
+        tot += ln[j]
     return tot
 
 
 @njit(inline="always", fastmath=True)
-def _dot_q4(p, off, bf, so, mo, x, xs, ng):
+def _dot_q4(p, off, bf, so, mo, x, xs, ng, ln):
+    ln[:] = 0
     tot = np.float32(0)
     for gi in range(ng):
-        acc = np.float32(0)
+        sg = bf[so + gi]
         b = off + gi * 16
         xb = gi * 32
         for k in range(16):
             v = p[b + k]
-            acc += np.float32(v & np.uint8(15)) * x[xb + k] + np.float32(v >> np.uint8(4)) * x[xb + 16 + k]
-        tot += bf[so + gi] * acc + bf[mo + gi] * xs[gi]
+            ln[k] += np.float32(v & np.uint8(15)) * sg * x[xb + k]
+            ln[16 + k] += np.float32(v >> np.uint8(4)) * sg * x[xb + 16 + k]
+        tot += bf[mo + gi] * xs[gi]
+    for j in range(32):
+        tot += ln[j]
     return tot
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def _ffn_q8(r8, r16, r32, rows, x, sc, ns, gq, uq, dq, gs, us, ds, bias, d, buf_u, buf_f, acc, out):
+def _ffn_q8(r8, r16, r32, rows, x, sc, ns, gq, uq, dq, gs, us, ds, bias, d, buf_u, buf_f, lanes, acc, out):
     # r8 [n, R] int8 / r16 [n, R/2] uint16 / r32 [n, R/4] f32: views of the same records
     nt = acc.shape[0]
     m = rows.shape[0]
@@ -120,16 +128,17 @@ def _ffn_q8(r8, r16, r32, rows, x, sc, ns, gq, uq, dq, gs, us, ds, bias, d, buf_
         a[:] = 0
         bu = buf_u[t]
         bf = buf_f[t]
+        ln = lanes[t]
         for k in range(t * per, min(m, (t + 1) * per)):
             r = rows[k]
             q = r8[r]
             _scales(r16[r], sc, ns, bu, bf)
-            u = _dot_q8(q, uq, bf, us, x, ng)
+            u = _dot_q8(q, uq, bf, us, x, ng, ln)
             if gq < 0:
                 u += r32[r, bias]
                 hv = u if u > 0 else np.float32(0)
             else:
-                g = _dot_q8(q, gq, bf, gs, x, ng)
+                g = _dot_q8(q, gq, bf, gs, x, ng, ln)
                 hv = g / (np.float32(1) + np.exp(-g)) * u
             if hv != 0:
                 for gi in range(ng):
@@ -145,7 +154,7 @@ def _ffn_q8(r8, r16, r32, rows, x, sc, ns, gq, uq, dq, gs, us, ds, bias, d, buf_
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def _ffn_q4(r8, r16, r32, rows, x, xs, sc, ns, gq, uq, dq, gs, us, ds, gm, um, dm, bias, d,
-            buf_u, buf_f, acc, out):
+            buf_u, buf_f, lanes, acc, out):
     # r8 [n, R] uint8 (packed codes); xs [d / 32] f32: sums of x per group (for the minimums)
     nt = acc.shape[0]
     m = rows.shape[0]
@@ -156,16 +165,17 @@ def _ffn_q4(r8, r16, r32, rows, x, xs, sc, ns, gq, uq, dq, gs, us, ds, gm, um, d
         a[:] = 0
         bu = buf_u[t]
         bf = buf_f[t]
+        ln = lanes[t]
         for k in range(t * per, min(m, (t + 1) * per)):
             r = rows[k]
             p = r8[r]
             _scales(r16[r], sc, ns, bu, bf)
-            u = _dot_q4(p, uq, bf, us, um, x, xs, ng)
+            u = _dot_q4(p, uq, bf, us, um, x, xs, ng, ln)
             if gq < 0:
                 u += r32[r, bias]
                 hv = u if u > 0 else np.float32(0)
             else:
-                g = _dot_q4(p, gq, bf, gs, gm, x, xs, ng)
+                g = _dot_q4(p, gq, bf, gs, gm, x, xs, ng, ln)
                 hv = g / (np.float32(1) + np.exp(-g)) * u
             if hv != 0:
                 for gi in range(ng):
@@ -225,10 +235,12 @@ class RecordKernel:
             scratch = self.ns
         self.buf_u = np.zeros((nt, scratch), np.uint32)
         self.buf_f = self.buf_u.view(np.float32)
+        self.lanes = np.zeros((nt, 32), np.float32)
 
     @property
     def nbytes(self) -> int:
-        return self.acc.nbytes + self.buf_u.nbytes + getattr(self, "xs", self.acc[:0]).nbytes
+        return (self.acc.nbytes + self.buf_u.nbytes + self.lanes.nbytes
+                + getattr(self, "xs", self.acc[:0]).nbytes)
 
     def __call__(self, recs: np.ndarray, rows: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
         """out [d] += FFN over records ``recs[rows]``; recs [n, record_bytes] uint8, x [d] f32."""
@@ -244,13 +256,13 @@ class RecordKernel:
             q, s = self.q, self.s
             _ffn_q8(recs.view(np.int8), recs.view(np.uint16), recs.view(np.float32), rows, x, self.sc,
                     self.ns, q["gate"], q["up"], q["down"], s["gate"], s["up"], s["down"], self.bias,
-                    self.d, self.buf_u, self.buf_f, self.acc, out)
+                    self.d, self.buf_u, self.buf_f, self.lanes, self.acc, out)
         else:
             q, s, m = self.q, self.s, self.m
             np.sum(x.reshape(-1, 32), axis=1, out=self.xs)
             _ffn_q4(recs, recs.view(np.uint16), recs.view(np.float32), rows, x, self.xs, self.sc, self.ns,
                     q["gate"], q["up"], q["down"], s["gate"], s["up"], s["down"], m["gate"], m["up"],
-                    m["down"], self.bias, self.d, self.buf_u, self.buf_f, self.acc, out)
+                    m["down"], self.bias, self.d, self.buf_u, self.buf_f, self.lanes, self.acc, out)
 
 
 def warm_up() -> None:

@@ -1,11 +1,16 @@
 #!/usr/bin/env python3
-"""Decode speed, all weights in DRAM: this engine vs transformers fp32 on the same GGUF, in one run.
+"""Decode speed, all weights in DRAM: this engine's bundles (f16, int8, int4) vs llama.cpp and
+transformers fp32 on the same GGUF, in one run.
 
-    python tools/bench_decode.py [--models smollm2-135m qwen2.5-coder-0.5b] [--tokens 128] [--runs 3]
+    python tools/bench_decode.py [--models smollm2-135m qwen2.5-coder-0.5b qwen2.5-coder-1.5b]
+                                 [--dtypes f16 int8 int4] [--tokens 128] [--runs 3]
 
-Both sides are timed the same way: a generation of N greedy tokens minus a generation of 1 token
-(prefill + first token), divided by N - 1. Median of --runs, rows alternate between the two
-implementations so machine noise hits both. Prints a markdown table and writes --json.
+Every side is timed the same way: a generation of N greedy tokens minus a generation of 1 token
+(prefill + first token), divided by N - 1. Median of --runs; within a run the implementations
+alternate so machine noise hits all of them. llama.cpp runs through llama-cpp-python when it is
+importable (``pip install llama-cpp-python``: it builds llama.cpp from source, about 8 minutes on
+2 cores), on the GGUF file itself, i.e. at the GGUF's own quantization. Prints a markdown table and
+writes --json.
 """
 from __future__ import annotations
 
@@ -52,6 +57,18 @@ def hf_runner(model, ids: list[int]):
     return run
 
 
+def llama_cpp_runner(path: Path, ids: list[int], threads: int):
+    from llama_cpp import Llama
+    llm = Llama(model_path=str(path), n_ctx=1024, n_threads=threads, n_batch=512, verbose=False)
+
+    def run(n):
+        gen = llm.generate(ids, temp=0.0, top_k=1, reset=True)
+        for _ in range(n):     # generate() does not stop at end-of-sequence: exactly n tokens
+            next(gen)
+        gen.close()
+    return run
+
+
 def decode_tps(run, n: int) -> float:
     return (n - 1) / (timed(lambda: run(n)) - timed(lambda: run(1)))
 
@@ -61,13 +78,20 @@ def main():
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "qwen2.5-coder-0.5b"], choices=FILES)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--dtype", default="f16", choices=["f16", "f32"], help="bundle precision")
+    ap.add_argument("--dtypes", nargs="+", default=["f16", "int8", "int4"],
+                    choices=["f32", "f16", "int8", "int4"], help="bundle precisions")
+    ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--json", type=Path, default=Path("bench-out/decode.json"))
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(a.threads)
-    from transformers import AutoModelForCausalLM
+    try:
+        import llama_cpp  # noqa: F401
+        have_llama = True
+    except ImportError:
+        have_llama = False
+        print("llama-cpp-python is not installed: no llama.cpp column", file=sys.stderr)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in a.models:
@@ -75,11 +99,20 @@ def main():
             if not path.exists():
                 print(f"skip {name}: {path} missing (../shared/models/fetch.sh {name})", file=sys.stderr)
                 continue
-            eng = Engine(convert(path, Path(tmp) / name, dtype=a.dtype, progress=False), threads=a.threads)
-            ids = eng.tokenizer.encode(PROMPT)
-            hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                      torch_dtype=torch.float32).eval()
-            runners = {"flashinfer-local": engine_runner(eng, ids), "transformers fp32": hf_runner(hf, ids)}
+            runners, held = {}, []
+            for dt in a.dtypes:
+                eng = Engine(convert(path, Path(tmp) / f"{name}-{dt}", dtype=dt, progress=False),
+                             threads=a.threads)
+                ids = eng.tokenizer.encode(PROMPT)
+                runners[f"flashinfer-local {dt}"] = engine_runner(eng, ids)
+                held.append(eng)
+            if have_llama:
+                runners["llama.cpp (GGUF)"] = llama_cpp_runner(path, ids, a.threads)
+            if not a.no_transformers:
+                from transformers import AutoModelForCausalLM
+                hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                          torch_dtype=torch.float32).eval()
+                runners["transformers fp32"] = hf_runner(hf, ids)
             for r in runners.values():   # warm-up: page in weights, JIT, allocator
                 r(4)
             tps = {k: [] for k in runners}
@@ -87,16 +120,20 @@ def main():
                 for k, r in runners.items():
                     tps[k].append(decode_tps(r, a.tokens))
             med = {k: statistics.median(v) for k, v in tps.items()}
-            rows.append({"model": name, "prompt_tokens": len(ids), "tokens": a.tokens, "runs": tps,
-                         "median_tps": med,
-                         "ratio": med["flashinfer-local"] / med["transformers fp32"]})
-            del eng, hf
+            rows.append({"model": name, "gguf": path.name, "prompt_tokens": len(ids), "tokens": a.tokens,
+                         "runs": tps, "median_tps": med})
+            del runners, held
+    cols = list(dict.fromkeys(k for r in rows for k in r["median_tps"]))
+    ref = "llama.cpp (GGUF)" if have_llama else "transformers fp32"
     print(f"\nDecode tokens/s, all weights in DRAM, {a.tokens} greedy tokens, median of {a.runs}, "
-          f"{a.threads} threads, bundle {a.dtype}\n")
-    print("| model | flashinfer-local | transformers fp32 | ratio |\n|---|---:|---:|---:|")
+          f"{a.threads} threads; (x) = ratio to {ref}\n")
+    print("| model | " + " | ".join(cols) + " |\n|---|" + "---:|" * len(cols))
     for r in rows:
         m = r["median_tps"]
-        print(f"| {r['model']} | {m['flashinfer-local']:.1f} | {m['transformers fp32']:.1f} | {r['ratio']:.2f}x |")
+        base = m.get(ref)
+        cells = [f"{m[c]:.1f}" + (f" ({m[c] / base:.2f}x)" if base and c in m else "") if c in m else "-"
+                 for c in cols]
+        print(f"| {r['model']} | " + " | ".join(cells) + " |")
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(rows, indent=1))
 
