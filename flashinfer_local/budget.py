@@ -22,6 +22,9 @@ CHUNK_ROWS = 1024          # records computed per step: bounds the f32 scratch o
 SCRATCH_BUFFERS = 2        # overflow/naive reads: one chunk read while the previous is computed
 KERNEL_THREADS_MAX = 64    # per-thread kernel scratch is counted for up to this many threads
 PAGE = 4096
+# The tokenizer (HF `tokenizers`, loaded from tokenizer.json) holds about 21-22x its file's size:
+# measured 106 MiB for Qwen2.5's 5.1 MiB file and 33 MiB for SmolLM2's 1.5 MiB one.
+TOKENIZER_RSS_PER_FILE_BYTE = 24
 SLACK_BYTES = 96 << 20     # activations, logits, allocator slack, small per-token arrays
 
 
@@ -31,6 +34,7 @@ class BudgetPlan:
     dense_bytes: int         # dense.safetensors, memory-mapped
     kv_bytes: int            # KV cache + rotary tables at `context` tokens
     buffer_bytes: int        # read scratch (records) + f32 compute scratch
+    tokenizer_bytes: int     # the loaded tokenizer (estimated from its file size)
     slack_bytes: int
     cache_rows_per_layer: int
     cache_bytes: int         # window cache rows + their bookkeeping
@@ -54,9 +58,14 @@ def dense_resident_bytes(cfg: ModelConfig, dense_file_bytes: int, embed_bytes: i
     return dense_file_bytes - embed_bytes + touched
 
 
+def tokenizer_bytes(tokenizer_file_bytes: int) -> int:
+    return TOKENIZER_RSS_PER_FILE_BYTE * tokenizer_file_bytes
+
+
 def fixed_bytes(cfg: ModelConfig, layout: fmt.RecordLayout, ffn_dtype: str, dense_file_bytes: int,
                 embed_bytes: int, context: int) -> tuple[int, int, int]:
-    """(dense, KV cache, buffers) a streaming run holds whatever the window gets, from sizes alone.
+    """(dense, KV cache, buffers) a streaming run holds whatever the window gets, from sizes alone
+    (the tokenizer and the slack come on top).
 
     Shared by the engine's plan and by ``estimate`` (which has no bundle yet).
     """
@@ -74,10 +83,11 @@ def fixed_bytes(cfg: ModelConfig, layout: fmt.RecordLayout, ffn_dtype: str, dens
     return dense, kv, buffers
 
 
-def _fixed(bundle: Bundle, context: int) -> tuple[int, int, int]:
+def _fixed(bundle: Bundle, context: int) -> tuple[int, int, int, int]:
     embed = bundle.dense_nbytes("embed")
-    return fixed_bytes(bundle.config, bundle.layout, bundle.ffn_dtype,
-                       (bundle.path / fmt.DENSE_FILE).stat().st_size, embed, context)
+    dense, kv, buffers = fixed_bytes(bundle.config, bundle.layout, bundle.ffn_dtype,
+                                     (bundle.path / fmt.DENSE_FILE).stat().st_size, embed, context)
+    return dense, kv, buffers, tokenizer_bytes(bundle.sizes()["files"].get(fmt.TOKENIZER_FILE, 0))
 
 
 # storage.window_cache.LayerWindow's metadata: per row ids (int32), last_used and uses (int64); per
@@ -101,19 +111,24 @@ def window_cache_bytes(cfg: ModelConfig, record_bytes: int, rows: int) -> int:
 def plan_budget(bundle: Bundle, budget: int, context: int, mode: str) -> BudgetPlan:
     """Split ``budget`` bytes between owners for ``mode`` (window | naive)."""
     cfg, lay = bundle.config, bundle.layout
-    dense, kv, buffers = _fixed(bundle, context)
-    fixed = dense + kv + buffers + SLACK_BYTES
+    dense, kv, buffers, tok = _fixed(bundle, context)
+    fixed = dense + kv + buffers + tok + SLACK_BYTES
     if budget < fixed:
         raise FlashinferError(
             f"--dram-budget {fmt_bytes(budget)} is too small for this model: the dense part "
-            f"({fmt_bytes(dense)}), KV cache at {context} tokens ({fmt_bytes(kv)}) and buffers "
-            f"({fmt_bytes(buffers + SLACK_BYTES)}) need at least {fmt_bytes(fixed)}; raise the budget "
-            "or lower --context")
+            f"({fmt_bytes(dense)}), KV cache at {context} tokens ({fmt_bytes(kv)}), tokenizer "
+            f"({fmt_bytes(tok)}) and buffers ({fmt_bytes(buffers + SLACK_BYTES)}) need at least "
+            f"{fmt_bytes(fixed)}; raise the budget or lower --context")
     rows = window_rows(cfg, lay.record_bytes, budget - fixed) if mode == "window" else 0
     cache = window_cache_bytes(cfg, lay.record_bytes, rows)
-    return BudgetPlan(budget, dense, kv, buffers, SLACK_BYTES, rows, cache, context)
+    return BudgetPlan(budget, dense, kv, buffers, tok, SLACK_BYTES, rows, cache, context)
+
+
+def in_dram_bytes(cfg: ModelConfig, total_bytes: int, tokenizer_file_bytes: int, context: int) -> int:
+    """The budget from which the engine holds the whole bundle in DRAM (offload none)."""
+    return total_bytes + context * cfg.kv_bytes_per_token() + tokenizer_bytes(tokenizer_file_bytes) + SLACK_BYTES
 
 
 def minimum_budget(bundle: Bundle, context: int) -> int:
-    dense, kv, buffers = _fixed(bundle, context)
-    return dense + kv + buffers + SLACK_BYTES
+    dense, kv, buffers, tok = _fixed(bundle, context)
+    return dense + kv + buffers + tok + SLACK_BYTES

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 
+from storage import format as fmt
 from storage.errors import FlashinferError
 from storage.reader import Bundle
 
-from .budget import SLACK_BYTES, plan_budget
+from .budget import in_dram_bytes, plan_budget
 from .ffn import make_dram_ffn
 from .generate import SamplingParams, Sampler, Step, decode_loop
 from .memory import PeakRSS, rss_bytes
@@ -27,7 +28,6 @@ log = logging.getLogger(__name__)
 
 def _dense_weights(bundle: Bundle) -> dict[str, torch.Tensor]:
     """Dense tensors as torch tensors in the bundle's precision: zero-copy views of the map."""
-    from storage import format as fmt
     w = {}
     for name in fmt.dense_tensor_names(bundle.config):
         a = bundle.dense(name)
@@ -68,7 +68,9 @@ class Engine:
             raise FlashinferError(f"--evict {evict} is not known (choose {', '.join(EVICT)})")
         if window < 1:
             raise FlashinferError(f"--window {window} must be at least 1 token")
-        in_dram = self.bundle.sizes()["total_bytes"] + self.context * cfg.kv_bytes_per_token() + SLACK_BYTES
+        sizes = self.bundle.sizes()
+        in_dram = in_dram_bytes(cfg, sizes["total_bytes"], sizes["files"].get(fmt.TOKENIZER_FILE, 0),
+                                self.context)
         if offload is None:
             offload = "none" if dram_budget is None or dram_budget >= in_dram else "window"
         if offload == "none" and dram_budget is not None and dram_budget < in_dram:
@@ -123,7 +125,8 @@ class Engine:
         untouched rows, see budget.py)."""
         if self.plan is None:
             return {"dense_bytes": self.bundle.sizes()["dense_bytes"], "ffn_dram_bytes": self.ffn.nbytes}
-        return {"dense_bytes": self.plan.dense_bytes, "window_cache_bytes": self.ffn.cache_bytes,
+        return {"dense_bytes": self.plan.dense_bytes, "tokenizer_bytes": self.plan.tokenizer_bytes,
+                "window_cache_bytes": self.ffn.cache_bytes,
                 "buffer_bytes": self.ffn.buffer_bytes, "selector_bytes": self.selector.nbytes}
 
     def _stream_stats(self, st, c_prefill: dict, c_end: dict, kv_bytes: int) -> dict:

@@ -75,15 +75,17 @@ def minimum_budget(cfg: ModelConfig, sizes: dict, dtype: str, context: int) -> d
     counts them) or, for a model smaller than the streaming buffers, the all-in-DRAM size."""
     dense, kv, buffers = fixed_bytes(cfg, sizes["layout"], dtype, sizes["dense_bytes"],
                                      sizes["embed_bytes"], context)
-    streaming = dense + kv + buffers + SLACK_BYTES
+    tok = budget_mod.tokenizer_bytes(sizes["tokenizer_bytes"])
+    streaming = dense + kv + buffers + tok + SLACK_BYTES
     in_dram = in_dram_bytes(cfg, sizes, context)
-    return {"dense_bytes": dense, "kv_bytes": kv, "buffer_bytes": buffers, "slack_bytes": SLACK_BYTES,
+    return {"dense_bytes": dense, "kv_bytes": kv, "buffer_bytes": buffers, "tokenizer_bytes": tok,
+            "slack_bytes": SLACK_BYTES,
             "streaming_bytes": streaming, "in_dram_bytes": in_dram, "minimum_bytes": min(streaming, in_dram)}
 
 
 def in_dram_bytes(cfg: ModelConfig, sizes: dict, context: int) -> int:
     """The budget at which the engine holds everything in DRAM (offload none), as Engine decides."""
-    return sizes["total_bytes"] + context * cfg.kv_bytes_per_token() + SLACK_BYTES
+    return budget_mod.in_dram_bytes(cfg, sizes["total_bytes"], sizes["tokenizer_bytes"], context)
 
 
 def window_rows(cfg: ModelConfig, sizes: dict, minimum: dict, budget: int) -> int:
@@ -153,7 +155,7 @@ def report_lines(e: dict, facts: dict) -> list[str]:
     mb = f16["minimum_budget"]
     lines.append(f"streaming minimum at {e['context']} tokens ({facts.get('dtype') or 'f16'}): dense "
                  f"{fmt_bytes(mb['dense_bytes'])} + KV {fmt_bytes(mb['kv_bytes'])} + buffers "
-                 f"{fmt_bytes(mb['buffer_bytes'])} + slack {fmt_bytes(mb['slack_bytes'])} = "
+                 f"{fmt_bytes(mb['buffer_bytes'])} + tokenizer {fmt_bytes(mb['tokenizer_bytes'])} + slack {fmt_bytes(mb['slack_bytes'])} = "
                  f"{fmt_bytes(mb['streaming_bytes'])}"
                  + ("" if mb["streaming_bytes"] <= mb["in_dram_bytes"] else
                     "; above the all-in-DRAM size, so the minimum is to hold it all"))
