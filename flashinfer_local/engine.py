@@ -11,6 +11,7 @@ import torch
 from storage import format as fmt
 from storage.errors import FlashinferError
 from storage.reader import Bundle
+from storage.window_cache import EVICT
 
 from .budget import in_dram_bytes, plan_budget
 from .ffn import make_dram_ffn
@@ -45,8 +46,9 @@ class Engine:
     sliding-window cache; "naive" reads every selected record for every token (the paper's baseline);
     None picks "none" when the whole bundle fits ``dram_budget`` (or no budget is given), else
     "window". ``evict`` picks what the window cache keeps when the selections outgrow it (see
-    ``storage.window_cache``). ``dram_budget`` (bytes) counts everything the engine holds for the model; the runtime's
-    own baseline (interpreter, torch) is measured before the model is opened and reported apart.
+    ``storage.window_cache``). ``dram_budget`` (bytes) counts everything the engine holds for the
+    model; the runtime's own baseline (interpreter, torch) is measured before the model is opened
+    and reported apart.
     """
 
     def __init__(self, path: str | Path, threads: int | None = None, offload: str | None = None,
@@ -63,7 +65,6 @@ class Engine:
         self.context = min(context, cfg.max_position)
         if offload not in (None, *OFFLOAD_MODES):
             raise FlashinferError(f"--offload {offload} is not known (choose {', '.join(OFFLOAD_MODES)})")
-        from storage.window_cache import EVICT
         if evict not in EVICT:
             raise FlashinferError(f"--evict {evict} is not known (choose {', '.join(EVICT)})")
         if window < 1:

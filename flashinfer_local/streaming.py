@@ -22,6 +22,7 @@ from storage.window_cache import LayerWindow
 
 from .budget import CHUNK_ROWS, SCRATCH_BUFFERS, BudgetPlan
 from .ffn import RecordCompute
+
 # Read through gaps of up to this many bytes of unwanted records rather than issue another request:
 # on this project's reference disk (tools/bench_stream.py; 9 KiB records of Qwen-1.5B f16, 8 reader
 # threads) 2-record gaps raised the useful read rate of 30-50%-dense selections by 15-40%.

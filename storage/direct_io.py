@@ -3,7 +3,8 @@
 A layer's records are one aligned span of the file (see ``storage.format``): record ``i`` of layer
 ``l`` starts at ``layer_offsets[l] + i * record_bytes``, a multiple of 512. ``RecordReader`` turns a
 sorted set of neuron ids into runs of consecutive ids (``coalesce``), merges runs separated by small
-gaps (``merge_gaps``), and issues one ``os.preadv`` per merged run on a thread pool. ``preadv`` releases the GIL, so reads overlap each other and compute.
+gaps (``merge_gaps``), and issues one ``os.preadv`` per merged run on a thread pool. ``preadv``
+releases the GIL, so reads overlap each other and compute.
 
 The file is opened with ``O_DIRECT`` where the file system allows it, so what this reader measures
 is the SSD, not the page cache. O_DIRECT needs the buffer address, file offset and length to be
@@ -70,7 +71,10 @@ def coalesce(ids: np.ndarray, max_run: int) -> list[tuple[int, int, int]]:
     return list(zip(ids[idx].tolist(), count.tolist(), idx.tolist()))
 
 
-def merge_gaps(runs: list[tuple[int, int, int]], max_gap: int, max_span: int) -> list[list[tuple[int, int, int]]]:
+Run = tuple[int, int, int]         # (first_id, count, index_in_ids), as coalesce returns them
+
+
+def merge_gaps(runs: list[Run], max_gap: int, max_span: int) -> list[list[Run]]:
     """Group runs (from ``coalesce``) whose gaps are at most ``max_gap`` records into spans of at
     most ``max_span`` records (gaps included): each group is read with one request.
 
@@ -78,7 +82,7 @@ def merge_gaps(runs: list[tuple[int, int, int]], max_gap: int, max_span: int) ->
     records between two wanted runs (into a junk buffer) is cheaper than a second request.
     Example: runs of ids [1, 2, 5, 20], max_gap 2 -> [[(1, 2, 0), (5, 1, 2)], [(20, 1, 3)]].
     """
-    groups: list[list[tuple[int, int, int]]] = []
+    groups: list[list[Run]] = []
     for run in runs:
         if groups:
             g = groups[-1]
@@ -187,7 +191,8 @@ class RecordReader:
         self._lock = threading.Lock()
         self.bytes_read, self.read_ops, self.wait_s, self.gap_bytes = 0, 0, 0.0, 0
 
-    def _count(self, nbytes: int = 0, ops: int = 0, wait_s: float = 0.0, gap_bytes: int = 0) -> None:
+    def _count(self, nbytes: int = 0, ops: int = 0, wait_s: float = 0.0,
+               gap_bytes: int = 0) -> None:
         with self._lock:
             self.gap_bytes += gap_bytes
             self.bytes_read += nbytes

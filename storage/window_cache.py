@@ -84,7 +84,7 @@ class LayerWindow:
     * ``slot``      [n_neurons] int32: row of each neuron, -1 when absent (inverse of ``ids``)
     * ``last_used`` [capacity] int64: last token that selected the row's neuron
     * ``uses``      [capacity] int64: times the neuron was selected since it last became resident
-    * ``freq``      [n_neurons] int64: tokens that selected each neuron so far (``evict="frequency"``)
+    * ``freq``      [n_neurons] int64: tokens that selected each neuron so far (frequency eviction)
     * ``n_used``    int: rows in use
     * ``token``     int: the token of the latest plan (-1 before the first)
     """
@@ -190,10 +190,11 @@ class LayerWindow:
 
     def _compete(self, token: int, cand: np.ndarray, miss_ids: np.ndarray,
                  need: int) -> tuple[np.ndarray, np.ndarray]:
-        """``evict="frequency"``: rows ``cand`` (resident, not selected now) and ``miss_ids`` compete
+        """Frequency eviction: rows ``cand`` (resident, not selected now) and ``miss_ids`` compete
         for ``len(cand) + len(miss_ids) - need`` rows. The losers are the ``need`` entries smallest
-        in (lifetime selections, last use, id) order: losing rows are evicted, losing misses go to
-        overflow (kept in ``self._lost``). Returns (rows to evict, misses to append, ascending)."""
+        in (lifetime selections, last use, id) order (``least_recent`` with the lifetime count as
+        its first key): losing rows are evicted, losing misses go to overflow (kept in
+        ``self._lost``). Returns (rows to evict, misses to append, ascending)."""
         ids = np.concatenate((self.ids[cand].astype(np.int64), miss_ids))           # [c + m]
         last = np.concatenate((self.last_used[cand], np.full(len(miss_ids), token, np.int64)))
         lose = least_recent(self.freq[ids], last, ids, need, self.n_neurons)          # positions
