@@ -15,6 +15,7 @@ from storage.window_cache import EVICT
 
 from .budget import in_dram_bytes, plan_budget
 from .ffn import make_dram_ffn
+from .kernels import QuantMatrix
 from .generate import SamplingParams, Sampler, Step, decode_loop
 from .memory import PeakRSS, rss_bytes
 from .models import build_model
@@ -27,12 +28,14 @@ from .units import fmt_bytes
 log = logging.getLogger(__name__)
 
 
-def _dense_weights(bundle: Bundle) -> dict[str, torch.Tensor]:
-    """Dense tensors as torch tensors in the bundle's precision: zero-copy views of the map."""
+def _dense_weights(bundle: Bundle) -> dict:
+    """Dense tensors as torch tensors in the bundle's precision, or for an int8/int4 bundle's
+    quantized matrices a QuantMatrix: zero-copy views of the map either way."""
+    quantized = set(fmt.quantized_dense(bundle.config, bundle.ffn_dtype))
     w = {}
     for name in fmt.dense_tensor_names(bundle.config):
         a = bundle.dense(name)
-        w[name] = torch.from_numpy(a)
+        w[name] = QuantMatrix(a, bundle.dense(name + ".scale")) if name in quantized else torch.from_numpy(a)
     return w
 
 

@@ -153,9 +153,10 @@ def _ffn_q8(r8, r16, r32, rows, x, sc, ns, gq, uq, dq, gs, us, ds, bias, d, buf_
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def _ffn_q4(r8, r16, r32, rows, x, xs, sc, ns, gq, uq, dq, gs, us, ds, gm, um, dm, bias, d,
+def _ffn_q4(r8, ri8, r16, r32, rows, x, xs, sc, ns, gq, uq, dq, gs, us, ds, gm, um, dm, bias, d,
             buf_u, buf_f, lanes, acc, out):
-    # r8 [n, R] uint8 (packed codes); xs [d / 32] f32: sums of x per group (for the minimums)
+    # r8 [n, R] uint8 (packed codes), ri8 the same as int8; xs [d / 32] f32: sums of x per group (for
+    # the minimums); dm < 0: the down column is q8 codes at byte dq
     nt = acc.shape[0]
     m = rows.shape[0]
     per = (m + nt - 1) // nt
@@ -169,6 +170,7 @@ def _ffn_q4(r8, r16, r32, rows, x, xs, sc, ns, gq, uq, dq, gs, us, ds, gm, um, d
         for k in range(t * per, min(m, (t + 1) * per)):
             r = rows[k]
             p = r8[r]
+            q8 = ri8[r]
             _scales(r16[r], sc, ns, bu, bf)
             u = _dot_q4(p, uq, bf, us, um, x, xs, ng, ln)
             if gq < 0:
@@ -177,7 +179,14 @@ def _ffn_q4(r8, r16, r32, rows, x, xs, sc, ns, gq, uq, dq, gs, us, ds, gm, um, d
             else:
                 g = _dot_q4(p, gq, bf, gs, gm, x, xs, ng, ln)
                 hv = g / (np.float32(1) + np.exp(-g)) * u
-            if hv != 0:
+            if hv != 0 and dm < 0:        # down column stored q8 (record_layout's int4 rule)
+                for gi in range(ng):
+                    c = hv * bf[ds + gi]
+                    b = dq + gi * 32
+                    xb = gi * 32
+                    for j in range(32):
+                        a[xb + j] += c * np.float32(q8[b + j])
+            elif hv != 0:
                 for gi in range(ng):
                     c = hv * bf[ds + gi]
                     hm = hv * bf[dm + gi]
@@ -190,6 +199,22 @@ def _ffn_q4(r8, r16, r32, rows, x, xs, sc, ns, gq, uq, dq, gs, us, ds, gm, um, d
     for t in range(nt):
         for j in range(d):
             out[j] += acc[t, j]
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _matvec_q8(q, s16, x, y, buf_u, buf_f, lanes):
+    # q [n, k] int8 codes, s16 [n, k / 32] f16 bits; y [n] = dequantized q @ x, rows split over threads
+    nt = buf_u.shape[0]
+    n = q.shape[0]
+    ng = q.shape[1] // 32
+    per = (n + nt - 1) // nt
+    for t in prange(nt):
+        bu = buf_u[t]
+        bf = buf_f[t]
+        ln = lanes[t]
+        for r in range(t * per, min(n, (t + 1) * per)):
+            _scales(s16[r], 0, ng, bu, bf)
+            y[r] = _dot_q8(q[r], 0, bf, 0, x, ng, ln)
 
 
 @njit(inline="always", fastmath=True)
@@ -260,9 +285,49 @@ class RecordKernel:
         else:
             q, s, m = self.q, self.s, self.m
             np.sum(x.reshape(-1, 32), axis=1, out=self.xs)
-            _ffn_q4(recs, recs.view(np.uint16), recs.view(np.float32), rows, x, self.xs, self.sc, self.ns,
+            _ffn_q4(recs, recs.view(np.int8), recs.view(np.uint16), recs.view(np.float32), rows, x, self.xs,
+                    self.sc, self.ns,
                     q["gate"], q["up"], q["down"], s["gate"], s["up"], s["down"], m["gate"], m["up"],
                     m["down"], self.bias, self.d, self.buf_u, self.buf_f, self.lanes, self.acc, out)
+
+
+class QuantMatrix:
+    """A dense matrix [out, in] stored as int8 codes with an f16 scale per 32 values of a row
+    (``storage.format.quantized_dense``); ``matmul`` is what ``models.common.linear`` calls.
+
+    One token (decode) runs the parallel numba matrix-vector kernel on the codes; several tokens
+    (prefill) dequantize UPCAST_BYTES of f32 rows at a time for BLAS.
+    """
+
+    UPCAST_BYTES = 16 << 20
+
+    def __init__(self, codes: np.ndarray, scales: np.ndarray, threads: int | None = None):
+        self.codes, self.scales16 = codes, scales.view(np.uint16)    # [out, in] int8, [out, in/32]
+        self.shape = codes.shape
+        nt = threads or numba.get_num_threads()
+        self.buf_u = np.zeros((nt, codes.shape[1] // 32), np.uint32)
+        self.buf_f = self.buf_u.view(np.float32)
+        self.lanes = np.zeros((nt, 32), np.float32)
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.scales16.nbytes
+
+    def matmul(self, x):
+        """x [T, in] f32 (torch) -> [T, out] f32."""
+        import torch
+        import torch.nn.functional as F
+
+        from storage.quant import dequantize_q8
+        if x.shape[0] == 1:
+            y = np.empty(self.shape[0], np.float32)
+            _matvec_q8(self.codes, self.scales16, np.ascontiguousarray(x[0].numpy()), y, self.buf_u,
+                       self.buf_f, self.lanes)
+            return torch.from_numpy(y)[None]
+        rows = max(1, self.UPCAST_BYTES // (4 * self.shape[1]))
+        s = self.scales16.view(np.float16)
+        return torch.cat([F.linear(x, torch.from_numpy(dequantize_q8(self.codes[a:a + rows], s[a:a + rows])))
+                          for a in range(0, self.shape[0], rows)], dim=-1)
 
 
 def warm_up() -> None:
@@ -279,3 +344,6 @@ def warm_up() -> None:
             k = RecordKernel(lay, dtype, 32, threads=1)
             k(np.zeros((2, lay.record_bytes), np.uint8), np.arange(2), np.ones(32, np.float32),
               np.zeros(32, np.float32))
+    m = QuantMatrix(np.zeros((2, 32), np.int8), np.zeros((2, 1), np.float16), threads=1)
+    _matvec_q8(m.codes, m.scales16, np.ones(32, np.float32), np.zeros(2, np.float32), m.buf_u, m.buf_f,
+               m.lanes)

@@ -38,6 +38,7 @@ def dense_specs(cfg: ModelConfig, dtype: str) -> list[tuple[str, np.dtype, tuple
     """(name, dtype, shape) of every dense tensor, derived from the config alone."""
     d, hd, H = cfg.d_model, cfg.head_dim, cfg.n_heads
     big = np.dtype(fmt.DTYPES[dense_dtype(dtype)])
+    quantized = set(fmt.quantized_dense(cfg, dtype))
     specs = []
     for name in fmt.dense_tensor_names(cfg):
         leaf = name.split(".", 2)[-1] if name.startswith("layers.") else name
@@ -50,9 +51,22 @@ def dense_specs(cfg: ModelConfig, dtype: str) -> list[tuple[str, np.dtype, tuple
             "v.weight": (kv * hd, d), "v.bias": (kv * hd,),
             "o.weight": (d, H * hd), "o.bias": (d,), "down_bias": (d,),
         }.get(leaf, (d,))  # norms
+        if name in quantized:
+            specs.append((name, np.dtype(np.int8), shape))
+            specs.append((name + ".scale", np.dtype(np.float16), (shape[0], shape[1] // quant.GROUP)))
+            continue
         dt = np.dtype(np.float32) if name.endswith(SMALL) else big
         specs.append((name, dt, shape))
     return specs
+
+
+def quantize_rows_q8(a: np.ndarray, rows: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    """quant.quantize_q8 of a [out, in] matrix a few thousand rows at a time (bounded scratch)."""
+    q = np.empty(a.shape, np.int8)
+    s = np.empty((a.shape[0], a.shape[1] // quant.GROUP), np.float16)
+    for r in range(0, a.shape[0], rows):
+        q[r:r + rows], s[r:r + rows] = quant.quantize_q8(a[r:r + rows])
+    return q, s
 
 
 def ffn_specs(cfg: ModelConfig, layout: fmt.RecordLayout) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
@@ -130,13 +144,23 @@ def _write_bundle(src: Source, tmp: Path, dtype: str, progress: bool) -> None:
     files = {}
     with _progress(need, progress, "convert") as bar:
         w = SafetensorsWriter(tmp / fmt.DENSE_FILE, dspecs)
+        quantized = set(fmt.quantized_dense(cfg, dtype))
         try:
             for name, dt, shape in dspecs:
+                if name.endswith(".scale"):
+                    continue                     # written right after its matrix
                 if name == "lm_head" and not src.has("lm_head"):
                     raise CheckpointError(f"{src.identity['path']}: the head ('lm_head') is missing")
                 a = _check_shape(src, name, src.load(name), shape)
-                w.write(name, a.astype(dt, copy=False))
-                bar.update(a.size * dt.itemsize)
+                if name in quantized:
+                    q, sc = quantize_rows_q8(np.asarray(a, np.float32))
+                    w.write(name, q)
+                    w.write(name + ".scale", sc)
+                    bar.update(q.nbytes + sc.nbytes)
+                    del q, sc
+                else:
+                    w.write(name, a.astype(dt, copy=False))
+                    bar.update(a.size * dt.itemsize)
                 del a
             files[fmt.DENSE_FILE] = w.close()
         finally:
@@ -177,7 +201,8 @@ def _write_bundle(src: Source, tmp: Path, dtype: str, progress: bool) -> None:
         "tokenizer": {"file": fmt.TOKENIZER_FILE if tok.tokenizer_json is not None else None,
                       "chat_template": tok.chat_template, "bos_token": tok.bos_token,
                       "eos_token": tok.eos_token, "add_bos": tok.add_bos},
-        "dense": {"file": fmt.DENSE_FILE, "dtype": dense_dtype(dtype), "small_tensors_dtype": "f32"},
+        "dense": {"file": fmt.DENSE_FILE, "dtype": dense_dtype(dtype), "small_tensors_dtype": "f32",
+                  "int8_matrices": "q8" if fmt.quantized_dense(cfg, dtype) else None},
         "ffn": {"file": fmt.FFN_FILE, "dtype": dtype, "tensor": "layers.{i}.ffn",
                 "n_neurons": cfg.d_ff, "layout": layout.to_dict()},
         "files": files,

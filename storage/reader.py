@@ -47,7 +47,8 @@ class Bundle:
 
     def _check_tensors(self) -> None:
         cfg = self.config
-        for name in fmt.dense_tensor_names(cfg):
+        names = fmt.dense_tensor_names(cfg) + [n + ".scale" for n in fmt.quantized_dense(cfg, self.ffn_dtype)]
+        for name in names:
             if name not in self._dense_meta:
                 raise BundleError(f"{self.path / fmt.DENSE_FILE}: tensor '{name}' missing; re-run convert")
         for i in range(cfg.n_layers):

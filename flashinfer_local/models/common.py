@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 from storage.config import ModelConfig
 
+from ..kernels import QuantMatrix
+
 
 UPCAST_BYTES = 16 << 20     # f32 weight scratch of one prefill matmul step (counted in the budget's slack)
 
@@ -25,6 +27,9 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     compute-bound anyway; the upcast goes UPCAST_BYTES of f32 weight at a time, so that a large
     matrix (a 150k-row head) never needs a full f32 copy inside the DRAM budget. Biases are f32.
     """
+    if isinstance(w, QuantMatrix):            # int8 codes + group scales (int8/int4 bundles)
+        y = w.matmul(x)
+        return y if b is None else y + b
     if w.dtype == x.dtype:
         return F.linear(x, w, b)
     if x.shape[0] == 1:
