@@ -113,9 +113,9 @@ def inspect(bundle: Path, verify: bool, as_json: bool):
 @click.option("--window", "window_tokens", default=4, show_default=True,
               help="Tokens a neuron stays cached after its last use.")
 @click.option("--io-threads", default=8, show_default=True, help="Parallel SSD reads in flight.")
-@click.option("--evict", type=click.Choice(["frequency", "recency"]), default="frequency",
+@click.option("--evict", type=click.Choice(["recency", "frequency"]), default="recency",
               show_default=True, help="What the window cache keeps when a token needs more neurons than "
-              "fit: the most often used ones, or the most recently used (the paper's window).")
+              "fit: the most recently used (the paper's window), or the most often used ones.")
 @click.option("--selector", type=click.Choice(["all", "oracle"]), default="all", show_default=True,
               help="Which neurons a token computes. all: exact; oracle: measuring tool (true top "
               "activations from dense weights held outside the budget), not for normal use.")
@@ -193,9 +193,9 @@ def run(model, prompt, max_tokens, temperature, top_p, top_k, seed, chat, dtype,
 @click.option("--window", "window_tokens", default=4, show_default=True,
               help="Tokens a neuron stays cached after its last use.")
 @click.option("--io-threads", default=8, show_default=True, help="Parallel SSD reads in flight.")
-@click.option("--evict", type=click.Choice(["frequency", "recency"]), default="frequency",
+@click.option("--evict", type=click.Choice(["recency", "frequency"]), default="recency",
               show_default=True, help="What the window cache keeps when a token needs more neurons than "
-              "fit: the most often used ones, or the most recently used (the paper's window).")
+              "fit: the most recently used (the paper's window), or the most often used ones.")
 @click.option("--selector", type=click.Choice(["all", "oracle"]), default="all", show_default=True,
               help="Which neurons a token computes (oracle: a measuring tool, see run).")
 @click.option("--sparsity", default=0.5, show_default=True, help="Share of neurons the oracle skips.")

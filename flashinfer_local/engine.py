@@ -58,7 +58,7 @@ class Engine:
     def __init__(self, path: str | Path, threads: int | None = None, offload: str | None = None,
                  dram_budget: int | None = None, window: int = 4, io_threads: int = 8,
                  selector: str = "all", sparsity: float = 0.5, context: int = 2048, direct: bool = True,
-                 evict: str = "frequency", read_gap: int | None = None):
+                 evict: str = "recency", read_gap: int | None = None):
         torch.set_num_threads(threads or min(os.cpu_count() or 1, 8))
         if offload != "none":
             from .kernels import warm_up

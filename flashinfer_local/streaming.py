@@ -31,7 +31,7 @@ MAX_GAP_BYTES = 20 << 10
 
 class StreamingFFN:
     def __init__(self, bundle: Bundle, plan: BudgetPlan, mode: str, window: int, selector,
-                 io_threads: int = 8, direct: bool = True, evict: str = "frequency",
+                 io_threads: int = 8, direct: bool = True, evict: str = "recency",
                  max_gap_bytes: int = MAX_GAP_BYTES):
         cfg, lay = bundle.config, bundle.layout
         self.cfg, self.selector = cfg, selector

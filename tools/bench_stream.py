@@ -32,8 +32,8 @@ from storage.reader import Bundle  # noqa: E402
 ROWS = {"naive": dict(offload="naive"), "window-all": dict(offload="window"),
         "oracle-50": dict(offload="window", selector="oracle", sparsity=0.5),
         "oracle-80": dict(offload="window", selector="oracle", sparsity=0.8),
-        # the paper's recency-first window, for comparison with the default frequency-first one
-        "oracle-50-recency": dict(offload="window", selector="oracle", sparsity=0.5, evict="recency"),
+        # frequency-first eviction, for comparison with the default (the paper's recency-first window)
+        "oracle-50-frequency": dict(offload="window", selector="oracle", sparsity=0.5, evict="frequency"),
         # one request per run of adjacent records, no reading through gaps
         "oracle-50-nogap": dict(offload="window", selector="oracle", sparsity=0.5, read_gap=0)}
 TEXT = ("In the beginning of computing, programs were written for machines with very little memory. "
