@@ -87,7 +87,7 @@ def _fixed(bundle: Bundle, context: int) -> tuple[int, int, int, int]:
     embed = bundle.dense_nbytes("embed")
     dense, kv, buffers = fixed_bytes(bundle.config, bundle.layout, bundle.ffn_dtype,
                                      (bundle.path / fmt.DENSE_FILE).stat().st_size, embed, context)
-    return dense, kv, buffers, tokenizer_bytes(bundle.sizes()["files"].get(fmt.TOKENIZER_FILE, 0))
+    return dense, kv, buffers, tokenizer_bytes(bundle.sizes()["tokenizer_bytes"])
 
 
 # storage.window_cache.LayerWindow's metadata: per row ids (int32), last_used and uses (int64); per

@@ -93,35 +93,51 @@ def inspect(bundle: Path, verify: bool, as_json: bool):
         click.echo(f"verify      all {len(m['files'])} checksums match")
 
 
+def _options(*decorators):
+    """Several click options as one decorator (shared by run and profile)."""
+    def apply(f):
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+    return apply
+
+
+SAMPLING_OPTIONS = _options(
+    click.option("--temperature", default=0.7, show_default=True, help="0 is greedy."),
+    click.option("--top-p", default=0.95, show_default=True),
+    click.option("--top-k", default=40, show_default=True, help="0 turns it off."))
+
+ENGINE_OPTIONS = _options(
+    click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template."),
+    click.option("--dtype", type=click.Choice(["f32", "f16", "int8", "int4"]), default="f16",
+                 show_default=True, help="Precision used when MODEL is a checkpoint converted on first use."),
+    click.option("--threads", type=int, default=None, help="Compute threads (default: all cores)."),
+    click.option("--dram-budget", default=None, help="DRAM the engine may hold for the model, e.g. 1.5GiB "
+                 "(default: no limit). Smaller than the bundle: FFN records stream from the SSD."),
+    click.option("--offload", type=click.Choice(["none", "window", "naive"]), default=None,
+                 help="none: all in DRAM; window: sliding-window cache of SSD records; naive: read every "
+                 "record every token. Default: none if the bundle fits the budget, else window."),
+    click.option("--window", "window_tokens", default=4, show_default=True,
+                 help="Tokens a neuron stays cached after its last use."),
+    click.option("--io-threads", default=8, show_default=True, help="Parallel SSD reads in flight."),
+    click.option("--evict", type=click.Choice(["recency", "frequency"]), default="recency",
+                 show_default=True, help="What the window cache keeps when a token needs more neurons than "
+                 "fit: the most recently used (the paper's window), or the most often used ones."),
+    click.option("--selector", type=click.Choice(["all", "oracle"]), default="all", show_default=True,
+                 help="Which neurons a token computes. all: exact; oracle: measuring tool (true top "
+                 "activations from dense weights held outside the budget), not for normal use."),
+    click.option("--sparsity", default=0.5, show_default=True, help="Share of neurons the oracle skips."),
+    click.option("--context", default=2048, show_default=True,
+                 help="Longest prompt + generation planned for (sizes the KV cache in the budget)."))
+
+
 @main.command()
 @click.argument("model", required=False)
 @click.option("-p", "--prompt", required=True, help="Prompt text.")
 @click.option("-n", "--max-tokens", default=128, show_default=True, help="Tokens to generate at most.")
-@click.option("--temperature", default=0.7, show_default=True, help="0 is greedy.")
-@click.option("--top-p", default=0.95, show_default=True)
-@click.option("--top-k", default=40, show_default=True, help="0 turns it off.")
+@SAMPLING_OPTIONS
 @click.option("--seed", type=int, default=None, help="Random seed for sampling.")
-@click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
-@click.option("--dtype", type=click.Choice(["f32", "f16", "int8", "int4"]), default="f16", show_default=True,
-              help="Precision used when MODEL is a checkpoint converted on first use.")
-@click.option("--threads", type=int, default=None, help="Compute threads (default: all cores).")
-@click.option("--dram-budget", default=None, help="DRAM the engine may hold for the model, e.g. 1.5GiB "
-              "(default: no limit). Smaller than the bundle: FFN records stream from the SSD.")
-@click.option("--offload", type=click.Choice(["none", "window", "naive"]), default=None,
-              help="none: all in DRAM; window: sliding-window cache of SSD records; naive: read every "
-              "record every token. Default: none if the bundle fits the budget, else window.")
-@click.option("--window", "window_tokens", default=4, show_default=True,
-              help="Tokens a neuron stays cached after its last use.")
-@click.option("--io-threads", default=8, show_default=True, help="Parallel SSD reads in flight.")
-@click.option("--evict", type=click.Choice(["recency", "frequency"]), default="recency",
-              show_default=True, help="What the window cache keeps when a token needs more neurons than "
-              "fit: the most recently used (the paper's window), or the most often used ones.")
-@click.option("--selector", type=click.Choice(["all", "oracle"]), default="all", show_default=True,
-              help="Which neurons a token computes. all: exact; oracle: measuring tool (true top "
-              "activations from dense weights held outside the budget), not for normal use.")
-@click.option("--sparsity", default=0.5, show_default=True, help="Share of neurons the oracle skips.")
-@click.option("--context", default=2048, show_default=True,
-              help="Longest prompt + generation planned for (sizes the KV cache in the budget).")
+@ENGINE_OPTIONS
 @click.option("--stats", is_flag=True, help="Print speed and memory figures to stderr at the end.")
 @click.option("--stats-json", type=click.Path(path_type=Path), help="Write the figures as JSON.")
 def run(model, prompt, max_tokens, temperature, top_p, top_k, seed, chat, dtype, threads, dram_budget,
@@ -178,29 +194,10 @@ def run(model, prompt, max_tokens, temperature, top_p, top_k, seed, chat, dtype,
 @click.argument("model", required=False)
 @click.option("-p", "--prompt", required=True, help="Prompt text.")
 @click.option("-n", "--max-tokens", default=64, show_default=True, help="Tokens to generate at most.")
-@click.option("--temperature", default=0.7, show_default=True, help="0 is greedy.")
-@click.option("--top-p", default=0.95, show_default=True)
-@click.option("--top-k", default=40, show_default=True, help="0 turns it off.")
+@SAMPLING_OPTIONS
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Random seed (fixed by default, so sweep rows generate the same tokens).")
-@click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
-@click.option("--dtype", type=click.Choice(["f32", "f16", "int8", "int4"]), default="f16", show_default=True,
-              help="Precision used when MODEL is a checkpoint converted on first use.")
-@click.option("--threads", type=int, default=None, help="Compute threads (default: all cores).")
-@click.option("--dram-budget", default=None, help="DRAM the engine may hold for the model, e.g. 1.5GiB.")
-@click.option("--offload", type=click.Choice(["none", "window", "naive"]), default=None,
-              help="As for run (default: none if the bundle fits the budget, else window).")
-@click.option("--window", "window_tokens", default=4, show_default=True,
-              help="Tokens a neuron stays cached after its last use.")
-@click.option("--io-threads", default=8, show_default=True, help="Parallel SSD reads in flight.")
-@click.option("--evict", type=click.Choice(["recency", "frequency"]), default="recency",
-              show_default=True, help="What the window cache keeps when a token needs more neurons than "
-              "fit: the most recently used (the paper's window), or the most often used ones.")
-@click.option("--selector", type=click.Choice(["all", "oracle"]), default="all", show_default=True,
-              help="Which neurons a token computes (oracle: a measuring tool, see run).")
-@click.option("--sparsity", default=0.5, show_default=True, help="Share of neurons the oracle skips.")
-@click.option("--context", default=2048, show_default=True,
-              help="Longest prompt + generation planned for (sizes the KV cache in the budget).")
+@ENGINE_OPTIONS
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Folder for profile.json and the charts (default: ./profile-<model name>).")
 @click.option("--sweep", default=None, help="Budgets to compare, each run in a fresh process: "

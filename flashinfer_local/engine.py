@@ -21,7 +21,7 @@ from .memory import PeakRSS, rss_bytes
 from .models import build_model
 from .models.common import KVCache
 from .selection import make_selector
-from .streaming import StreamingFFN
+from .streaming import MAX_GAP_BYTES, StreamingFFN
 from .tokenizer import Tokenizer
 from .units import fmt_bytes
 
@@ -49,7 +49,7 @@ class Engine:
     sliding-window cache; "naive" reads every selected record for every token (the paper's baseline);
     None picks "none" when the whole bundle fits ``dram_budget`` (or no budget is given), else
     "window". ``evict`` picks what the window cache keeps when the selections outgrow it (see
-    ``storage.window_cache``); ``read_gap`` (bytes, default streaming.MAX_GAP_BYTES) how far apart
+    ``storage.window_cache``); ``read_gap`` (bytes) how far apart
     two wanted runs of records may be and still be read with one request. ``dram_budget`` (bytes) counts everything the engine holds for the
     model; the runtime's own baseline (interpreter, torch) is measured before the model is opened
     and reported apart.
@@ -58,7 +58,7 @@ class Engine:
     def __init__(self, path: str | Path, threads: int | None = None, offload: str | None = None,
                  dram_budget: int | None = None, window: int = 4, io_threads: int = 8,
                  selector: str = "all", sparsity: float = 0.5, context: int = 2048, direct: bool = True,
-                 evict: str = "recency", read_gap: int | None = None):
+                 evict: str = "recency", read_gap: int = MAX_GAP_BYTES):
         torch.set_num_threads(threads or min(os.cpu_count() or 1, 8))
         if offload != "none":
             from .kernels import warm_up
@@ -74,8 +74,7 @@ class Engine:
         if window < 1:
             raise FlashinferError(f"--window {window} must be at least 1 token")
         sizes = self.bundle.sizes()
-        in_dram = in_dram_bytes(cfg, sizes["total_bytes"], sizes["files"].get(fmt.TOKENIZER_FILE, 0),
-                                self.context)
+        in_dram = in_dram_bytes(cfg, sizes["total_bytes"], sizes["tokenizer_bytes"], self.context)
         if offload is None:
             offload = "none" if dram_budget is None or dram_budget >= in_dram else "window"
         if offload == "none" and dram_budget is not None and dram_budget < in_dram:
@@ -95,8 +94,7 @@ class Engine:
                                     self.context, offload)
             self.selector = make_selector(selector, self.bundle, sparsity)
             self.ffn = StreamingFFN(self.bundle, self.plan, offload, window, self.selector,
-                                    io_threads=io_threads, direct=direct, evict=evict,
-                                    **({} if read_gap is None else {"max_gap_bytes": read_gap}))
+                                    io_threads=io_threads, direct=direct, evict=evict, read_gap=read_gap)
         self.model = build_model(cfg, self.weights, self.ffn)
 
     def new_cache(self, capacity: int) -> KVCache:

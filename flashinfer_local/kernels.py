@@ -13,9 +13,37 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+import torch
+import torch.nn.functional as F
 from numba import njit, prange
 
+from storage.quant import dequantize_q8
+
 _SCALE = np.float32(2.0 ** 112)
+
+
+@njit(inline="always", fastmath=True)
+def _silu_mul(g, u):
+    return g / (np.float32(1) + np.exp(-g)) * u
+
+
+@njit(inline="always", fastmath=True)
+def _sum_threads(acc, out):
+    # out [d] += the per-thread accumulators acc [nt, d]
+    for t in range(acc.shape[0]):
+        for j in range(out.shape[0]):
+            out[j] += acc[t, j]
+
+
+@njit(inline="always", fastmath=True)
+def _axpy_q8(a, hv, q, off, bf, so, ng):
+    # a [d] += hv * (q8 vector at byte off, group scales bf[so:so + ng])
+    for gi in range(ng):
+        c = hv * bf[so + gi]
+        b = off + gi * 32
+        xb = gi * 32
+        for j in range(32):
+            a[xb + j] += c * np.float32(q[b + j])
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
@@ -42,9 +70,7 @@ def _ffn_f16(recs, rows, x, gate, up, down, bias, d, buf_u, buf_f, acc, out):
             if hv != 0:
                 for j in range(d):
                     a[j] += hv * bf[down + j]
-    for t in range(nt):
-        for j in range(d):
-            out[j] += acc[t, j]
+    _sum_threads(acc, out)
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
@@ -62,9 +88,7 @@ def _ffn_f32(recs, rows, x, gate, up, down, bias, d, acc, out):
             if hv != 0:
                 for j in range(d):
                     a[j] += hv * src[down + j]
-    for t in range(nt):
-        for j in range(d):
-            out[j] += acc[t, j]
+    _sum_threads(acc, out)
 
 
 # ---- group-quantized records (storage/quant.py): q8 codes * scale, q4 codes * scale + minimum.
@@ -138,18 +162,10 @@ def _ffn_q8(r8, r16, r32, rows, x, sc, ns, gq, uq, dq, gs, us, ds, bias, d, buf_
                 u += r32[r, bias]
                 hv = u if u > 0 else np.float32(0)
             else:
-                g = _dot_q8(q, gq, bf, gs, x, ng, ln)
-                hv = g / (np.float32(1) + np.exp(-g)) * u
+                hv = _silu_mul(_dot_q8(q, gq, bf, gs, x, ng, ln), u)
             if hv != 0:
-                for gi in range(ng):
-                    c = hv * bf[ds + gi]
-                    b = dq + gi * 32
-                    xb = gi * 32
-                    for j in range(32):
-                        a[xb + j] += c * np.float32(q[b + j])
-    for t in range(nt):
-        for j in range(d):
-            out[j] += acc[t, j]
+                _axpy_q8(a, hv, q, dq, bf, ds, ng)
+    _sum_threads(acc, out)
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
@@ -177,15 +193,9 @@ def _ffn_q4(r8, ri8, r16, r32, rows, x, xs, sc, ns, gq, uq, dq, gs, us, ds, gm, 
                 u += r32[r, bias]
                 hv = u if u > 0 else np.float32(0)
             else:
-                g = _dot_q4(p, gq, bf, gs, gm, x, xs, ng, ln)
-                hv = g / (np.float32(1) + np.exp(-g)) * u
+                hv = _silu_mul(_dot_q4(p, gq, bf, gs, gm, x, xs, ng, ln), u)
             if hv != 0 and dm < 0:        # down column stored q8 (record_layout's int4 rule)
-                for gi in range(ng):
-                    c = hv * bf[ds + gi]
-                    b = dq + gi * 32
-                    xb = gi * 32
-                    for j in range(32):
-                        a[xb + j] += c * np.float32(q8[b + j])
+                _axpy_q8(a, hv, q8, dq, bf, ds, ng)
             elif hv != 0:
                 for gi in range(ng):
                     c = hv * bf[ds + gi]
@@ -196,9 +206,7 @@ def _ffn_q4(r8, ri8, r16, r32, rows, x, xs, sc, ns, gq, uq, dq, gs, us, ds, gm, 
                         v = p[b + j]
                         a[xb + j] += c * np.float32(v & np.uint8(15)) + hm
                         a[xb + 16 + j] += c * np.float32(v >> np.uint8(4)) + hm
-    for t in range(nt):
-        for j in range(d):
-            out[j] += acc[t, j]
+    _sum_threads(acc, out)
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
@@ -229,7 +237,7 @@ def _neuron(r, x, gate, up, bias, d):
     g = np.float32(0)
     for j in range(d):
         g += r[gate + j] * x[j]
-    return g / (np.float32(1) + np.exp(-g)) * u
+    return _silu_mul(g, u)
 
 
 class RecordKernel:
@@ -313,12 +321,8 @@ class QuantMatrix:
     def nbytes(self) -> int:
         return self.codes.nbytes + self.scales16.nbytes
 
-    def matmul(self, x):
-        """x [T, in] f32 (torch) -> [T, out] f32."""
-        import torch
-        import torch.nn.functional as F
-
-        from storage.quant import dequantize_q8
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, in] f32 -> [T, out] f32."""
         if x.shape[0] == 1:
             y = np.empty(self.shape[0], np.float32)
             _matvec_q8(self.codes, self.scales16, np.ascontiguousarray(x[0].numpy()), y, self.buf_u,

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from .memory import PageMap, page_cache_bytes, rss_bytes
+from .memory import PageMap, PeakRSS, page_cache_bytes
 from .units import fmt_bytes
 
 OWNERS = ("runtime", "dense", "ffn_dram", "window", "buffers", "kv_cache", "selector")
@@ -45,8 +45,8 @@ def other_tolerance(rss: int, runtime: int) -> int:
     return OTHER_TOLERANCE_BYTES + int(OTHER_TOLERANCE_SHARE * max(rss - runtime, 0))
 
 
-class RSSRecorder:
-    """Records (seconds since start, RSS bytes) every ``period`` s on a daemon thread.
+class RSSRecorder(PeakRSS):
+    """PeakRSS that also records (seconds since start, RSS bytes) of every sample.
 
     Once ``probe`` is set (a function returning a snapshot dict), the thread also takes a snapshot
     every ``probe_period`` s, tagged with the current ``phase``, so that owners are known inside a
@@ -55,21 +55,20 @@ class RSSRecorder:
     """
 
     def __init__(self, period: float = 0.005, probe_period: float = 0.1):
-        self.period, self.probe_period = period, probe_period
+        super().__init__(period)
+        self.probe_period = probe_period
         self.t: list[float] = []
         self.rss: list[int] = []
         self.snapshots: list[dict] = []
         self.probe, self.phase = None, "load"
         self.lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="profile-rss")
         self.t0 = time.perf_counter()
 
     def now(self) -> float:
         return time.perf_counter() - self.t0
 
     def sample(self) -> int:
-        r = rss_bytes()
+        r = super().sample()
         self.t.append(self.now())
         self.rss.append(r)
         return r
@@ -84,16 +83,6 @@ class RSSRecorder:
                         snap = self.probe()
                         self.snapshots.append({"t": self.now(), "phase": self.phase, "token": None, **snap})
                 next_probe = self.now() + self.probe_period
-
-    def __enter__(self):
-        self.sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.sample()
 
 
 def _dense_map_span(eng) -> tuple[int, int]:

@@ -32,12 +32,12 @@ MAX_GAP_BYTES = 20 << 10
 class StreamingFFN:
     def __init__(self, bundle: Bundle, plan: BudgetPlan, mode: str, window: int, selector,
                  io_threads: int = 8, direct: bool = True, evict: str = "recency",
-                 max_gap_bytes: int = MAX_GAP_BYTES):
+                 read_gap: int = MAX_GAP_BYTES):
         cfg, lay = bundle.config, bundle.layout
         self.cfg, self.selector = cfg, selector
         self.reader = RecordReader(bundle.ffn_path, lay.record_bytes,
                                    [bundle.ffn_offset(i) for i in range(cfg.n_layers)],
-                                   threads=io_threads, max_gap_bytes=max_gap_bytes, direct=direct)
+                                   threads=io_threads, max_gap_bytes=read_gap, direct=direct)
         self.scratch = [aligned_empty((CHUNK_ROWS, lay.record_bytes)) for _ in range(SCRATCH_BUFFERS)]
         self.compute = RecordCompute(bundle)
         self.windows = []

@@ -127,6 +127,7 @@ class Bundle:
             "total_bytes": sum(files.values()),
             "dense_bytes": files[fmt.DENSE_FILE],
             "ffn_bytes": files[fmt.FFN_FILE],
+            "tokenizer_bytes": files.get(fmt.TOKENIZER_FILE, 0),
             "record_bytes": self.layout.record_bytes,
             "record_padding_bytes": self.layout.padding_bytes,
             "ffn_padding_bytes": (self.layout.padding_bytes * cfg.d_ff * cfg.n_layers

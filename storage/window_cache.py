@@ -141,7 +141,7 @@ class LayerWindow:
         # integer positions then take: ~2x faster than three boolean-mask compressions
         hi, mi = np.flatnonzero(hit), np.flatnonzero(~hit)
         hit_ids, hit_rows0 = sel.take(hi), srow.take(hi)             # [h]; rows before compaction
-        self._lost = sel[:0]
+        lost = sel[:0]                                               # misses that lose a row (frequency)
         if self.evict == "frequency":
             self.freq[sel] += 1
         self.last_used[hit_rows0] = token
@@ -163,7 +163,7 @@ class LayerWindow:
             live[hit_rows0] = False
             cand = np.flatnonzero(live)                              # [c] evictable rows
             if self.evict == "frequency":
-                cand, miss_ids = self._compete(token, cand, miss_ids, need)
+                cand, miss_ids, lost = self._compete(token, cand, miss_ids, need)
             elif cand.size > need:
                 cand = cand[least_recent(self.last_used[cand], self.uses[cand], self.ids[cand],
                                          need, self.n_neurons)]
@@ -175,8 +175,8 @@ class LayerWindow:
         start = self.n_used
         k = min(len(miss_ids), self.capacity - start)
         new_ids, overflow = miss_ids[:k], miss_ids[k:]
-        if self.evict == "frequency" and len(self._lost):
-            overflow = np.union1d(overflow, self._lost)
+        if len(lost):
+            overflow = np.union1d(overflow, lost)
         end = start + k
         self.ids[start:end] = new_ids
         self.slot[new_ids] = np.arange(start, end, dtype=np.int32)
@@ -189,20 +189,19 @@ class LayerWindow:
                     expired=n_expired, evicted=n_evicted)
 
     def _compete(self, token: int, cand: np.ndarray, miss_ids: np.ndarray,
-                 need: int) -> tuple[np.ndarray, np.ndarray]:
+                 need: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Frequency eviction: rows ``cand`` (resident, not selected now) and ``miss_ids`` compete
         for ``len(cand) + len(miss_ids) - need`` rows. The losers are the ``need`` entries smallest
         in (lifetime selections, last use, id) order (``least_recent`` with the lifetime count as
-        its first key): losing rows are evicted, losing misses go to overflow (kept in
-        ``self._lost``). Returns (rows to evict, misses to append, ascending)."""
+        its first key): losing rows are evicted, losing misses go to overflow. Returns (rows to
+        evict, misses to append, misses that lost), ids ascending."""
         ids = np.concatenate((self.ids[cand].astype(np.int64), miss_ids))           # [c + m]
         last = np.concatenate((self.last_used[cand], np.full(len(miss_ids), token, np.int64)))
         lose = least_recent(self.freq[ids], last, ids, need, self.n_neurons)          # positions
         lost = np.zeros(len(ids), bool)
         lost[lose] = True
         c = len(cand)
-        self._lost = miss_ids[lost[c:]]
-        return cand[lost[:c]], miss_ids[~lost[c:]]
+        return cand[lost[:c]], miss_ids[~lost[c:]], miss_ids[lost[c:]]
 
     def _delete(self, dead: np.ndarray) -> int:
         """Delete the rows flagged in ``dead`` ([n_used] bool) by delete-by-move; returns rows moved.
