@@ -35,6 +35,7 @@ class BudgetPlan:
     kv_bytes: int            # KV cache + rotary tables at `context` tokens
     buffer_bytes: int        # read scratch (records) + f32 compute scratch
     tokenizer_bytes: int     # the loaded tokenizer (estimated from its file size)
+    selector_bytes: int      # a sparsity predictor's weights (threshold: the gate rows)
     slack_bytes: int
     cache_rows_per_layer: int
     cache_bytes: int         # window cache rows + their bookkeeping
@@ -108,20 +109,23 @@ def window_cache_bytes(cfg: ModelConfig, record_bytes: int, rows: int) -> int:
     return cfg.n_layers * (rows * (record_bytes + WINDOW_ROW_META) + cfg.d_ff * WINDOW_NEURON_META)
 
 
-def plan_budget(bundle: Bundle, budget: int, context: int, mode: str) -> BudgetPlan:
+def plan_budget(bundle: Bundle, budget: int, context: int, mode: str, selector_bytes: int = 0) -> BudgetPlan:
     """Split ``budget`` bytes between owners for ``mode`` (window | naive)."""
     cfg, lay = bundle.config, bundle.layout
     dense, kv, buffers, tok = _fixed(bundle, context)
-    fixed = dense + kv + buffers + tok + SLACK_BYTES
+    fixed = dense + kv + buffers + tok + selector_bytes + SLACK_BYTES
     if budget < fixed:
+        pred = f", predictor ({fmt_bytes(selector_bytes)})" if selector_bytes else ""
         raise FlashinferError(
             f"--dram-budget {fmt_bytes(budget)} is too small for this model: the dense part "
             f"({fmt_bytes(dense)}), KV cache at {context} tokens ({fmt_bytes(kv)}), tokenizer "
-            f"({fmt_bytes(tok)}) and buffers ({fmt_bytes(buffers + SLACK_BYTES)}) need at least "
-            f"{fmt_bytes(fixed)}; raise the budget or lower --context")
+            f"({fmt_bytes(tok)}){pred} and buffers ({fmt_bytes(buffers + SLACK_BYTES)}) need at least "
+            f"{fmt_bytes(fixed)}; raise the budget or lower --context"
+            + ("; the threshold predictor holds the gate rows, --predictor lowrank does not"
+               if selector_bytes and selector_bytes > cfg.n_layers * cfg.d_ff * cfg.d_model else ""))
     rows = window_rows(cfg, lay.record_bytes, budget - fixed) if mode == "window" else 0
     cache = window_cache_bytes(cfg, lay.record_bytes, rows)
-    return BudgetPlan(budget, dense, kv, buffers, tok, SLACK_BYTES, rows, cache, context)
+    return BudgetPlan(budget, dense, kv, buffers, tok, selector_bytes, SLACK_BYTES, rows, cache, context)
 
 
 def in_dram_bytes(cfg: ModelConfig, total_bytes: int, tokenizer_file_bytes: int, context: int) -> int:

@@ -188,3 +188,31 @@ def sweep_chart(sweep: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def quality_chart(res: dict, path: Path) -> None:
+    """``eval``'s results: perplexity increase and bytes read per token (no cache) against sparsity."""
+    plt = _plt()
+    rows = sorted(res["rows"], key=lambda r: r["sparsity"])
+    s = [r["sparsity"] for r in rows]
+    fig, a1 = plt.subplots(figsize=(6.5, 4.2), dpi=90)
+    for part, style in (("all", "o-"), ("prose", "^:"), ("code", "v:"), ("corpus", "^:")):
+        if part in rows[0]["ppl_increase"]:
+            a1.plot(s, [100 * r["ppl_increase"][part] for r in rows], style, label=f"perplexity increase ({part})")
+    a1.axhline(1, color="gray", ls="--", lw=0.8)
+    a1.axhline(3, color="gray", ls=":", lw=0.8)
+    a1.axvline(res["default_sparsity"], color="#55a868", lw=1, label="calibrated default")
+    a1.set_xlabel("sparsity (share of neurons skipped per token)")
+    a1.set_ylabel("perplexity increase over exact (%)")
+    tw = a1.twinx()
+    tw.plot(s, [r["bytes_per_token"] / MIB for r in rows], "s--", color="#dd8452", label="MiB read/token")
+    tw.axhline(res["all_bytes_per_token"] / MIB, color="#dd8452", lw=0.6, ls=":")
+    tw.set_ylabel("MiB read per token with no cache (dotted: all)", color="#dd8452")
+    tw.set_ylim(0, None)
+    h1, l1 = a1.get_legend_handles_labels()
+    h2, l2 = tw.get_legend_handles_labels()
+    a1.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper left")
+    fig.suptitle(f"{res['predictor']} predictor: {Path(res.get('bundle', '')).name}", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

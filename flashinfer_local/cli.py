@@ -1,4 +1,4 @@
-"""The `flashinfer-local` command line: run, convert, inspect."""
+"""The `flashinfer-local` command line: run, convert, inspect, profile, estimate, calibrate, eval."""
 from __future__ import annotations
 
 import json
@@ -65,8 +65,13 @@ def inspect(bundle: Path, verify: bool, as_json: bool):
     b = Bundle(bundle)
     cfg, s, lay, m = b.config, b.sizes(), b.layout, b.manifest
     if as_json:
+        from predictors import store
+        preds = {k: store.read_meta(b.path, k) for k in store.available(b.path)}
         click.echo(json.dumps({"config": cfg.to_dict(), "sizes": s, "layout": lay.to_dict(),
-                               "source": m["source"], "format_version": m["format_version"]}, indent=1))
+                               "source": m["source"], "format_version": m["format_version"],
+                               "predictors": {k: {"default_sparsity": v["default_sparsity"],
+                                                  "ranks": [r.get("rank") for r in v["layers"]]}
+                                              for k, v in preds.items() if v}}, indent=1))
     else:
         kv = sorted(set(cfg.n_kv_heads))
         click.echo(f"bundle      {b.path}  (format v{m['format_version']}, {m.get('created_by', '?')})")
@@ -85,12 +90,37 @@ def inspect(bundle: Path, verify: bool, as_json: bool):
                    f"padding {lay.padding_bytes} B/record, {fmt_bytes(s['ffn_padding_bytes'])} in all "
                    f"({100 * s['ffn_padding_bytes'] / s['ffn_bytes']:.1f}% of ffn)")
         click.echo(f"kv cache    {fmt_bytes(cfg.kv_bytes_per_token())} per token (f32)")
+        for line in _predictor_lines(b):
+            click.echo(line)
     if verify:
         bad = b.verify()
         if bad:
             raise FlashinferError(f"checksum mismatch in {', '.join(bad)}: the bundle is corrupted; "
                                   "re-run convert")
         click.echo(f"verify      all {len(m['files'])} checksums match")
+
+
+def _predictor_lines(b) -> list[str]:
+    from predictors import store
+
+    from .selection import predictor_bytes
+    out = []
+    for kind in store.KINDS:
+        if not store.predictor_path(b.path, kind).exists():
+            continue
+        meta = store.read_meta(b.path, kind)
+        if meta is None:
+            out.append(f"predictor   {kind}: unreadable file; re-run calibrate")
+            continue
+        ranks = sorted({r["rank"] for r in meta["layers"] if r.get("rank")})
+        dram = predictor_bytes(b, kind)
+        what = (f"gate rows held in DRAM, {fmt_bytes(dram)} (counted in --dram-budget)" if kind == "threshold"
+                else f"rank {ranks[0] if len(ranks) == 1 else f'{ranks[0]}-{ranks[-1]}'}, {fmt_bytes(dram)} in DRAM")
+        out.append(f"predictor   {kind}: {what}; default sparsity {meta['default_sparsity']:.2f}, calibrated on "
+                   f"{meta['train_tokens']} tokens")
+    if not out:
+        out.append("predictor   none (flashinfer-local calibrate BUNDLE adds one)")
+    return out
 
 
 def _options(*decorators):
@@ -123,10 +153,15 @@ ENGINE_OPTIONS = _options(
     click.option("--evict", type=click.Choice(["recency", "frequency"]), default="recency",
                  show_default=True, help="What the window cache keeps when a token needs more neurons than "
                  "fit: the most recently used (the paper's window), or the most often used ones."),
-    click.option("--selector", type=click.Choice(["all", "oracle"]), default="all", show_default=True,
-                 help="Which neurons a token computes. all: exact; oracle: measuring tool (true top "
-                 "activations from dense weights held outside the budget), not for normal use."),
-    click.option("--sparsity", default=0.5, show_default=True, help="Share of neurons the oracle skips."),
+    click.option("--selector", type=click.Choice(["all", "predictor", "oracle"]), default="all",
+                 show_default=True, help="Which neurons a token computes. all: exact; predictor: what "
+                 "`calibrate` stored in the bundle; oracle: measuring tool (true top activations from "
+                 "dense weights held outside the budget), not for normal use."),
+    click.option("--predictor", type=click.Choice(["lowrank", "threshold"]), default=None,
+                 help="Which calibrated predictor --selector predictor uses (default: lowrank if the "
+                 "bundle has it, else threshold)."),
+    click.option("--sparsity", type=float, default=None, help="Share of neurons a token skips (default: "
+                 "the predictor's calibrated default, at most 1%% perplexity cost; the oracle: 0.5)."),
     click.option("--context", default=2048, show_default=True,
                  help="Longest prompt + generation planned for (sizes the KV cache in the budget)."))
 
@@ -141,7 +176,7 @@ ENGINE_OPTIONS = _options(
 @click.option("--stats", is_flag=True, help="Print speed and memory figures to stderr at the end.")
 @click.option("--stats-json", type=click.Path(path_type=Path), help="Write the figures as JSON.")
 def run(model, prompt, max_tokens, temperature, top_p, top_k, seed, chat, dtype, threads, dram_budget,
-        offload, window_tokens, io_threads, evict, selector, sparsity, context, stats, stats_json):
+        offload, window_tokens, io_threads, evict, selector, predictor, sparsity, context, stats, stats_json):
     """Generate text from MODEL (a bundle, an HF folder, a GGUF file; default: SmolLM2-135M-Instruct)."""
     from .engine import Engine
     from .generate import SamplingParams
@@ -155,7 +190,8 @@ def run(model, prompt, max_tokens, temperature, top_p, top_k, seed, chat, dtype,
     baseline = rss_bytes()
     with PeakRSS() as peak:
         eng = Engine(path, threads=threads, offload=offload, dram_budget=budget, window=window_tokens,
-                     io_threads=io_threads, evict=evict, selector=selector, sparsity=sparsity, context=context)
+                     io_threads=io_threads, evict=evict, selector=selector, sparsity=sparsity, context=context,
+                     predictor=predictor)
         st, text = None, []
         for step in eng.generate(prompt, max_tokens=max_tokens, sampling=sampling, chat=chat):
             click.echo(step.text, nl=False)
@@ -207,8 +243,8 @@ def run(model, prompt, max_tokens, temperature, top_p, top_k, seed, chat, dtype,
 @click.option("--json-only", is_flag=True, hidden=True, help="Write profile.json only, print nothing "
               "(the per-budget runs of --sweep).")
 def profile(model, prompt, max_tokens, temperature, top_p, top_k, seed, chat, dtype, threads, dram_budget,
-            offload, window_tokens, io_threads, evict, selector, sparsity, context, out, sweep, target_tps,
-            json_only):
+            offload, window_tokens, io_threads, evict, selector, predictor, sparsity, context, out, sweep,
+            target_tps, json_only):
     """Generate from MODEL while recording where the memory goes (RSS over time by owner, per phase),
     SSD bytes read per token and the window cache; writes profile.json and PNG charts to --out.
     With --sweep, compares budgets instead (tokens/s, bytes/token, peak RSS; sweep.json, sweep.png)."""
@@ -228,11 +264,13 @@ def profile(model, prompt, max_tokens, temperature, top_p, top_k, seed, chat, dt
         _profile_sweep(path, sweep, target_tps, out, prompt=prompt, max_tokens=max_tokens,
                        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, chat=chat,
                        threads=threads, offload=offload, window=window_tokens, io_threads=io_threads,
-                       evict=evict, selector=selector, sparsity=sparsity, context=context)
+                       evict=evict, selector=selector, predictor=predictor, sparsity=sparsity,
+                       context=context)
         return
     from .profile import profile_generation, report_lines
     options = {"threads": threads, "offload": offload, "window": window_tokens, "io_threads": io_threads,
-               "evict": evict, "selector": selector, "sparsity": sparsity, "context": context,
+               "evict": evict, "selector": selector, "predictor": predictor, "sparsity": sparsity,
+               "context": context,
                "dram_budget": parse_size(dram_budget) if dram_budget is not None else None}
     echo = None if json_only else (lambda s: click.echo(s, nl=False))
     prof = profile_generation(path, options, prompt, max_tokens, sampling, chat, on_text=echo)
@@ -260,8 +298,10 @@ def _profile_sweep(path: Path, budgets: str, target_tps, out: Path, **run) -> No
     b.close()
     args = ["-p", run["prompt"], "-n", run["max_tokens"], "--temperature", run["temperature"], "--top-p",
             run["top_p"], "--top-k", run["top_k"], "--seed", run["seed"], "--window", run["window"],
-            "--io-threads", run["io_threads"], "--evict", run["evict"], "--selector", run["selector"], "--sparsity", run["sparsity"],
+            "--io-threads", run["io_threads"], "--evict", run["evict"], "--selector", run["selector"],
             "--context", run["context"]]
+    args += ["--sparsity", run["sparsity"]] if run["sparsity"] is not None else []
+    args += ["--predictor", run["predictor"]] if run["predictor"] else []
     args += ["--chat"] if run["chat"] else []
     args += ["--threads", run["threads"]] if run["threads"] else []
     args += ["--offload", run["offload"]] if run["offload"] else []
@@ -296,3 +336,100 @@ def estimate(model, context, dram_budget, as_json):
         return
     for line in report_lines(e, facts):
         click.echo(line)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--corpus", "corpus", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Text file(s) to calibrate on (default: the Python standard library's docstrings and "
+              "sources, see the README).")
+@click.option("--tokens", default=4096, show_default=True, help="Calibration tokens (the last 1/8 is held "
+              "out to measure recall and pick the default sparsity).")
+@click.option("--target-sparsity", default=0.5, show_default=True,
+              help="Share of neurons counted inactive when training and reporting recall.")
+@click.option("--predictor", type=click.Choice(["lowrank", "threshold"]), default="lowrank", show_default=True,
+              help="lowrank: trained sigma(B(A x)) per layer, small; threshold: exact gate from gate rows "
+              "held in DRAM (a third of the FFN) and a calibrated cutoff.")
+@click.option("--rank", type=int, default=None, help="lowrank: fixed rank for every layer (default: per "
+              "layer, the smallest of 16..512 reaching --recall).")
+@click.option("--recall", "recall_target", default=0.95, show_default=True,
+              help="lowrank: share of the active neurons' activation mass the predictor must keep.")
+@click.option("--max-ppl-increase", default=0.01, show_default=True,
+              help="The default sparsity stored is the largest whose validation perplexity rises at most this.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--threads", type=int, default=None, help="Compute threads (default: all cores).")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the report as JSON.")
+def calibrate(bundle, corpus, tokens, target_sparsity, predictor, rank, recall_target, max_ppl_increase, seed,
+              threads, json_out):
+    """Fit a sparsity predictor for BUNDLE on real text and store it in the bundle (atomically)."""
+    from .calibrate import calibrate as do_calibrate
+    rep = do_calibrate(bundle, predictor, list(corpus) or None, tokens, target_sparsity, rank, recall_target,
+                       seed, max_ppl_increase, progress=sys.stderr.isatty(), threads=threads)
+    for line in _calibrate_lines(rep):
+        click.echo(line)
+    if json_out:
+        json_out.write_text(json.dumps(rep, indent=1))
+
+
+def _calibrate_lines(rep: dict) -> list[str]:
+    import numpy as np
+    lay = rep["layers"]
+    out = [f"{rep['kind']} predictor: {rep['train_tokens']} training + {rep['val_tokens']} validation tokens "
+           f"({rep['corpus'] if isinstance(rep['corpus'], str) else ', '.join(rep['corpus'])}), target "
+           f"sparsity {rep['target_sparsity']:.2f}, {rep['calibrate_s']:.0f} s"]
+    out.append("layer  rank  recall  precision  fit s")
+    for r in lay:
+        out.append(f"{r['layer']:>5}  {r['rank'] if r['rank'] else '-':>4}  {r['recall']:.3f}   {r['precision']:.3f}"
+                   f"      {r['fit_s']:.1f}")
+    out.append(f"mean recall {np.mean([r['recall'] for r in lay]):.3f}, precision "
+               f"{np.mean([r['precision'] for r in lay]):.3f}; validation perplexity exact "
+               f"{rep['exact_val_perplexity']:.3f}")
+    for c in rep["default_curve"]:
+        out.append(f"  sparsity {c['sparsity']:.2f}: perplexity {c['perplexity']:.3f} ({100 * c['increase']:+.2f}%)")
+    out.append(f"default sparsity {rep['default_sparsity']:.2f} (largest with <= "
+               f"{100 * rep['max_ppl_increase']:.0f}% perplexity increase); wrote {rep['path']}")
+    return out
+
+
+@main.command(name="eval")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--corpus", "corpus", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Held-out text file(s) (default: standard-library text not used by calibrate).")
+@click.option("--tokens", default=1024, show_default=True, help="Held-out tokens scored.")
+@click.option("--sparsity", "sparsities", multiple=True, type=float,
+              help="Settings to measure (repeatable; default: 0.3 to 0.7 and the calibrated default).")
+@click.option("--predictor", type=click.Choice(["lowrank", "threshold"]), default=None,
+              help="Which calibrated predictor (default: lowrank if present).")
+@click.option("--gen-tokens", default=128, show_default=True, help="Greedy tokens compared with the exact model.")
+@click.option("--threads", type=int, default=None, help="Compute threads (default: all cores).")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the results as JSON.")
+@click.option("--plot", type=click.Path(path_type=Path), help="PNG: sparsity against perplexity increase and "
+              "bytes read per token.")
+def eval_cmd(bundle, corpus, tokens, sparsities, predictor, gen_tokens, threads, json_out, plot):
+    """Measure what a calibrated predictor costs in quality: perplexity on held-out text and greedy
+    agreement with the exact model, per sparsity setting."""
+    from .engine import Engine
+    from .evaluate import evaluate, held_out_ids
+    eng = Engine(bundle, threads=threads, offload="none", selector="predictor", predictor=predictor)
+    default = eng.selector.meta["default_sparsity"]
+    settings = sorted(set(sparsities) if sparsities else {0.3, 0.4, 0.5, 0.6, 0.7, default})
+    parts = held_out_ids(eng.tokenizer, list(corpus) or None, tokens)
+    click.echo(f"{eng.selector.kind} predictor on {bundle.name}: {', '.join(f'{k} {len(v)}' for k, v in parts.items())}"
+               f" held-out tokens, {gen_tokens} greedy tokens; default sparsity {default:.2f}")
+    click.echo("sparsity  ppl increase  agreement  identical prefix  kept  read/token  predictor ms/token (% of token)")
+
+    def show(r):
+        click.echo(f"{r['sparsity']:>8.2f}  {100 * r['ppl_increase']['all']:>+11.2f}%  {r['agreement']:>9.3f}  "
+                   f"{r['identical_prefix']:>16}  {r['kept_share']:.2f}  {fmt_bytes(r['bytes_per_token']):>10}  "
+                   f"{r['predictor_ms_per_token']:.2f} ({100 * r['predictor_share_of_dram_token']:.1f}%)")
+    res = evaluate(eng, settings, parts, gen_tokens=gen_tokens, on_step=show)
+    eng.close()
+    res["bundle"] = str(bundle)
+    click.echo(f"exact perplexity {', '.join(f'{k} {v:.3f}' for k, v in res['exact_perplexity'].items())}; "
+               f"reading every record: {fmt_bytes(res['all_bytes_per_token'])}/token")
+    if json_out:
+        json_out.write_text(json.dumps(res, indent=1))
+    if plot:
+        from .charts import quality_chart
+        quality_chart(res, plot)
+        click.echo(f"wrote {plot}")

@@ -20,7 +20,7 @@ from .generate import SamplingParams, Sampler, Step, decode_loop
 from .memory import PeakRSS, rss_bytes
 from .models import build_model
 from .models.common import KVCache
-from .selection import make_selector
+from .selection import make_selector, selector_bytes
 from .streaming import MAX_GAP_BYTES, StreamingFFN
 from .tokenizer import Tokenizer
 from .units import fmt_bytes
@@ -57,8 +57,9 @@ class Engine:
 
     def __init__(self, path: str | Path, threads: int | None = None, offload: str | None = None,
                  dram_budget: int | None = None, window: int = 4, io_threads: int = 8,
-                 selector: str = "all", sparsity: float = 0.5, context: int = 2048, direct: bool = True,
-                 evict: str = "recency", read_gap: int = MAX_GAP_BYTES):
+                 selector: str = "all", sparsity: float | None = None, context: int = 2048,
+                 direct: bool = True, evict: str = "recency", read_gap: int = MAX_GAP_BYTES,
+                 predictor: str | None = None):
         torch.set_num_threads(threads or min(os.cpu_count() or 1, 8))
         if offload != "none":
             from .kernels import warm_up
@@ -74,25 +75,24 @@ class Engine:
         if window < 1:
             raise FlashinferError(f"--window {window} must be at least 1 token")
         sizes = self.bundle.sizes()
-        in_dram = in_dram_bytes(cfg, sizes["total_bytes"], sizes["tokenizer_bytes"], self.context)
+        sel_bytes = selector_bytes(selector, self.bundle, predictor)
+        in_dram = in_dram_bytes(cfg, sizes["total_bytes"], sizes["tokenizer_bytes"], self.context) + sel_bytes
         if offload is None:
             offload = "none" if dram_budget is None or dram_budget >= in_dram else "window"
         if offload == "none" and dram_budget is not None and dram_budget < in_dram:
             raise FlashinferError(f"--dram-budget {fmt_bytes(dram_budget)} cannot hold this model in DRAM "
                                   f"(needs about {fmt_bytes(in_dram)}); use --offload window")
-        if offload == "none" and selector != "all":
-            raise FlashinferError(f"--selector {selector} needs --offload window or naive")
         self.offload, self.dram_budget = offload, dram_budget
         self.tokenizer = Tokenizer(self.bundle)
         self.weights = _dense_weights(self.bundle)
         self.plan = None
-        if offload == "none":
-            self.selector = None
-            self.ffn = make_dram_ffn(self.bundle)
+        if offload == "none":      # a selector masks each token's neurons (quality as decode sees it)
+            self.selector = make_selector(selector, self.bundle, sparsity, predictor)
+            self.ffn = make_dram_ffn(self.bundle, None if selector == "all" else self.selector)
         else:
             self.plan = plan_budget(self.bundle, dram_budget if dram_budget is not None else 1 << 62,
-                                    self.context, offload)
-            self.selector = make_selector(selector, self.bundle, sparsity)
+                                    self.context, offload, sel_bytes)
+            self.selector = make_selector(selector, self.bundle, sparsity, predictor)
             self.ffn = StreamingFFN(self.bundle, self.plan, offload, window, self.selector,
                                     io_threads=io_threads, direct=direct, evict=evict, read_gap=read_gap)
         self.model = build_model(cfg, self.weights, self.ffn)
@@ -128,7 +128,8 @@ class Engine:
         """Bytes held per owner, as planned (the dense part whole but for an untied embedding's
         untouched rows, see budget.py)."""
         if self.plan is None:
-            return {"dense_bytes": self.bundle.sizes()["dense_bytes"], "ffn_dram_bytes": self.ffn.nbytes}
+            return {"dense_bytes": self.bundle.sizes()["dense_bytes"], "ffn_dram_bytes": self.ffn.nbytes,
+                    "selector_bytes": self.selector.nbytes}
         return {"dense_bytes": self.plan.dense_bytes, "tokenizer_bytes": self.plan.tokenizer_bytes,
                 "window_cache_bytes": self.ffn.cache_bytes,
                 "buffer_bytes": self.ffn.buffer_bytes, "selector_bytes": self.selector.nbytes}

@@ -9,8 +9,10 @@ from __future__ import annotations
 import ast
 import math
 import sysconfig
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -71,3 +73,103 @@ def perplexity(engine, ids: list[int], window: int = 256, max_windows: int | Non
         nll += F.cross_entropy(logits.float(), torch.tensor(chunk[1:]), reduction="sum").item()
         n += len(chunk) - 1
     return {"perplexity": math.exp(nll / n), "nll": nll / n, "tokens": n}
+
+
+def held_out_ids(tokenizer, files: list[Path] | None, tokens: int) -> dict[str, list[int]]:
+    """Held-out token ids by part: {"prose", "code"} of HELD_OUT_MODULES (``tokens`` // 2 each), or
+    {"corpus"} from the given files."""
+    if files:
+        ids = []
+        for f in files:
+            ids += tokenizer.encode(Path(f).read_text(encoding="utf-8", errors="replace"))
+        return {"corpus": ids[:tokens]}
+    c = stdlib_corpus(HELD_OUT_MODULES)
+    return {k: tokenizer.encode(c[k])[:tokens // 2] for k in ("prose", "code")}
+
+
+class _Density:
+    """Wraps a selector's mask: accumulates the kept share of each layer over the tokens seen."""
+
+    def __init__(self, sel, n_layers: int):
+        self.sel, self.kept, self.tokens = sel, np.zeros(n_layers), np.zeros(n_layers)
+
+    def mask(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        m = self.sel.mask(layer, x)
+        self.kept[layer] += float(m.float().mean(1).sum())
+        self.tokens[layer] += m.shape[0]
+        return m
+
+    def share(self) -> np.ndarray:
+        return self.kept / np.maximum(self.tokens, 1)
+
+
+def _ppl(engine, parts: dict[str, list[int]], window: int) -> dict:
+    out, nll, n = {}, 0.0, 0
+    for k, ids in parts.items():
+        r = perplexity(engine, ids, window)
+        out[k] = r["perplexity"]
+        nll, n = nll + r["nll"] * r["tokens"], n + r["tokens"]
+    out["all"] = math.exp(nll / n)
+    return out
+
+
+@torch.inference_mode()
+def evaluate(engine, sparsities: list[float], parts: dict[str, list[int]], gen_tokens: int = 128,
+             prompt_tokens: int = 64, window: int = 256, timing_tokens: int = 16, on_step=None) -> dict:
+    """Quality of ``engine.selector`` (a PredictorSelector on an offload-none engine) at each sparsity
+    against the exact model on the same engine:
+
+    - perplexity of each part of ``parts`` and of all of it (each token with its own selection);
+    - greedy agreement: the exact model generates ``gen_tokens`` greedily after the first
+      ``prompt_tokens`` of the first part; the sparse model, fed the same sequence, predicts each of
+      them (``agreement``: share equal; ``identical_prefix``: tokens before the first difference, which
+      is also how long a free-running sparse generation stays identical);
+    - kept share per layer, and from it the bytes a token would read with no cache;
+    - predictor time per decode token, and its share of a decode token's time in DRAM.
+    """
+    sel, ffn, cfg, lay = engine.selector, engine.ffn, engine.config, engine.bundle.layout
+    timing_tokens = max(1, min(timing_tokens, gen_tokens))
+    all_bytes = cfg.n_layers * cfg.d_ff * lay.record_bytes
+    ffn.selector = None
+    exact = _ppl(engine, parts, window)
+    prompt = next(iter(parts.values()))[:prompt_tokens]
+    cache = engine.new_cache(len(prompt) + gen_tokens)
+    logits = engine.forward(torch.tensor(prompt), 0, cache)
+    gen = []
+    for k in range(gen_tokens):
+        gen.append(int(logits[-1].argmax()))
+        logits = engine.forward(torch.tensor(gen[-1:]), len(prompt) + k, cache)
+    seq = prompt + gen
+    rows = []
+    for s in sparsities:
+        sel.set_sparsity(s)
+        dens = _Density(sel, cfg.n_layers)
+        ffn.selector = dens
+        pred = engine.logits(seq[:-1])[len(prompt) - 1:].argmax(-1).tolist()        # [gen_tokens]
+        share = dens.share()
+        same = [p == g for p, g in zip(pred, gen)]
+        ffn.selector = sel
+        ppl = _ppl(engine, parts, window)
+        # time: decode a few tokens with and without the selector (predictor share of a token)
+        c = engine.new_cache(len(prompt) + timing_tokens)
+        engine.forward(torch.tensor(prompt), 0, c)
+        sel.seconds = 0.0
+        t1 = time.perf_counter()
+        for k in range(timing_tokens):
+            engine.forward(torch.tensor(gen[k:k + 1]), len(prompt) + k, c)
+        tok_s = (time.perf_counter() - t1) / timing_tokens
+        row = {"sparsity": float(s), "perplexity": ppl,
+               "ppl_increase": {k: ppl[k] / exact[k] - 1 for k in ppl},
+               "agreement": sum(same) / len(same),
+               "identical_prefix": same.index(False) if False in same else len(same),
+               "kept_share_per_layer": share.tolist(), "kept_share": float(share.mean()),
+               "bytes_per_token": float(share.mean() * all_bytes),
+               "predictor_ms_per_token": 1000 * sel.seconds / timing_tokens,
+               "predictor_share_of_dram_token": sel.seconds / timing_tokens / tok_s}
+        rows.append(row)
+        if on_step:
+            on_step(row)
+    ffn.selector = sel
+    return {"exact_perplexity": exact, "all_bytes_per_token": all_bytes,
+            "tokens": {k: len(v) for k, v in parts.items()}, "gen_tokens": gen_tokens,
+            "predictor": sel.kind, "default_sparsity": sel.meta["default_sparsity"], "rows": rows}

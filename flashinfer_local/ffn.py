@@ -50,8 +50,11 @@ class RecordCompute:
         return {n: torch.from_numpy(fmt.field_values(part, self.layout, n)) for n in self.names}
 
     def __call__(self, x: torch.Tensor, recs: np.ndarray, out: torch.Tensor,
-                 rows: np.ndarray | None = None) -> None:
-        """out += FFN of ``recs`` (or ``recs[rows]``, gathered a chunk at a time)."""
+                 rows: np.ndarray | None = None, mask: torch.Tensor | None = None) -> None:
+        """out += FFN of ``recs`` (or ``recs[rows]``, gathered a chunk at a time); ``mask`` [T, m]
+        (with all records, rows None) zeroes each token's unselected neurons."""
+        if mask is not None and x.shape[0] == 1:
+            rows, mask = np.flatnonzero(mask[0].numpy()), None
         if x.shape[0] == 1:       # decode: the fused kernel reads each record once, in place
             self.kernel(recs, np.arange(recs.shape[0]) if rows is None else rows, x[0].numpy(),
                         out[0].numpy())
@@ -64,16 +67,20 @@ class RecordCompute:
                 h = F.silu(F.linear(x, f["gate"])) * F.linear(x, f["up"])
             else:
                 h = F.relu(F.linear(x, f["up"]) + f["up_bias"][:, 0])
+            if mask is not None:
+                h = h * mask[:, a:a + CHUNK_ROWS]
             out.addmm_(h, f["down"])
 
 
 class RecordFFN:
     """Every record of every layer held in DRAM as records (the all-in-memory mode for int8/int4
-    bundles: computing on the quantized records is what makes them fast and small)."""
+    bundles: computing on the quantized records is what makes them fast and small). With a
+    ``selector``, each token computes only the neurons its selection keeps."""
 
-    def __init__(self, bundle: Bundle):
+    def __init__(self, bundle: Bundle, selector=None):
         self.records = [bundle.read_ffn_layer(i) for i in range(bundle.config.n_layers)]
         self.compute = RecordCompute(bundle)
+        self.selector = selector
 
     @property
     def nbytes(self) -> int:
@@ -81,13 +88,14 @@ class RecordFFN:
 
     def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(x.shape[0], x.shape[1])
-        self.compute(x, self.records[layer], out)
+        mask = None if self.selector is None else self.selector.mask(layer, x)
+        self.compute(x, self.records[layer], out, mask=mask)
         return out
 
 
-def make_dram_ffn(bundle: Bundle):
-    """The all-in-DRAM FFN backend for this bundle's record precision."""
-    return DenseFFN(bundle) if bundle.ffn_dtype in fmt.DTYPES else RecordFFN(bundle)
+def make_dram_ffn(bundle: Bundle, selector=None):
+    """The all-in-DRAM FFN backend for this bundle's record precision (``selector``: per-token masks)."""
+    return (DenseFFN if bundle.ffn_dtype in fmt.DTYPES else RecordFFN)(bundle, selector)
 
 
 class DenseFFN:
@@ -98,9 +106,9 @@ class DenseFFN:
     strided record fields was 15-25% slower per layer. Streaming modes compute on gathered records.
     """
 
-    def __init__(self, bundle: Bundle):
+    def __init__(self, bundle: Bundle, selector=None):
         cfg = bundle.config
-        self.gated = cfg.gated
+        self.gated, self.selector = cfg.gated, selector
         self.gate, self.up, self.down, self.up_bias = [], [], [], []
         for i in range(cfg.n_layers):
             rec = bundle.read_ffn_layer(i)                               # [d_ff, record_bytes] u8
@@ -124,4 +132,8 @@ class DenseFFN:
             h = F.silu(linear(x, self.gate[layer])) * linear(x, self.up[layer])   # [T, d_ff]
         else:
             h = F.relu(linear(x, self.up[layer], self.up_bias[layer]))
+        if self.selector is not None:
+            m = self.selector.mask(layer, x)
+            if m is not None:
+                h = h * m
         return linear(h, self.down[layer])

@@ -1,13 +1,19 @@
-"""Which FFN neurons a token needs: the one seam selectors (and later, predictors) plug into.
+"""Which FFN neurons a token needs: the one seam selectors and predictors plug into.
 
-A selector maps a layer's FFN input x [T, d] to sorted unique neuron ids (None: all of them).
+A selector maps a layer's FFN input x [T, d] to a per-token mask [T, d_ff] (``mask``; None: all
+neurons) and to the sorted unique neuron ids any of the T tokens needs (``select``: what a streaming
+step reads; for one decode token the two agree). DRAM-resident FFNs apply the mask per token, which
+is also how quality is measured: each token computes exactly the neurons its own selection keeps.
 """
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from predictors import store
 from storage.errors import FlashinferError
 from storage.reader import Bundle
 
@@ -20,6 +26,9 @@ class AllSelector:
     nbytes = 0
 
     def select(self, layer: int, x: torch.Tensor) -> np.ndarray | None:
+        return None
+
+    def mask(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
@@ -45,17 +54,110 @@ class OracleSelector:
                            None if self.gated else get("up_bias")[:, 0].float()))
         self.nbytes = sum(t.numel() * t.element_size() for ws in self.w for t in ws if t is not None)
 
-    def select(self, layer: int, x: torch.Tensor) -> np.ndarray | None:
+    def _top(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         gate, up, bias = self.w[layer]
         u = linear(x, up, bias)
         act = F.silu(linear(x, gate)) * u if self.gated else F.relu(u)              # [T, d_ff]
-        top = torch.topk(act.abs(), self.keep, dim=-1).indices                      # [T, keep]
-        return np.unique(top.numpy()).astype(np.int64)
+        return torch.topk(act.abs(), self.keep, dim=-1).indices                     # [T, keep]
+
+    def select(self, layer: int, x: torch.Tensor) -> np.ndarray | None:
+        return np.unique(self._top(layer, x).numpy()).astype(np.int64)
+
+    def mask(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        top = self._top(layer, x)
+        return torch.zeros(x.shape[0], self.w[layer][1].shape[0], dtype=torch.bool).scatter_(1, top, True)
 
 
-def make_selector(name: str, bundle: Bundle, sparsity: float = 0.5):
+class PredictorSelector:
+    """What ``calibrate`` stored: per layer a score per neuron and a cutoff per sparsity; a token
+    keeps the neurons whose score is above the layer's cutoff at ``sparsity``.
+
+    threshold: score = |silu(gate . x)| from the gate rows, held here in f16 (for ReLU models the
+    activation from the up rows and bias), so the gate is exact; costs d_ff x d_model f16 per layer.
+    lowrank: the same score from a rank-r stand-in for the gate, g' = B (A x) + bias, with the stored
+    f16 factors; small, and no weight rows needed.
+    ``nbytes`` is what it holds (inside the DRAM budget); ``seconds`` the time spent scoring.
+    """
+    name = "predictor"
+
+    def __init__(self, bundle: Bundle, kind: str | None = None, sparsity: float | None = None,
+                 tensors: dict | None = None, meta: dict | None = None):
+        cfg = bundle.config
+        self.kind = kind = kind or _default_kind(bundle)
+        if tensors is None:
+            tensors, meta = store.load(bundle.path, kind, cfg)
+        self.meta, self.gated = meta, cfg.gated
+        self.cutoff_table = [tensors[f"cutoffs.{i}"] for i in range(cfg.n_layers)]
+        self.w = []
+        for i in range(cfg.n_layers):
+            if kind == "lowrank":
+                self.w.append((torch.from_numpy(tensors[f"A.{i}"]), torch.from_numpy(tensors[f"B.{i}"]),
+                               torch.from_numpy(tensors[f"bias.{i}"].astype(np.float32))))
+                continue
+            rec = bundle.read_ffn_layer(i)
+            rows = bundle.field_f32(rec, "gate" if cfg.gated else "up").astype(np.float16)
+            bias = None if cfg.gated else torch.from_numpy(bundle.field_f32(rec, "up_bias")[:, 0].copy())
+            self.w.append((torch.from_numpy(rows), bias))
+        self.nbytes = sum(t.numel() * t.element_size() for ws in self.w for t in ws if t is not None)
+        self.seconds = 0.0
+        self.set_sparsity(meta["default_sparsity"] if sparsity is None else sparsity)
+
+    def set_sparsity(self, sparsity: float) -> None:
+        if not 0 <= sparsity <= store.GRID[-1]:
+            raise FlashinferError(f"--sparsity {sparsity} must be in [0, {store.GRID[-1]}]")
+        self.sparsity = float(sparsity)
+        self.cut = [float(np.interp(sparsity, store.GRID, c)) for c in self.cutoff_table]
+
+    def scores(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        # x [T, d] f32 -> [T, d_ff] f32
+        if self.kind == "lowrank":
+            A, B, bias = self.w[layer]
+            g = linear(linear(x, A), B) + bias
+            return F.silu(g).abs() if self.gated else F.relu(g)
+        rows, bias = self.w[layer]
+        return F.silu(linear(x, rows)).abs() if self.gated else F.relu(linear(x, rows, bias))
+
+    def mask(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        m = self.scores(layer, x) > self.cut[layer]
+        self.seconds += time.perf_counter() - t0
+        return m
+
+    def select(self, layer: int, x: torch.Tensor) -> np.ndarray:
+        m = self.mask(layer, x)
+        return np.flatnonzero(m.any(0).numpy()).astype(np.int64)
+
+
+def _default_kind(bundle: Bundle) -> str:
+    have = store.available(bundle.path)
+    if not have:
+        raise FlashinferError(f"{bundle.path} has no calibrated predictor; run: flashinfer-local calibrate "
+                              f"{bundle.path}")
+    return have[0]
+
+
+def predictor_bytes(bundle: Bundle, kind: str | None) -> int:
+    """DRAM a PredictorSelector of this bundle will hold, known before it is loaded (budget check)."""
+    cfg = bundle.config
+    kind = kind or _default_kind(bundle)
+    if kind == "threshold":
+        return cfg.n_layers * cfg.d_ff * (2 * cfg.d_model + (0 if cfg.gated else 4))
+    return store.file_tensor_bytes(bundle.path, kind) if store.predictor_path(bundle.path, kind).exists() else 0
+
+
+SELECTORS = ("all", "oracle", "predictor")
+
+
+def selector_bytes(name: str, bundle: Bundle, predictor: str | None) -> int:
+    """Budgeted bytes of a selector (the oracle, a measuring tool, is held outside the budget)."""
+    return predictor_bytes(bundle, predictor) if name == "predictor" else 0
+
+
+def make_selector(name: str, bundle: Bundle, sparsity: float | None = None, predictor: str | None = None):
     if name == "all":
         return AllSelector()
     if name == "oracle":
-        return OracleSelector(bundle, sparsity)
-    raise FlashinferError(f"--selector {name} is not known (choose all or oracle)")
+        return OracleSelector(bundle, 0.5 if sparsity is None else sparsity)
+    if name == "predictor":
+        return PredictorSelector(bundle, predictor, sparsity)
+    raise FlashinferError(f"--selector {name} is not known (choose {', '.join(SELECTORS)})")

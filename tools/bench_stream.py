@@ -1,8 +1,15 @@
 #!/usr/bin/env python3
-"""Streaming benchmark: naive vs window (all / oracle) under one DRAM budget, in one run.
+"""Streaming benchmark: naive vs window (all / oracle / calibrated predictors) under one DRAM budget,
+in one run.
 
     python tools/bench_stream.py BUNDLE [--budget-frac 0.5] [--prompt-tokens 128] [--gen 128]
                                  [--runs 3] [--rows naive,window-all,oracle-50,oracle-80]
+                                 [--rows naive,window-all,predictor-lowrank,predictor-threshold-30]
+
+Rows ``predictor-<kind>[-<sparsity %>]`` use the bundle's calibrated predictor (``calibrate``) at its
+default or the given sparsity; their weights count inside the budget. Each row's greedy tokens are
+compared with the first exact row's (naive or window-all) of the same run: agreement and the length
+of the identical prefix, the quality of the row next to its speed.
 
 Every row uses direct I/O (the page cache never serves FFN records) and the same budget. Reported
 per row (medians over --runs): decode tokens/s, ms/token split (I/O wait, bookkeeping, compute,
@@ -41,6 +48,21 @@ TEXT = ("In the beginning of computing, programs were written for machines with 
         "of a program had to stay close to the processor and which could wait on a drum or a tape. ")
 
 
+def row_options(name: str) -> dict:
+    if name in ROWS:
+        return ROWS[name]
+    parts = name.split("-")
+    if parts[0] == "predictor" and len(parts) in (2, 3) and parts[1] in ("lowrank", "threshold"):
+        kw = dict(offload="window", selector="predictor", predictor=parts[1])
+        return kw if len(parts) == 2 else {**kw, "sparsity": int(parts[2]) / 100}
+    raise SystemExit(f"unknown row {name!r}: one of {', '.join(ROWS)} or predictor-<kind>[-<sparsity %>]")
+
+
+def agreement(tokens: list[int], exact: list[int]) -> tuple[float, int]:
+    same = [a == b for a, b in zip(tokens, exact)]
+    return sum(same) / max(len(same), 1), same.index(False) if False in same else len(same)
+
+
 def run_row_isolated(path, name, budget, ids, gen):
     """Run one row in a fresh interpreter, so its runtime baseline and peak RSS are its own (in one
     process, memory the previous rows released but the allocator kept would count against it)."""
@@ -66,7 +88,9 @@ def run_row(path, kw, budget, ids, gen):
            "read_throughput": x["flash_bytes_per_token"] * st.decode_tokens_per_s,
            "read_throughput_while_waiting": x["flash_bytes_per_token"] / io_s if io_s else 0.0,
            "cache_hit_rate": x["cache_hit_rate"], "cache_rows_per_layer": x["cache_rows_per_layer"],
-           "peak_above_baseline": st.peak_rss_bytes - eng.runtime_baseline_bytes - x["selector_bytes"],
+           # the oracle's weights are held outside the budget; a predictor's inside it
+           "peak_above_baseline": st.peak_rss_bytes - eng.runtime_baseline_bytes
+           - (x["selector_bytes"] if kw.get("selector") == "oracle" else 0),
            "selector_bytes": x["selector_bytes"], "tokens": st.token_ids}
     eng.close()
     return row
@@ -75,7 +99,7 @@ def run_row(path, kw, budget, ids, gen):
 def main():
     if len(sys.argv) == 3 and sys.argv[1] == "--one-row":
         j = json.loads(sys.argv[2])
-        print(json.dumps(run_row(j["path"], ROWS[j["name"]], j["budget"], j["ids"], j["gen"])))
+        print(json.dumps(run_row(j["path"], row_options(j["name"]), j["budget"], j["ids"], j["gen"])))
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bundle", type=Path)
@@ -98,11 +122,17 @@ def main():
         ids = [int(i) for i in np.random.default_rng(0).integers(0, b.config.vocab_size, a.prompt_tokens)]
     results, seqs = {}, []
     names = a.rows.split(",")
+    for n in names:
+        row_options(n)
+    exact_row = next((n for n in names if n in ("naive", "window-all")), None)
     for r in range(a.runs):
         seqs.append(measure_sequential_bandwidth(b.ffn_path))     # the disk varies: once per run
         seq = statistics.median(seqs)
         for name in names:       # rows interleaved so machine noise hits all of them
             results.setdefault(name, []).append(run_row_isolated(a.bundle, name, budget, ids, a.gen))
+            if exact_row is not None and exact_row in results and len(results[exact_row]) == r + 1:
+                row = results[name][-1]
+                row["agreement"], row["identical_prefix"] = agreement(row["tokens"], results[exact_row][r]["tokens"])
             print(f"run {r + 1} {name}: {results[name][-1]['decode_tps']:.3f} tok/s", file=sys.stderr)
             a.json.parent.mkdir(parents=True, exist_ok=True)       # partial results survive a cut-off
             a.json.write_text(json.dumps({"partial": True, "seq_read_bytes_per_s": seq, "runs": results}))
@@ -113,8 +143,9 @@ def main():
           f"sequential bandwidth: {b.sizes()['ffn_bytes'] / seq:.2f} s/token; sequential direct "
           f"read bandwidth in this run: {seq / 1e9:.2f} GB/s\n")
     print("| row | tok/s | ms/token | I/O wait | bookkeeping | compute | selection | read/token | "
-          "of which gaps | effective read GB/s (% of seq) | mean read | hit rate | peak RSS above baseline |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "of which gaps | effective read GB/s (% of seq) | mean read | hit rate | peak RSS above baseline | "
+          "agreement (identical prefix) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n, m in med.items():
         print(f"| {n} | {m['decode_tps']:.3f} | {m['ms_per_token']:.0f} | {m['ms_io_wait']:.0f} | "
               f"{m['ms_bookkeeping']:.0f} | {m['ms_compute']:.0f} | {m['ms_selection']:.0f} | "
@@ -122,7 +153,8 @@ def main():
               f"{m['read_throughput'] / 1e9:.2f} "
               f"({100 * m['read_throughput'] / seq:.0f}%) | {fmt_bytes(m['mean_read_bytes'])} | "
               f"{100 * m['cache_hit_rate']:.0f}% | "
-              f"{fmt_bytes(m['peak_above_baseline'])} |")
+              f"{fmt_bytes(m['peak_above_baseline'])} | "
+              + (f"{m['agreement']:.3f} ({m['identical_prefix']:.0f}) |" if "agreement" in m else "- |"))
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps({"bundle": str(a.bundle), "bundle_bytes": size, "budget_bytes": budget,
                                   "seq_read_bytes_per_s": seq, "seq_read_runs": seqs, "median": med,

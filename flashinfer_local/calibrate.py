@@ -1,0 +1,191 @@
+"""``calibrate``: run the exact model over real text, fit a sparsity predictor per layer, store it.
+
+1. Tokenize the corpus (default: the standard library's docstrings as prose and its sources as code,
+   ``evaluate.CALIBRATION_MODULES``, disjoint from the held-out text ``eval`` scores) and run the
+   exact model over it in windows, recording every layer's FFN input x (f16).
+2. Per layer: the true activations a of those inputs from the layer's records, the threshold on |a|
+   at the target sparsity, per-neuron activation frequencies, and the predictor (threshold: the
+   quantiles of |silu(gate . x)|; lowrank: trained, ``predictors.lowrank.fit``), with its recall and
+   precision on the validation tokens (the last ``VAL_SHARE`` of the windows, not trained on).
+3. The default sparsity: the largest of DEFAULT_CANDIDATES whose validation perplexity is at most
+   ``max_ppl_increase`` above the exact model's (binary search; perplexity rises with sparsity).
+4. Write ``predictor-<kind>.safetensors`` into the bundle atomically (``predictors.store``).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from predictors import calibration as cal
+from predictors import lowrank, store
+from storage.errors import FlashinferError
+
+from .engine import Engine
+from .evaluate import CALIBRATION_MODULES, perplexity, stdlib_corpus
+from .selection import PredictorSelector
+
+log = logging.getLogger(__name__)
+
+WINDOW = 256                      # tokens per forward pass (each from an empty cache)
+VAL_SHARE = 0.125                 # of the calibration windows, held out for recall and the default
+DEFAULT_CANDIDATES = tuple(np.round(np.arange(0.05, 0.951, 0.05), 2))
+MAX_PPL_INCREASE = 0.01
+
+
+class _Recorder:
+    """Wraps the model's FFN: keeps each layer's inputs x [T, d] (f16) as they pass."""
+
+    def __init__(self, ffn, n_layers: int):
+        self.ffn, self.xs = ffn, [[] for _ in range(n_layers)]
+
+    def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        self.xs[layer].append(x.to(torch.float16))
+        return self.ffn(layer, x)
+
+
+def corpus_ids(tokenizer, files: list[Path] | None, tokens: int, modules=CALIBRATION_MODULES) -> list[int]:
+    """``tokens`` ids: from the files in turn, or half stdlib prose and half stdlib code."""
+    if files:
+        ids = []
+        for f in files:
+            ids += tokenizer.encode(Path(f).read_text(encoding="utf-8", errors="replace"))
+        texts = [ids]
+    else:
+        c = stdlib_corpus(modules)
+        texts = [tokenizer.encode(c["prose"])[:tokens // 2], tokenizer.encode(c["code"])[:tokens - tokens // 2]]
+    ids = [i for t in texts for i in t][:tokens]
+    if len(ids) < 2 * WINDOW:
+        raise FlashinferError(f"the calibration text has {len(ids)} tokens; it needs at least {2 * WINDOW} "
+                              "(pass more --corpus files or raise --tokens)")
+    return ids
+
+
+def _windows(ids: list[int]) -> list[list[int]]:
+    return [ids[a:a + WINDOW] for a in range(0, len(ids) - 1, WINDOW) if len(ids[a:a + WINDOW]) > 1]
+
+
+def _layer_fields(bundle, layer: int) -> dict[str, torch.Tensor]:
+    rec = bundle.read_ffn_layer(layer)
+    names = ["gate", "up"] if bundle.config.gated else ["up", "up_bias"]
+    w = {n: torch.from_numpy(np.ascontiguousarray(bundle.field_f32(rec, n))) for n in names}
+    if "up_bias" in w:
+        w["up_bias"] = w["up_bias"][:, 0].contiguous()
+    return w
+
+
+def _val_ppl(eng: Engine, windows: list[list[int]]) -> float:
+    nll = n = 0
+    for w in windows:
+        r = perplexity(eng, w, window=len(w))
+        nll, n = nll + r["nll"] * r["tokens"], n + r["tokens"]
+    return float(np.exp(nll / n))
+
+
+def _choose_default(eng: Engine, sel: PredictorSelector, val: list[list[int]], exact_ppl: float,
+                    max_increase: float, floor: float) -> tuple[float, list]:
+    """Largest candidate sparsity (at least ``floor``, the ReLU natural zeros, kept for free) whose
+    validation perplexity stays within ``max_increase`` of exact; binary search over the candidates."""
+    cands = [s for s in DEFAULT_CANDIDATES if s > floor]
+    curve, lo, hi, best = [], 0, len(cands) - 1, floor
+    eng.ffn.selector = sel
+    try:
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            sel.set_sparsity(cands[mid])
+            ppl = _val_ppl(eng, val)
+            curve.append({"sparsity": float(cands[mid]), "perplexity": ppl, "increase": ppl / exact_ppl - 1})
+            if ppl <= exact_ppl * (1 + max_increase):
+                best, lo = float(cands[mid]), mid + 1
+            else:
+                hi = mid - 1
+    finally:
+        eng.ffn.selector = None
+    return best, sorted(curve, key=lambda c: c["sparsity"])
+
+
+def calibrate(bundle_path: str | Path, kind: str = "lowrank", corpus: list[Path] | None = None,
+              tokens: int = 4096, target_sparsity: float = 0.5, rank: int | None = None,
+              recall_target: float = 0.95, seed: int = 0, max_ppl_increase: float = MAX_PPL_INCREASE,
+              progress: bool = False, threads: int | None = None) -> dict:
+    """Calibrate ``kind`` for the bundle and store it; returns the report (also stored in the file)."""
+    store.predictor_path(Path(bundle_path), kind)                       # validates kind
+    if not 0 < target_sparsity < 1:
+        raise FlashinferError(f"--target-sparsity {target_sparsity} must be between 0 and 1")
+    if not 0 < recall_target <= 1:
+        raise FlashinferError(f"--recall {recall_target} must be in (0, 1]")
+    if rank is not None and rank < 1:
+        raise FlashinferError(f"--rank {rank} must be at least 1")
+    torch.manual_seed(seed)
+    t_start = time.perf_counter()
+    eng = Engine(bundle_path, threads=threads, offload="none")
+    cfg, bundle = eng.config, eng.bundle
+    windows = _windows(corpus_ids(eng.tokenizer, corpus, tokens))
+    n_val = max(1, round(len(windows) * VAL_SHARE))
+    train_w, val_w = windows[:-n_val], windows[-n_val:]
+    rec = _Recorder(eng.ffn, cfg.n_layers)
+    eng.model.ffn = rec
+    bar = _bar(progress, len(windows) + cfg.n_layers, "calibrate")
+    exact_nll = n_tok = 0
+    for k, w in enumerate(windows):
+        if k < len(train_w):
+            eng.logits(w)
+        else:                      # validation windows: recorded too, and scored for the exact perplexity
+            r = perplexity(eng, w, window=len(w))
+            exact_nll, n_tok = exact_nll + r["nll"] * r["tokens"], n_tok + r["tokens"]
+        bar.update(1)
+    eng.model.ffn = rec.ffn
+    n_train = sum(len(w) for w in train_w)
+    tensors, layers = {}, []
+    natural = []
+    for i in range(cfg.n_layers):
+        x = torch.cat(rec.xs[i]).float()                                   # [N, d]
+        rec.xs[i] = None
+        xt, xv = x[:n_train], x[n_train:]
+        w = _layer_fields(bundle, i)
+        abs_a = cal.activations(xt, w, cfg.gated).abs()                    # [N, d_ff]
+        abs_av = cal.activations(xv, w, cfg.gated).abs()
+        natural.append(cal.natural_sparsity(abs_a))
+        thr = cal.threshold(abs_a, target_sparsity, cfg.gated, seed)
+        # ReLU: active = non-zero, so the kept share to compare with is the layer's own zeros' share
+        s_fit = target_sparsity if cfg.gated else natural[-1]
+        tensors[f"freq.{i}"] = cal.frequencies(abs_a, thr)
+        t0 = time.perf_counter()
+        if kind == "threshold":
+            cut = cal.cutoff_table(cal.gate_scores(xt, w, cfg.gated), seed)
+            k_t = store.grid_index(s_fit)
+            q = cal.selection_quality(cal.gate_scores(xv, w, cfg.gated), float(cut[k_t]), abs_av, thr)
+            rep = {**q, "rank": None}
+        else:
+            m, cut, rep = lowrank.fit(xt, abs_a, xv, abs_av, thr, s_fit,
+                                      w["gate"] if cfg.gated else w["up"], None if cfg.gated else w["up_bias"],
+                                      recall_target, seed + i, (rank,) if rank else lowrank.RANKS)
+            tensors[f"A.{i}"] = m.A.numpy().astype(np.float16)
+            tensors[f"B.{i}"] = m.B.numpy().astype(np.float16)
+            tensors[f"bias.{i}"] = m.bias.numpy().astype(np.float32)
+        tensors[f"cutoffs.{i}"] = cut
+        layers.append({"layer": i, "threshold": thr, "fit_s": time.perf_counter() - t0, **rep})
+        log.info("layer %d: %s", i, {k: v for k, v in layers[-1].items() if k != "tried"})
+        bar.update(1)
+    bar.close()
+    floor = float(np.mean(natural)) if not cfg.gated else 0.0
+    meta = {"target_sparsity": target_sparsity, "recall_target": recall_target, "seed": seed,
+            "corpus": [str(p) for p in corpus] if corpus else "stdlib:" + ",".join(CALIBRATION_MODULES),
+            "train_tokens": n_train, "val_tokens": sum(len(w) for w in val_w),
+            "natural_sparsity": float(np.mean(natural)), "layers": layers,
+            "max_ppl_increase": max_ppl_increase, "exact_val_perplexity": float(np.exp(exact_nll / n_tok))}
+    sel = PredictorSelector(bundle, kind, sparsity=0.0, tensors=tensors, meta={**meta, "default_sparsity": 0.0})
+    meta["default_sparsity"], meta["default_curve"] = _choose_default(
+        eng, sel, val_w, meta["exact_val_perplexity"], max_ppl_increase, round(floor, 2))
+    meta["calibrate_s"] = time.perf_counter() - t_start
+    path = store.save(bundle.path, kind, tensors, meta)
+    eng.close()
+    return {"path": str(path), "kind": kind, **meta}
+
+
+def _bar(enabled: bool, total: int, desc: str):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="step", disable=not enabled, leave=False)

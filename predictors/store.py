@@ -1,0 +1,122 @@
+"""Predictor files inside a bundle: ``predictor-<kind>.safetensors``, one per kind.
+
+Tensors (per layer l; shapes in comments below), plus a JSON header entry ``predictor`` with the
+format version, the kind, the calibration facts (corpus, tokens, seed, target sparsity) and the
+per-layer report (rank, recall, precision). A file is written to a temporary name in the bundle
+directory, flushed and renamed over the old one, so an interrupted calibrate leaves the bundle as it
+was. The bundle's manifest does not list these files: a bundle without them is complete.
+
+    freq.{l}        f32 [d_ff]       share of calibration tokens on which neuron j was active (|a| above
+                                     the layer's threshold at the target sparsity): the placement input
+    cutoffs.{l}     f32 [len(GRID)]  score quantiles of layer l at each sparsity of GRID: a token keeps
+                                     neuron j when score_j > cutoff(sparsity)
+    A.{l}, B.{l}    f16 [r_l, d], [d_ff, r_l]   (lowrank) score = B (A x) + bias
+    bias.{l}        f32 [d_ff]       (lowrank)
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from storage.config import ModelConfig
+from storage.errors import BundleError, FlashinferError
+
+FORMAT_VERSION = 1
+KINDS = ("threshold", "lowrank")
+GRID = np.round(np.arange(0, 100) / 100, 2)       # sparsities with a stored cutoff: 0.00 .. 0.99
+
+
+def grid_index(sparsity: float) -> int:
+    """Index of the largest stored sparsity at or below ``sparsity``."""
+    return int(np.clip(np.floor(sparsity * 100 + 1e-6), 0, len(GRID) - 1))
+
+
+def predictor_path(bundle_dir: Path, kind: str) -> Path:
+    if kind not in KINDS:
+        raise FlashinferError(f"--predictor {kind} is not known (choose {' or '.join(KINDS)})")
+    return Path(bundle_dir) / f"predictor-{kind}.safetensors"
+
+
+def available(bundle_dir: Path) -> list[str]:
+    """Kinds calibrated for this bundle, lowrank first (it needs no gate rows in DRAM)."""
+    return [k for k in reversed(KINDS) if predictor_path(bundle_dir, k).exists()]
+
+
+def save(bundle_dir: Path, kind: str, tensors: dict[str, np.ndarray], meta: dict) -> Path:
+    """Write atomically: temporary file in the same directory, fsync, rename, fsync the directory."""
+    path = predictor_path(bundle_dir, kind)
+    header = {"predictor": json.dumps({"format_version": FORMAT_VERSION, "kind": kind, **meta})}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata=header)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return path
+
+
+def load(bundle_dir: Path, kind: str, cfg: ModelConfig) -> tuple[dict[str, np.ndarray], dict]:
+    """(tensors, meta) of a bundle's predictor, checked against the model's shapes."""
+    path = predictor_path(bundle_dir, kind)
+    if not path.exists():
+        have = available(bundle_dir)
+        raise FlashinferError(f"{bundle_dir} has no {kind} predictor"
+                              + (f" (it has: {', '.join(have)})" if have else "")
+                              + f"; run: flashinfer-local calibrate {bundle_dir} --predictor {kind}")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = json.loads((f.metadata() or {})["predictor"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, KeyError, ValueError, json.JSONDecodeError, Exception) as e:   # safetensors raises its own
+        raise BundleError(f"{path}: unreadable predictor file ({e}); re-run calibrate") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise BundleError(f"{path}: predictor format version {meta.get('format_version')!r}, this version "
+                          f"reads {FORMAT_VERSION}; re-run calibrate")
+    want = {"freq": (cfg.d_ff,), "cutoffs": (len(GRID),)}
+    if kind == "lowrank":
+        want["bias"] = (cfg.d_ff,)
+    for layer in range(cfg.n_layers):
+        for name, shape in want.items():
+            t = tensors.get(f"{name}.{layer}")
+            if t is None or t.shape != shape:
+                raise BundleError(f"{path}: tensor {name}.{layer} missing or misshapen (want {shape}); "
+                                  "re-run calibrate")
+        if kind == "lowrank":
+            a, b = tensors.get(f"A.{layer}"), tensors.get(f"B.{layer}")
+            if a is None or b is None or a.shape[1] != cfg.d_model or b.shape != (cfg.d_ff, a.shape[0]):
+                raise BundleError(f"{path}: low-rank factors of layer {layer} missing or misshapen; "
+                                  "re-run calibrate")
+    return tensors, meta
+
+
+def read_meta(bundle_dir: Path, kind: str) -> dict | None:
+    """The JSON header of a stored predictor (None when there is none or it is unreadable)."""
+    path = predictor_path(bundle_dir, kind)
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return json.loads((f.metadata() or {})["predictor"])
+    except Exception:   # noqa: BLE001 - absent or broken: inspect just says so
+        return None
+
+
+def file_tensor_bytes(bundle_dir: Path, kind: str) -> int:
+    """Bytes the predictor's tensors take once loaded (the file size less its header)."""
+    path = predictor_path(bundle_dir, kind)
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+    return path.stat().st_size - 8 - n
