@@ -13,6 +13,7 @@ from storage import __version__
 from storage.convert import convert
 from storage.errors import FlashinferError
 
+from .calibrate import calibrate
 from .engine import Engine
 from .generate import GenerationStats, SamplingParams, Step
 
@@ -24,5 +25,5 @@ def load(model=None, dtype: str = "f16", threads: int | None = None) -> Engine:
                   threads=threads)
 
 
-__all__ = ["Engine", "GenerationStats", "SamplingParams", "Step", "FlashinferError", "convert", "load",
-           "__version__"]
+__all__ = ["Engine", "GenerationStats", "SamplingParams", "Step", "FlashinferError", "calibrate", "convert",
+           "load", "__version__"]

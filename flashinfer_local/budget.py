@@ -122,7 +122,7 @@ def plan_budget(bundle: Bundle, budget: int, context: int, mode: str, selector_b
             f"({fmt_bytes(tok)}){pred} and buffers ({fmt_bytes(buffers + SLACK_BYTES)}) need at least "
             f"{fmt_bytes(fixed)}; raise the budget or lower --context"
             + ("; the threshold predictor holds the gate rows, --predictor lowrank does not"
-               if selector_bytes and selector_bytes > cfg.n_layers * cfg.d_ff * cfg.d_model else ""))
+               if selector_bytes and selector_bytes >= cfg.n_layers * cfg.d_ff * cfg.d_model else ""))
     rows = window_rows(cfg, lay.record_bytes, budget - fixed) if mode == "window" else 0
     cache = window_cache_bytes(cfg, lay.record_bytes, rows)
     return BudgetPlan(budget, dense, kv, buffers, tok, selector_bytes, SLACK_BYTES, rows, cache, context)

@@ -178,12 +178,26 @@ def calibrate(bundle_path: str | Path, kind: str = "lowrank", corpus: list[Path]
             "natural_sparsity": float(np.mean(natural)), "layers": layers,
             "max_ppl_increase": max_ppl_increase, "exact_val_perplexity": float(np.exp(exact_nll / n_tok))}
     sel = PredictorSelector(bundle, kind, sparsity=0.0, tensors=tensors, meta={**meta, "default_sparsity": 0.0})
+    _time_layers(sel, layers, val_w[0][:1], eng)
     meta["default_sparsity"], meta["default_curve"] = _choose_default(
         eng, sel, val_w, meta["exact_val_perplexity"], max_ppl_increase, round(floor, 2))
     meta["calibrate_s"] = time.perf_counter() - t_start
     path = store.save(bundle.path, kind, tensors, meta)
     eng.close()
     return {"path": str(path), "kind": kind, **meta}
+
+
+def _time_layers(sel: PredictorSelector, layers: list[dict], ids: list[int], eng: Engine, reps: int = 20) -> None:
+    """Each layer's predictor time for one decode token (median of ``reps``), into its report."""
+    x = eng.weights["embed"][torch.tensor(ids)].float()                   # [1, d]; any input will do
+    with torch.inference_mode():
+        for i, rep in enumerate(layers):
+            ts = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                sel.scores(i, x)
+                ts.append(time.perf_counter() - t0)
+            rep["predict_ms"] = 1000 * float(np.median(ts))
 
 
 def _bar(enabled: bool, total: int, desc: str):

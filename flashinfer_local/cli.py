@@ -377,12 +377,13 @@ def _calibrate_lines(rep: dict) -> list[str]:
     out = [f"{rep['kind']} predictor: {rep['train_tokens']} training + {rep['val_tokens']} validation tokens "
            f"({rep['corpus'] if isinstance(rep['corpus'], str) else ', '.join(rep['corpus'])}), target "
            f"sparsity {rep['target_sparsity']:.2f}, {rep['calibrate_s']:.0f} s"]
-    out.append("layer  rank  recall  precision  fit s")
+    out.append("layer  rank  recall  precision  fit s  predictor ms/token")
     for r in lay:
         out.append(f"{r['layer']:>5}  {r['rank'] if r['rank'] else '-':>4}  {r['recall']:.3f}   {r['precision']:.3f}"
-                   f"      {r['fit_s']:.1f}")
+                   f"      {r['fit_s']:>5.1f}  {r['predict_ms']:.3f}")
     out.append(f"mean recall {np.mean([r['recall'] for r in lay]):.3f}, precision "
-               f"{np.mean([r['precision'] for r in lay]):.3f}; validation perplexity exact "
+               f"{np.mean([r['precision'] for r in lay]):.3f}, predictor {sum(r['predict_ms'] for r in lay):.1f} "
+               f"ms/token in all; validation perplexity exact "
                f"{rep['exact_val_perplexity']:.3f}")
     for c in rep["default_curve"]:
         out.append(f"  sparsity {c['sparsity']:.2f}: perplexity {c['perplexity']:.3f} ({100 * c['increase']:+.2f}%)")
