@@ -77,7 +77,7 @@ class PredictorSelector:
     threshold: score = |silu(gate . x)| from the gate rows (for ReLU models the activation from the
     up rows and bias), held here as int8 with an f16 scale per 32 values (half the bytes of f16; the
     codes' error, under 0.4% of a group's largest value, moves almost no neuron across a cutoff):
-    d_ff x (d_model + d_model / 16) bytes per layer.
+    d_ff x (d_model + d_model / 16) bytes per layer (f16 where d_model is not a multiple of 32).
     lowrank: the same score from a rank-r stand-in for the gate, g' = B (A x) + bias, with the stored
     f16 factors; small, and no weight rows needed.
     ``nbytes`` is what it holds (inside the DRAM budget); ``seconds`` the time spent scoring.
@@ -99,7 +99,9 @@ class PredictorSelector:
                                torch.from_numpy(tensors[f"bias.{i}"].astype(np.float32))))
                 continue
             rec = bundle.read_ffn_layer(i)
-            rows = QuantMatrix(*quantize_rows_q8(bundle.field_f32(rec, "gate" if cfg.gated else "up")))
+            a = bundle.field_f32(rec, "gate" if cfg.gated else "up")                  # [d_ff, d]
+            rows = (QuantMatrix(*quantize_rows_q8(a)) if a.shape[1] % 32 == 0      # groups of 32
+                    else torch.from_numpy(a.astype(np.float16)))
             bias = None if cfg.gated else torch.from_numpy(bundle.field_f32(rec, "up_bias")[:, 0].copy())
             self.w.append((rows, bias))
         self.nbytes = sum(t.nbytes if isinstance(t, QuantMatrix) else t.numel() * t.element_size()
@@ -145,8 +147,9 @@ def predictor_bytes(bundle: Bundle, kind: str | None) -> int:
     """DRAM a PredictorSelector of this bundle will hold, known before it is loaded (budget check)."""
     cfg = bundle.config
     kind = kind or _default_kind(bundle)
-    if kind == "threshold":        # int8 codes + f16 scales per 32 (+ f32 bias for ReLU models)
-        return cfg.n_layers * cfg.d_ff * (cfg.d_model + cfg.d_model // 16 + (0 if cfg.gated else 4))
+    if kind == "threshold":        # int8 codes + f16 scales per 32, else f16 (+ f32 bias for ReLU models)
+        row = cfg.d_model + cfg.d_model // 16 if cfg.d_model % 32 == 0 else 2 * cfg.d_model
+        return cfg.n_layers * cfg.d_ff * (row + (0 if cfg.gated else 4))
     return store.file_tensor_bytes(bundle.path, kind) if store.predictor_path(bundle.path, kind).exists() else 0
 
 
