@@ -25,7 +25,7 @@ from predictors import lowrank, store
 from storage.errors import FlashinferError
 
 from .engine import Engine
-from .evaluate import CALIBRATION_MODULES, perplexity, stdlib_corpus
+from .evaluate import CALIBRATION_MODULES, perplexity, perplexity_parts, text_ids
 from .selection import PredictorSelector
 
 log = logging.getLogger(__name__)
@@ -47,17 +47,9 @@ class _Recorder:
         return self.ffn(layer, x)
 
 
-def corpus_ids(tokenizer, files: list[Path] | None, tokens: int, modules=CALIBRATION_MODULES) -> list[int]:
+def corpus_ids(tokenizer, files: list[Path] | None, tokens: int) -> list[int]:
     """``tokens`` ids: from the files in turn, or half stdlib prose and half stdlib code."""
-    if files:
-        ids = []
-        for f in files:
-            ids += tokenizer.encode(Path(f).read_text(encoding="utf-8", errors="replace"))
-        texts = [ids]
-    else:
-        c = stdlib_corpus(modules)
-        texts = [tokenizer.encode(c["prose"])[:tokens // 2], tokenizer.encode(c["code"])[:tokens - tokens // 2]]
-    ids = [i for t in texts for i in t][:tokens]
+    ids = [i for part in text_ids(tokenizer, files, tokens, CALIBRATION_MODULES).values() for i in part]
     if len(ids) < 2 * WINDOW:
         raise FlashinferError(f"the calibration text has {len(ids)} tokens; it needs at least {2 * WINDOW} "
                               "(pass more --corpus files or raise --tokens)")
@@ -78,11 +70,7 @@ def _layer_fields(bundle, layer: int) -> dict[str, torch.Tensor]:
 
 
 def _val_ppl(eng: Engine, windows: list[list[int]]) -> float:
-    nll = n = 0
-    for w in windows:
-        r = perplexity(eng, w, window=len(w))
-        nll, n = nll + r["nll"] * r["tokens"], n + r["tokens"]
-    return float(np.exp(nll / n))
+    return perplexity_parts(eng, dict(enumerate(windows)), WINDOW)["all"]
 
 
 def _choose_default(eng: Engine, sel: PredictorSelector, val: list[list[int]], exact_ppl: float,

@@ -75,16 +75,22 @@ def perplexity(engine, ids: list[int], window: int = 256, max_windows: int | Non
     return {"perplexity": math.exp(nll / n), "nll": nll / n, "tokens": n}
 
 
-def held_out_ids(tokenizer, files: list[Path] | None, tokens: int) -> dict[str, list[int]]:
-    """Held-out token ids by part: {"prose", "code"} of HELD_OUT_MODULES (``tokens`` // 2 each), or
-    {"corpus"} from the given files."""
+def text_ids(tokenizer, files: list[Path] | None, tokens: int, modules=HELD_OUT_MODULES) -> dict[str, list[int]]:
+    """Token ids by part: {"corpus"} from the given files (``tokens`` at most), else {"prose", "code"}
+    of the stdlib ``modules`` (half of ``tokens`` each)."""
     if files:
         ids = []
         for f in files:
             ids += tokenizer.encode(Path(f).read_text(encoding="utf-8", errors="replace"))
         return {"corpus": ids[:tokens]}
-    c = stdlib_corpus(HELD_OUT_MODULES)
-    return {k: tokenizer.encode(c[k])[:tokens // 2] for k in ("prose", "code")}
+    c = stdlib_corpus(modules)
+    return {"prose": tokenizer.encode(c["prose"])[:tokens // 2],
+            "code": tokenizer.encode(c["code"])[:tokens - tokens // 2]}
+
+
+def held_out_ids(tokenizer, files: list[Path] | None, tokens: int) -> dict[str, list[int]]:
+    """The held-out text ``eval`` scores (HELD_OUT_MODULES unless files are given)."""
+    return text_ids(tokenizer, files, tokens, HELD_OUT_MODULES)
 
 
 class _Density:
@@ -103,7 +109,8 @@ class _Density:
         return self.kept / np.maximum(self.tokens, 1)
 
 
-def _ppl(engine, parts: dict[str, list[int]], window: int) -> dict:
+def perplexity_parts(engine, parts: dict, window: int) -> dict:
+    """Perplexity of each part of ``parts`` and of all of them together ("all")."""
     out, nll, n = {}, 0.0, 0
     for k, ids in parts.items():
         r = perplexity(engine, ids, window)
@@ -131,7 +138,7 @@ def evaluate(engine, sparsities: list[float], parts: dict[str, list[int]], gen_t
     timing_tokens = max(1, min(timing_tokens, gen_tokens))
     all_bytes = cfg.n_layers * cfg.d_ff * lay.record_bytes
     ffn.selector = None
-    exact = _ppl(engine, parts, window)
+    exact = perplexity_parts(engine, parts, window)
     prompt = next(iter(parts.values()))[:prompt_tokens]
     cache = engine.new_cache(len(prompt) + gen_tokens)
     logits = engine.forward(torch.tensor(prompt), 0, cache)
@@ -149,7 +156,7 @@ def evaluate(engine, sparsities: list[float], parts: dict[str, list[int]], gen_t
         share = dens.share()
         same = [p == g for p, g in zip(pred, gen)]
         ffn.selector = sel
-        ppl = _ppl(engine, parts, window)
+        ppl = perplexity_parts(engine, parts, window)
         # time: decode a few tokens with and without the selector (predictor share of a token)
         c = engine.new_cache(len(prompt) + timing_tokens)
         engine.forward(torch.tensor(prompt), 0, c)

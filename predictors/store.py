@@ -82,7 +82,7 @@ def load(bundle_dir: Path, kind: str, cfg: ModelConfig) -> tuple[dict[str, np.nd
         with safe_open(str(path), framework="numpy") as f:
             meta = json.loads((f.metadata() or {})["predictor"])
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (OSError, KeyError, ValueError, json.JSONDecodeError, Exception) as e:   # safetensors raises its own
+    except Exception as e:        # noqa: BLE001 - OSError, KeyError, JSON and safetensors' own errors
         raise BundleError(f"{path}: unreadable predictor file ({e}); re-run calibrate") from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise BundleError(f"{path}: predictor format version {meta.get('format_version')!r}, this version "
