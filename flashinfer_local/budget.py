@@ -46,8 +46,9 @@ class BudgetPlan:
 
 
 def numba_threads() -> int:
+    """Threads numba may run a kernel on (the decode kernel keeps one accumulator for each)."""
     import numba
-    return numba.get_num_threads()
+    return numba.config.NUMBA_NUM_THREADS
 
 
 def dense_resident_bytes(cfg: ModelConfig, dense_file_bytes: int, embed_bytes: int, context: int) -> int:
@@ -77,8 +78,8 @@ def fixed_bytes(cfg: ModelConfig, layout: fmt.RecordLayout, ffn_dtype: str, dens
     payload_f32 = 4 * sum(f.count for f in layout.fields if "." not in f.name)
     dequant = 0 if ffn_dtype in fmt.DTYPES else 2 * CHUNK_ROWS * cfg.d_model * 4
     # read scratch + prefill chunk (cached rows gathered, then as f32) + the decode kernel's
-    # per-thread record and accumulator
-    kernel = min(numba_threads(), KERNEL_THREADS_MAX) * (payload_f32 + 4 * cfg.d_model)
+    # per-thread accumulator
+    kernel = min(numba_threads(), KERNEL_THREADS_MAX) * 4 * cfg.d_model
     buffers = ((SCRATCH_BUFFERS + 1) * CHUNK_ROWS * layout.record_bytes + CHUNK_ROWS * payload_f32
                + dequant + kernel)
     return dense, kv, buffers

@@ -26,6 +26,7 @@ from storage.errors import FlashinferError
 
 from .engine import Engine
 from .evaluate import CALIBRATION_MODULES, perplexity, perplexity_parts, text_ids
+from .models.common import embed_rows
 from .selection import PredictorSelector
 
 log = logging.getLogger(__name__)
@@ -177,7 +178,7 @@ def calibrate(bundle_path: str | Path, kind: str = "lowrank", corpus: list[Path]
 
 def _time_layers(sel: PredictorSelector, layers: list[dict], ids: list[int], eng: Engine, reps: int = 20) -> None:
     """Each layer's predictor time for one decode token (median of ``reps``), into its report."""
-    x = eng.weights["embed"][torch.tensor(ids)].float()                   # [1, d]; any input will do
+    x = embed_rows(eng.weights["embed"], torch.tensor(ids))               # [1, d]; any input will do
     with torch.inference_mode():
         for i, rep in enumerate(layers):
             ts = []

@@ -55,6 +55,22 @@ def convert(src: Path, out: Path, dtype: str, force: bool):
                f"ffn {fmt_bytes(s['ffn_bytes'])}); peak RSS {fmt_bytes(peak.peak)}")
 
 
+def _precision(b) -> str:
+    """Each part's precision, e.g. 'attention int8, embedding + tied head int8, norms/biases f32;
+    ffn int4 (gate q4, up q4, down q8)'; q8/q4 are groups of 32 with f16 scales (q4: and minimums)."""
+    qd, dense = set(b.quantized_dense), b.dense_dtype
+    attn = "int8" if any(n.startswith("layers.") for n in qd) else dense
+    if b.config.tie_embeddings:
+        head = f"embedding + tied head {'int8' if 'embed' in qd else dense}"
+    else:
+        head = f"embedding {dense}, head {'int8' if 'lm_head' in qd else dense}"
+    ffn = b.ffn_dtype
+    if ffn not in ("f16", "f32"):
+        vec = [f for f in b.layout.fields if "." not in f.name and f.name != "up_bias"]
+        ffn += " (" + ", ".join(f"{f.name} {f.dtype}" for f in vec) + ")"
+    return f"attention {attn}, {head}, norms/biases f32; ffn {ffn}"
+
+
 @main.command()
 @click.argument("bundle", type=click.Path(exists=True, path_type=Path))
 @click.option("--verify", is_flag=True, help="Recompute and check every file's sha256.")
@@ -80,9 +96,7 @@ def inspect(bundle: Path, verify: bool, as_json: bool):
                    f"heads {cfg.n_heads} (kv {kv[0] if len(kv) == 1 else kv}), head_dim {cfg.head_dim}, "
                    f"vocab {cfg.vocab_size}, context {cfg.max_position}"
                    f"{', tied head' if cfg.tie_embeddings else ''}")
-        q = {"int8": " (symmetric, groups of 32 with an f16 scale)",
-             "int4": " (groups of 32 with an f16 scale and minimum)"}.get(m["ffn"]["dtype"], "")
-        click.echo(f"precision   dense {m['dense']['dtype']} (norms/biases f32), ffn {m['ffn']['dtype']}{q}")
+        click.echo(f"precision   {_precision(b)}")
         click.echo(f"size        total {fmt_bytes(s['total_bytes'])}: dense {fmt_bytes(s['dense_bytes'])}, "
                    f"ffn {fmt_bytes(s['ffn_bytes'])}")
         fields = ", ".join(f"{f.name} {f.count}x{f.dtype}@{f.offset}" for f in lay.fields)

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 def _dense_weights(bundle: Bundle) -> dict:
     """Dense tensors as torch tensors in the bundle's precision, or for an int8/int4 bundle's
     quantized matrices a QuantMatrix: zero-copy views of the map either way."""
-    quantized = set(fmt.quantized_dense(bundle.config, bundle.ffn_dtype))
+    quantized = set(bundle.quantized_dense)
     w = {}
     for name in fmt.dense_tensor_names(bundle.config):
         a = bundle.dense(name)

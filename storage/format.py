@@ -47,7 +47,9 @@ from .config import ModelConfig
 from .errors import BundleError
 
 FORMAT_NAME = "flashinfer-local-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# versions this reader opens: 1 is 2 without the int8 tied embedding (see ``quantized_dense``)
+READS_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 DENSE_FILE = "dense.safetensors"
 FFN_FILE = "ffn.safetensors"
@@ -66,14 +68,18 @@ ST_DTYPE = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(n
 NP_DTYPE = {v: k for k, v in ST_DTYPE.items()}
 
 
-def quantized_dense(cfg: ModelConfig, ffn_dtype: str) -> list[str]:
+def quantized_dense(cfg: ModelConfig, ffn_dtype: str, version: int = FORMAT_VERSION) -> list[str]:
     """Dense matrices an int8/int4 bundle stores as int8 codes (tensor ``name``, I8 [out, in]) plus
-    f16 group scales (``name + ".scale"``, [out, in / 32]): the attention projections and an untied
-    head. The embedding (a lookup), norms and biases keep their float precision."""
+    f16 group scales (``name + ".scale"``, [out, in / 32]): the attention projections and the head,
+    which is the embedding when the two are tied (from format version 2: read in full every token,
+    it was the largest matrix left in f16). An untied embedding (only looked up), norms and biases
+    keep their float precision."""
     if ffn_dtype in DTYPES:
         return []
     names = [f"layers.{i}.{m}.weight" for i in range(cfg.n_layers) for m in "qkvo"]
-    return names + ([] if cfg.tie_embeddings else ["lm_head"])
+    if not cfg.tie_embeddings:
+        return names + ["lm_head"]
+    return names + (["embed"] if version >= 2 else [])
 
 
 def ffn_tensor_name(layer: int) -> str:
@@ -272,9 +278,10 @@ def load_manifest(bundle: Path) -> dict:
     if m.get("format") != FORMAT_NAME:
         raise BundleError(f"{path}: format '{m.get('format')}' is not {FORMAT_NAME}")
     v = m.get("format_version")
-    if v != FORMAT_VERSION:
+    if v not in READS_VERSIONS:
         raise BundleError(f"{path}: bundle format version {v} is not supported by this flashinfer-local "
-                          f"(reads version {FORMAT_VERSION}); re-convert the checkpoint with this version")
+                          f"(reads versions {', '.join(map(str, READS_VERSIONS))}); re-convert the checkpoint "
+                          "with this version")
     for k in ("config", "dense", "ffn", "files"):
         if k not in m:
             raise BundleError(f"{path}: manifest lacks '{k}'; re-run convert")

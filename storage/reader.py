@@ -26,6 +26,7 @@ class Bundle:
         except (KeyError, TypeError, ValueError) as e:
             raise BundleError(f"{self.path / fmt.MANIFEST}: malformed config or layout ({e}); "
                               "re-run convert") from None
+        self.format_version = m["format_version"]
         self.dense_dtype = m["dense"]["dtype"]
         self.ffn_dtype = m["ffn"]["dtype"]
         if self.ffn_dtype not in fmt.FFN_DTYPES or self.dense_dtype not in fmt.DTYPES:
@@ -47,7 +48,7 @@ class Bundle:
 
     def _check_tensors(self) -> None:
         cfg = self.config
-        names = fmt.dense_tensor_names(cfg) + [n + ".scale" for n in fmt.quantized_dense(cfg, self.ffn_dtype)]
+        names = fmt.dense_tensor_names(cfg) + [n + ".scale" for n in self.quantized_dense]
         for name in names:
             if name not in self._dense_meta:
                 raise BundleError(f"{self.path / fmt.DENSE_FILE}: tensor '{name}' missing; re-run convert")
@@ -60,6 +61,11 @@ class Bundle:
                 raise BundleError(f"{self.path / fmt.FFN_FILE}: layer {i} records are not 4 KiB aligned")
 
     # ---- dense part
+    @property
+    def quantized_dense(self) -> list[str]:
+        """Dense matrices stored as int8 codes + f16 group scales (``storage.format.quantized_dense``)."""
+        return fmt.quantized_dense(self.config, self.ffn_dtype, self.format_version)
+
     def dense(self, name: str) -> np.ndarray:
         """A dense tensor as a read-only-in-spirit copy-on-write memory map (pages load on use)."""
         if self._dense_map is None:

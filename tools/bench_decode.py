@@ -82,6 +82,9 @@ def main():
                     choices=["f32", "f16", "int8", "int4"], help="bundle precisions")
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--bundle-dir", type=Path, default=None,
+                    help="keep the converted bundles here as MODEL-DTYPE (reused when present; default: "
+                         "a temporary directory)")
     ap.add_argument("--json", type=Path, default=Path("bench-out/decode.json"))
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -94,6 +97,7 @@ def main():
         print("llama-cpp-python is not installed: no llama.cpp column", file=sys.stderr)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        bdir = a.bundle_dir or Path(tmp)
         for name in a.models:
             path = models_dir() / FILES[name]
             if not path.exists():
@@ -101,8 +105,10 @@ def main():
                 continue
             runners, held = {}, []
             for dt in a.dtypes:
-                eng = Engine(convert(path, Path(tmp) / f"{name}-{dt}", dtype=dt, progress=False),
-                             threads=a.threads)
+                out = bdir / f"{name}-{dt}"
+                if not (out / "manifest.json").exists():
+                    convert(path, out, dtype=dt, progress=False)
+                eng = Engine(out, threads=a.threads)
                 ids = eng.tokenizer.encode(PROMPT)
                 runners[f"flashinfer-local {dt}"] = engine_runner(eng, ids)
                 held.append(eng)

@@ -40,6 +40,14 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     return y if b is None else y + b
 
 
+def embed_rows(table, tokens: torch.Tensor) -> torch.Tensor:
+    """Rows ``tokens`` [T] of an embedding table (a float tensor, or a QuantMatrix when an int8/int4
+    bundle's tied embedding doubles as the head) -> [T, d] f32."""
+    if isinstance(table, QuantMatrix):
+        return table.rows(tokens)
+    return table[tokens].float()
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     # x [T, d], w [d]
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w

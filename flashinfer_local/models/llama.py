@@ -9,7 +9,7 @@ import torch
 
 from storage.config import ModelConfig
 
-from .common import KVCache, attention, linear, rms_norm
+from .common import KVCache, attention, embed_rows, linear, rms_norm
 
 
 class LlamaModel:
@@ -18,7 +18,7 @@ class LlamaModel:
         self.head = weights["embed"] if cfg.tie_embeddings else weights["lm_head"]
 
     def embed(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
-        return self.w["embed"][tokens].float()          # [T, d]
+        return embed_rows(self.w["embed"], tokens)     # [T, d]
 
     def forward(self, tokens: torch.Tensor, pos: int, cache: KVCache, last_only: bool = True) -> torch.Tensor:
         """tokens [T] at positions [pos, pos+T) -> logits [1 or T, vocab]."""

@@ -9,7 +9,7 @@ import torch
 
 from storage.config import ModelConfig
 
-from .common import KVCache, attention, linear, layer_norm
+from .common import KVCache, attention, embed_rows, linear, layer_norm
 
 
 class OPTModel:
@@ -21,7 +21,7 @@ class OPTModel:
         """tokens [T] at positions [pos, pos+T) -> logits [1 or T, vocab]."""
         cfg, w, eps = self.cfg, self.w, self.cfg.norm_eps
         T, off = tokens.shape[0], cfg.position_offset
-        x = w["embed"][tokens].float() + w["pos_embed"][pos + off:pos + off + T].float()
+        x = embed_rows(w["embed"], tokens) + w["pos_embed"][pos + off:pos + off + T].float()
         for i in range(cfg.n_layers):
             p = f"layers.{i}."
             h = layer_norm(x, w[p + "attn_norm.weight"], w[p + "attn_norm.bias"], eps)

@@ -1,0 +1,346 @@
+"""Vector dot products for the hot kernels, written as LLVM IR from numba (``@intrinsic``).
+
+HOT: the inner loops of ``kernels.py``. Each function dots one stored vector (a row of a record
+matrix, at a byte offset) with x [n] f32 and returns a float32. They are built from LLVM's generic
+vector types (<8 x float> and friends), so LLVM lowers them to AVX2 here and to NEON on ARM.
+
+Why not plain numba loops: numba keeps a lanes array (``np.zeros(32)``) in memory, so every group
+of 32 values loaded and stored its accumulators, and a scalar accumulator needs a horizontal sum
+per group. Here four <8 x float> accumulators are stack slots that LLVM promotes to registers, and
+the horizontal sum happens once per vector. Measured on a Qwen-1.5B FFN layer (see the README).
+
+Offsets: ``off`` is the vector's byte offset in row ``r``; ``so``/``mo`` are the u16 indices of its
+f16 group scales/minimums in the same row (the record layouts of ``storage.format``).
+"""
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+_I8, _I32, _I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+_F32, _F16 = ir.FloatType(), ir.HalfType()
+_V8F = ir.VectorType(_F32, 8)
+
+
+def _row_ptr(context, builder, aty, arr, r):
+    """Byte address (i64) of row r of a 2-D array."""
+    a = context.make_array(aty)(context, builder, arr)
+    stride0 = cgutils.unpack_tuple(builder, a.strides)[0]
+    return builder.add(builder.ptrtoint(a.data, _I64), builder.mul(r, stride0))
+
+
+def _load(builder, addr, ty):
+    return builder.load(builder.inttoptr(addr, ty.as_pointer()), align=1)
+
+
+def _at(builder, base, nbytes):
+    return builder.add(base, nbytes if isinstance(nbytes, ir.Value) else ir.Constant(_I64, nbytes))
+
+
+def _splat(builder, s):
+    v = builder.insert_element(ir.Constant(_V8F, None), s, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, 8), [0] * 8))
+
+
+def _hsum(builder, v):
+    for n in (4, 2, 1):
+        v = builder.fadd(v, builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, 8),
+                                                                     [(i + n) % 8 for i in range(8)])))
+    return builder.extract_element(v, ir.Constant(_I32, 0))
+
+
+def _fma(builder, a, b, c):
+    """a * b + c, elementwise (<8 x float>) or scalar (float)."""
+    ty, name = (_V8F, "llvm.fma.v8f32") if a.type == _V8F else (_F32, "llvm.fma.f32")
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ty, [ty, ty, ty]), name)
+    return builder.call(fn, [a, b, c])
+
+
+def _codes_f32(builder, addr, n, signed):
+    """n int8 (signed) or uint8 codes at addr -> n/8 vectors <8 x float>."""
+    raw = _load(builder, addr, ir.VectorType(_I8, n))
+    wide = (builder.sext if signed else builder.zext)(raw, ir.VectorType(_I32, n))
+    f = (builder.sitofp if signed else builder.uitofp)(wide, ir.VectorType(_F32, n))
+    return [builder.shuffle_vector(f, f, ir.Constant(ir.VectorType(_I32, 8), list(range(8 * i, 8 * i + 8))))
+            for i in range(n // 8)]
+
+
+def _group_loop(context, builder, ng, body):
+    """for g in range(ng): acc = body(g, acc), over four <8 x float> accumulators; returns their sum."""
+    accs = [cgutils.alloca_once_value(builder, ir.Constant(_V8F, [0.0] * 8)) for _ in range(4)]
+    with cgutils.for_range(builder, ng) as loop:
+        vals = body(loop.index, [builder.load(a) for a in accs])
+        for a, v in zip(accs, vals):
+            builder.store(v, a)
+    tot = [builder.load(a) for a in accs]
+    return _hsum(builder, builder.fadd(builder.fadd(tot[0], tot[1]), builder.fadd(tot[2], tot[3])))
+
+
+@intrinsic
+def dot_q8(typingctx, q, s16, r, off, so, x, ng):
+    """sum over ng groups of 32: int8 codes at byte ``off`` of row r of q, times their f16 group
+    scales (u16 index ``so`` of row r of s16: the same records, or a matrix's own scales), times x."""
+    sig = types.float32(q, s16, r, off, so, x, ng)
+
+    def codegen(context, builder, signature, args):
+        q_, s_, r_, off_, so_, x_, ng_ = args
+        row = _row_ptr(context, builder, signature.args[0], q_, r_)
+        srow = _row_ptr(context, builder, signature.args[1], s_, r_)
+        xp = builder.ptrtoint(context.make_array(signature.args[5])(context, builder, x_).data, _I64)
+        codes0, scales0 = _at(builder, row, off_), _at(builder, srow, builder.mul(so_, ir.Constant(_I64, 2)))
+
+        def body(g, acc):
+            s = builder.fpext(_load(builder, _at(builder, scales0, builder.mul(g, ir.Constant(_I64, 2))), _F16), _F32)
+            sv = _splat(builder, s)
+            w = _codes_f32(builder, _at(builder, codes0, builder.mul(g, ir.Constant(_I64, 32))), 32, True)
+            xg = _at(builder, xp, builder.mul(g, ir.Constant(_I64, 128)))
+            return [_fma(builder, builder.fmul(w[i], sv), _load(builder, _at(builder, xg, 32 * i), _V8F), acc[i])
+                    for i in range(4)]
+        return _group_loop(context, builder, ng_, body)
+    return sig, codegen
+
+
+@intrinsic
+def dot_q4(typingctx, p, s16, r, off, so, mo, x, xs, ng):
+    """As dot_q8 for packed 4-bit codes (16 bytes a group: byte k holds value k in its low nibble,
+    k + 16 in its high) with f16 scales (``so``) and minimums (``mo``); xs [ng] = sums of x per
+    group, for the minimums' term."""
+    sig = types.float32(p, s16, r, off, so, mo, x, xs, ng)
+
+    def codegen(context, builder, signature, args):
+        p_, s_, r_, off_, so_, mo_, x_, xs_, ng_ = args
+        row = _row_ptr(context, builder, signature.args[0], p_, r_)
+        srow = _row_ptr(context, builder, signature.args[1], s_, r_)
+        xp = builder.ptrtoint(context.make_array(signature.args[6])(context, builder, x_).data, _I64)
+        xsp = builder.ptrtoint(context.make_array(signature.args[7])(context, builder, xs_).data, _I64)
+        two = ir.Constant(_I64, 2)
+        codes0 = _at(builder, row, off_)
+        scales0, mins0 = _at(builder, srow, builder.mul(so_, two)), _at(builder, srow, builder.mul(mo_, two))
+        mterm = cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))
+        v16 = ir.VectorType(_I8, 16)
+
+        def body(g, acc):
+            g2 = builder.mul(g, two)
+            s = builder.fpext(_load(builder, _at(builder, scales0, g2), _F16), _F32)
+            m = builder.fpext(_load(builder, _at(builder, mins0, g2), _F16), _F32)
+            xsum = _load(builder, _at(builder, xsp, builder.mul(g, ir.Constant(_I64, 4))), _F32)
+            builder.store(_fma(builder, m, xsum, builder.load(mterm)), mterm)
+            packed = _load(builder, _at(builder, codes0, builder.mul(g, ir.Constant(_I64, 16))), v16)
+            lo = builder.and_(packed, ir.Constant(v16, [15] * 16))
+            hi = builder.lshr(packed, ir.Constant(v16, [4] * 16))
+            both = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
+            f = builder.uitofp(builder.zext(both, ir.VectorType(_I32, 32)), ir.VectorType(_F32, 32))
+            sv = _splat(builder, s)
+            xg = _at(builder, xp, builder.mul(g, ir.Constant(_I64, 128)))
+            out = []
+            for i in range(4):
+                w = builder.shuffle_vector(f, f, ir.Constant(ir.VectorType(_I32, 8), list(range(8 * i, 8 * i + 8))))
+                out.append(_fma(builder, builder.fmul(w, sv), _load(builder, _at(builder, xg, 32 * i), _V8F), acc[i]))
+            return out
+        dot = _group_loop(context, builder, ng_, body)
+        return builder.fadd(dot, builder.load(mterm))
+    return sig, codegen
+
+
+@intrinsic
+def dot_f16(typingctx, h, r, off, x, n32):
+    """f16 values at byte ``off`` of row r dotted with x, over the first n32 values (a multiple of
+    32; the caller adds the tail)."""
+    sig = types.float32(h, r, off, x, n32)
+
+    def codegen(context, builder, signature, args):
+        h_, r_, off_, x_, n_ = args
+        row = _at(builder, _row_ptr(context, builder, signature.args[0], h_, r_), off_)
+        xp = builder.ptrtoint(context.make_array(signature.args[3])(context, builder, x_).data, _I64)
+        v8h = ir.VectorType(_F16, 8)
+
+        def body(g, acc):
+            wg = _at(builder, row, builder.mul(g, ir.Constant(_I64, 64)))
+            xg = _at(builder, xp, builder.mul(g, ir.Constant(_I64, 128)))
+            return [_fma(builder, builder.fpext(_load(builder, _at(builder, wg, 16 * i), v8h), _V8F),
+                         _load(builder, _at(builder, xg, 32 * i), _V8F), acc[i]) for i in range(4)]
+        return _group_loop(context, builder, builder.udiv(n_, ir.Constant(_I64, 32)), body)
+    return sig, codegen
+
+
+def _axpy_codegen(kind):
+    """acc[t, :32 ng] += hv * (the stored vector at byte ``off`` of row r): q8 codes with f16
+    scales (``so``), or q4 codes with scales and minimums (``so``, ``mo``). The accumulator row is
+    addressed here rather than passed as a view: a view per record would touch the array's shared
+    reference count from every thread."""
+    def codegen(context, builder, signature, args):
+        if kind == "q8":
+            a_, t_, hv, q_, s_, r_, off_, so_, ng_ = args
+        else:
+            a_, t_, hv, q_, s_, r_, off_, so_, mo_, ng_ = args
+        ap = _row_ptr(context, builder, signature.args[0], a_, t_)
+        row = _row_ptr(context, builder, signature.args[3], q_, r_)
+        srow = _row_ptr(context, builder, signature.args[4], s_, r_)
+        two = ir.Constant(_I64, 2)
+        codes0, scales0 = _at(builder, row, off_), _at(builder, srow, builder.mul(so_, two))
+        with cgutils.for_range(builder, ng_) as loop:
+            g = loop.index
+            s = builder.fpext(_load(builder, _at(builder, scales0, builder.mul(g, two)), _F16), _F32)
+            cv = _splat(builder, builder.fmul(hv, s))
+            if kind == "q8":
+                w = _codes_f32(builder, _at(builder, codes0, builder.mul(g, ir.Constant(_I64, 32))), 32, True)
+                add = None
+            else:
+                v16 = ir.VectorType(_I8, 16)
+                packed = _load(builder, _at(builder, codes0, builder.mul(g, ir.Constant(_I64, 16))), v16)
+                both = builder.shuffle_vector(builder.and_(packed, ir.Constant(v16, [15] * 16)),
+                                              builder.lshr(packed, ir.Constant(v16, [4] * 16)),
+                                              ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
+                f = builder.uitofp(builder.zext(both, ir.VectorType(_I32, 32)), ir.VectorType(_F32, 32))
+                w = [builder.shuffle_vector(f, f, ir.Constant(ir.VectorType(_I32, 8), list(range(8 * i, 8 * i + 8))))
+                     for i in range(4)]
+                mins0 = _at(builder, srow, builder.mul(mo_, two))
+                m = builder.fpext(_load(builder, _at(builder, mins0, builder.mul(g, two)), _F16), _F32)
+                add = _splat(builder, builder.fmul(hv, m))
+            ag = _at(builder, ap, builder.mul(g, ir.Constant(_I64, 128)))
+            for i in range(4):
+                ptr = builder.inttoptr(_at(builder, ag, 32 * i), _V8F.as_pointer())
+                cur = builder.load(ptr, align=4)
+                if add is not None:
+                    cur = builder.fadd(cur, add)
+                builder.store(_fma(builder, w[i], cv, cur), ptr, align=4)
+        return context.get_dummy_value()
+    return codegen
+
+
+@intrinsic
+def axpy_q8(typingctx, acc, t, hv, q, s16, r, off, so, ng):
+    """acc[t] += hv * (int8 codes at byte ``off`` of row r of q, times their f16 group scales)."""
+    return types.void(acc, t, hv, q, s16, r, off, so, ng), _axpy_codegen("q8")
+
+
+@intrinsic
+def axpy_q4(typingctx, acc, t, hv, p, s16, r, off, so, mo, ng):
+    """acc[t] += hv * (packed 4-bit codes times scales plus minimums)."""
+    return types.void(acc, t, hv, p, s16, r, off, so, mo, ng), _axpy_codegen("q4")
+
+
+@intrinsic
+def prefetch_row(typingctx, a, r, nbytes):
+    """Ask the CPU to start loading the first ``nbytes`` of row r of a (one prefetch per 64-byte
+    line): the kernels call it for the record after next, so DRAM latency overlaps the compute on
+    the current one."""
+    sig = types.void(a, r, nbytes)
+
+    def codegen(context, builder, signature, args):
+        a_, r_, n_ = args
+        row = _row_ptr(context, builder, signature.args[0], a_, r_)
+        i8p = _I8.as_pointer()
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, _I32, _I32, _I32]),
+                                            "llvm.prefetch.p0")
+        with cgutils.for_range(builder, builder.udiv(n_, ir.Constant(_I64, 64))) as loop:
+            p = builder.inttoptr(_at(builder, row, builder.mul(loop.index, ir.Constant(_I64, 64))), i8p)
+            builder.call(fn, [p, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+# ---- integer dot products against an int8-quantized x (xq [n] int8, xd [n / 32] f32 group scales):
+# per group of 32, sum(w * xq) is exact in int32, then scaled once by (weight scale * xd). On AVX2
+# this is vpmaddubsw + vpmaddwd (32 products in two instructions, as llama.cpp does); elsewhere the
+# same values are formed with float vectors.
+
+def _has_avx2() -> bool:
+    import llvmlite.binding as llvm
+    from numba.core.config import CPU_FEATURES, CPU_NAME
+    if CPU_NAME or CPU_FEATURES:            # numba compiling for a chosen CPU: stay generic
+        return False
+    return bool(llvm.get_host_cpu_features().get("avx2"))
+
+
+AVX2 = _has_avx2()
+_V32B = ir.VectorType(_I8, 32)
+_V16W = ir.VectorType(ir.IntType(16), 16)
+_V8I = ir.VectorType(_I32, 8)
+
+
+def _group_i32(builder, w, xv, w_signed):
+    """w * xv over 32 x i8 (xv signed; w signed, or 0..15), summed into 8 int32 lanes (whose total
+    is the group's dot product)."""
+    if AVX2:
+        f = lambda name, ret, args: cgutils.get_or_insert_function(  # noqa: E731
+            builder.module, ir.FunctionType(ret, args), name)
+        if w_signed:                        # vpmaddubsw wants the first operand unsigned: |w|, x * sign(w)
+            sign = f("llvm.x86.avx2.psign.b", _V32B, [_V32B, _V32B])
+            w, xv = builder.call(sign, [w, w]), builder.call(sign, [xv, w])
+        pairs = builder.call(f("llvm.x86.avx2.pmadd.ub.sw", _V16W, [_V32B, _V32B]), [w, xv])
+        return builder.call(f("llvm.x86.avx2.pmadd.wd", _V8I, [_V16W, _V16W]), [pairs, ir.Constant(_V16W, [1] * 16)])
+    v32 = ir.VectorType(_I32, 32)
+    prod = builder.mul((builder.sext if w_signed else builder.zext)(w, v32), builder.sext(xv, v32))
+    out = None
+    for i in range(4):
+        part = builder.shuffle_vector(prod, prod, ir.Constant(_V8I, list(range(8 * i, 8 * i + 8))))
+        out = part if out is None else builder.add(out, part)
+    return out
+
+
+def _qdot_codegen(kind):
+    """Code for qdot_q8 / qdot_q4: groups two at a time into two accumulators (so consecutive fmas
+    do not wait on each other), then an odd last group."""
+    def codegen(context, builder, signature, args):
+        if kind == "q8":
+            w_, s_, r_, off_, so_, xq_, xd_, ng_ = args
+            nx = 5
+        else:
+            w_, s_, r_, off_, so_, mo_, xq_, xd_, xs_, ng_ = args
+            nx = 6
+
+        def data(i, v):
+            return builder.ptrtoint(context.make_array(signature.args[i])(context, builder, v).data, _I64)
+        row = _row_ptr(context, builder, signature.args[0], w_, r_)
+        srow = _row_ptr(context, builder, signature.args[1], s_, r_)
+        xqp, xdp = data(nx, xq_), data(nx + 1, xd_)
+        two, four = ir.Constant(_I64, 2), ir.Constant(_I64, 4)
+        codes0, scales0 = _at(builder, row, off_), _at(builder, srow, builder.mul(so_, two))
+        mterm = cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))
+        if kind == "q4":
+            xsp, mins0 = data(8, xs_), _at(builder, srow, builder.mul(mo_, two))
+        v16 = ir.VectorType(_I8, 16)
+
+        def group(g):
+            """Group g's dot product as <8 x float> lanes (q4: its minimum's term into mterm)."""
+            s = builder.fpext(_load(builder, _at(builder, scales0, builder.mul(g, two)), _F16), _F32)
+            d = _load(builder, _at(builder, xdp, builder.mul(g, four)), _F32)
+            xv = _load(builder, _at(builder, xqp, builder.mul(g, ir.Constant(_I64, 32))), _V32B)
+            if kind == "q8":
+                w = _load(builder, _at(builder, codes0, builder.mul(g, ir.Constant(_I64, 32))), _V32B)
+            else:
+                packed = _load(builder, _at(builder, codes0, builder.mul(g, ir.Constant(_I64, 16))), v16)
+                w = builder.shuffle_vector(builder.and_(packed, ir.Constant(v16, [15] * 16)),
+                                           builder.lshr(packed, ir.Constant(v16, [4] * 16)),
+                                           ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
+                m = builder.fpext(_load(builder, _at(builder, mins0, builder.mul(g, two)), _F16), _F32)
+                xsum = _load(builder, _at(builder, xsp, builder.mul(g, four)), _F32)
+                builder.store(_fma(builder, m, xsum, builder.load(mterm)), mterm)
+            return builder.sitofp(_group_i32(builder, w, xv, kind == "q8"), _V8F), builder.fmul(s, d)
+
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(_V8F, [0.0] * 8)) for _ in range(2)]
+        with cgutils.for_range(builder, builder.udiv(ng_, two)) as loop:
+            for i, a in enumerate(accs):
+                f, c = group(builder.add(builder.mul(loop.index, two), ir.Constant(_I64, i)))
+                builder.store(_fma(builder, f, _splat(builder, c), builder.load(a)), a)
+        with builder.if_then(builder.icmp_unsigned("!=", builder.urem(ng_, two), ir.Constant(_I64, 0))):
+            f, c = group(builder.sub(ng_, ir.Constant(_I64, 1)))
+            builder.store(_fma(builder, f, _splat(builder, c), builder.load(accs[0])), accs[0])
+        tot = _hsum(builder, builder.fadd(builder.load(accs[0]), builder.load(accs[1])))
+        return builder.fadd(tot, builder.load(mterm))
+    return codegen
+
+
+@intrinsic
+def qdot_q8(typingctx, q, s16, r, off, so, xq, xd, ng):
+    """As dot_q8 against x quantized to int8 (xq, with group scales xd)."""
+    return types.float32(q, s16, r, off, so, xq, xd, ng), _qdot_codegen("q8")
+
+
+@intrinsic
+def qdot_q4(typingctx, p, s16, r, off, so, mo, xq, xd, xs, ng):
+    """As dot_q4 against x quantized to int8 (xq, xd); xs the float sums of x per group."""
+    return types.float32(p, s16, r, off, so, mo, xq, xd, xs, ng), _qdot_codegen("q4")
