@@ -73,10 +73,10 @@ def fixed_bytes(cfg: ModelConfig, layout: fmt.RecordLayout, ffn_dtype: str, dens
     """
     dense = dense_resident_bytes(cfg, dense_file_bytes, embed_bytes, context)
     kv = context * cfg.kv_bytes_per_token(4) + 2 * context * cfg.head_dim * 4
-    # f32 values of one record in a prefill chunk (int8/int4: plus two [chunk, d] dequantization
-    # temporaries of one field)
+    # f32 values of one record in a prefill chunk (int8/int4: plus the [chunk, d] f32 matrices
+    # the chunk's vectors are dequantized into)
     payload_f32 = 4 * sum(f.count for f in layout.fields if "." not in f.name)
-    dequant = 0 if ffn_dtype in fmt.DTYPES else 2 * CHUNK_ROWS * cfg.d_model * 4
+    dequant = 0 if ffn_dtype in fmt.DTYPES else len(fmt.weight_fields(cfg)) * CHUNK_ROWS * cfg.d_model * 4
     # read scratch + prefill chunk (cached rows gathered, then as f32) + the decode kernel's
     # per-thread accumulator
     kernel = min(numba_threads(), KERNEL_THREADS_MAX) * 4 * cfg.d_model

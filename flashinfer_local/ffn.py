@@ -38,16 +38,22 @@ class RecordCompute:
             self.payload = lay.payload_bytes // item          # elements per record used
             self.cols = {f.name: slice(f.offset // item, f.offset // item + f.count) for f in lay.fields}
         self.names = fmt.weight_fields(cfg) + ([] if cfg.gated else ["up_bias"])
+        self.vectors = fmt.weight_fields(cfg)
+        self.buf = ({} if self.tdt is not None else   # quantized: f32 matrices of one chunk, reused
+                    {n: np.empty((CHUNK_ROWS, cfg.d_model), np.float32) for n in self.vectors})
 
     @property
     def nbytes(self) -> int:
-        return self.kernel.nbytes
+        return self.kernel.nbytes + sum(b.nbytes for b in self.buf.values())
 
     def _fields(self, part: np.ndarray) -> dict[str, torch.Tensor]:
         if self.tdt is not None:     # [c, payload] f32, contiguous; the fields are column slices of it
             r = torch.from_numpy(part).view(self.tdt)[:, :self.payload].float()
             return {n: r[:, self.cols[n]] for n in self.names}
-        return {n: torch.from_numpy(fmt.field_values(part, self.layout, n)) for n in self.names}
+        f = {n: torch.from_numpy(self.kernel.dequantize(part, n, self.buf[n])) for n in self.vectors}
+        if not self.gated:
+            f["up_bias"] = torch.from_numpy(fmt.field_values(part, self.layout, "up_bias"))
+        return f
 
     def __call__(self, x: torch.Tensor, recs: np.ndarray, out: torch.Tensor,
                  rows: np.ndarray | None = None, mask: torch.Tensor | None = None) -> None:

@@ -174,6 +174,24 @@ def _ffn_quant(p, q, s16, f32, rows, xq, xd, xs, gq, uq, dq, gs, us, ds, gm, um,
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _dequantize_field(p, q, s16, off, so, mo, ng, out):
+    # out [c, 32 ng] f32 = one quantized vector of each record (q4 where mo >= 0, else q8): the
+    # prefill's f32 matrices, built at memory speed rather than through numpy temporaries
+    for r in prange(p.shape[0]):
+        for g in range(ng):
+            sg = _f16(s16[r, U(so) + U(g)])
+            if mo >= 0:
+                mg = _f16(s16[r, U(mo) + U(g)])
+                for j in range(16):
+                    v = p[r, U(off) + U(16 * g + j)]
+                    out[r, 32 * g + j] = np.float32(v & np.uint8(15)) * sg + mg
+                    out[r, 32 * g + 16 + j] = np.float32(v >> np.uint8(4)) * sg + mg
+            else:
+                for j in range(32):
+                    out[r, 32 * g + j] = np.float32(q[r, U(off) + U(32 * g + j)]) * sg
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def _matvec_q8(q, s16, xq, xd, y):
     # q [n, k] int8 codes, s16 [n, k / 32] f16 bits; y [n] = dequantized q @ (x as int8: xq, xd)
     ng = q.shape[1] // 32
@@ -222,6 +240,15 @@ class RecordKernel:
         _ffn_quant(recs, recs.view(np.int8), recs.view(np.uint16), recs.view(np.float32), rows, self.xq,
                    self.xd, self.xs, q["gate"], q["up"], q["down"], s["gate"], s["up"], s["down"], m["gate"],
                    m["up"], m["down"], self.bias, ng, self.acc, out)
+
+
+    def dequantize(self, part: np.ndarray, name: str, out: np.ndarray) -> np.ndarray:
+        """Vector ``name`` (gate/up/down) of quantized records part [c, record_bytes] as f32 into
+        out [>= c, d]; returns out[:c]."""
+        c = part.shape[0]
+        _dequantize_field(part, part.view(np.int8), part.view(np.uint16), self.q[name], self.s[name],
+                          self.m[name], self.d // 32, out[:c])
+        return out[:c]
 
 
 class QuantMatrix:
