@@ -2,20 +2,23 @@
 (numba, parallel over the selected records / rows, GIL released).
 
 HOT: called once per layer (and per quantized matrix) per decode token. No I/O; the only scratch
-is the per-thread accumulators :class:`RecordKernel` preallocates.
+(per-thread accumulators, the int8 copy of x) is preallocated by :class:`RecordKernel` and
+:class:`QuantMatrix`.
 
 A record holds a neuron's fields in the bundle's layout (``storage.format``): for gated models gate
 row, up row, down column; for OPT up row, down column, up bias. The kernel reads each selected
 record once: out[d] += act(gate . x, up . x) * down, each thread into its own accumulator.
 
-Three things make these loops vectorize (AVX2 here), each measured on a Qwen-1.5B-sized layer:
+What makes these loops fast, each measured on a Qwen-1.5B-sized layer:
+- the dot products and the quantized axpy are LLVM vector code (``vecdot``): int8/int4 codes are
+  dotted with an int8 copy of x (``quantize_x``) by integer multiply-adds, four <8 x float>
+  accumulators stay in registers, and lanes are summed once per vector;
 - offsets into a record are unsigned (``U``): with signed runtime offsets numba must wrap negative
-  indices, which keeps LLVM from vectorizing the inner loops (6-9x slower);
-- dot products accumulate into 32 lanes held in a local ``np.zeros(32)``; LLVM keeps such a
-  short-lived array in registers (one passed in from the caller stays in memory: several times
-  slower), and the lanes are summed once per vector rather than once per group of 32;
-- f16 values (records, group scales) are converted by an LLVM half-to-float conversion
-  (``_f16``: vcvtph2ps with F16C), since numba has no float16 type on the CPU.
+  indices, which keeps LLVM from vectorizing the plain loops (6-9x slower);
+- each thread's accumulator row is indexed in place (``acc[t, j]``), never taken as a view per
+  record: a view touches the array's reference count, shared by all threads (several times slower);
+- f16 values are converted by LLVM's half-to-float conversion (``_f16``: vcvtph2ps with F16C), since
+  numba has no float16 type on the CPU.
 """
 from __future__ import annotations
 
@@ -174,6 +177,17 @@ def _ffn_quant(p, q, s16, f32, rows, xq, xd, xs, gq, uq, dq, gs, us, ds, gm, um,
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _act_quant_rows(p, q, s16, f32, rows, xq, xd, xs, gq, uq, gs, us, gm, um, bias, ng, h):
+    # h[rows[k]] = activation of record rows[k] (gate/up only: the down product is done elsewhere)
+    m = rows.shape[0]
+    for k in prange(m):
+        if k + AHEAD < m:
+            prefetch_row(p, U(rows[k + AHEAD]), U(p.shape[1]))
+        r = U(rows[k])
+        h[r] = _act_quant(p, q, s16, f32, r, xq, xd, xs, gq, uq, gs, us, gm, um, bias, ng)
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def _dequantize_field(p, q, s16, off, so, mo, ng, out):
     # out [c, 32 ng] f32 = one quantized vector of each record (q4 where mo >= 0, else q8): the
     # prefill's f32 matrices, built at memory speed rather than through numpy temporaries
@@ -241,6 +255,15 @@ class RecordKernel:
                    self.xd, self.xs, q["gate"], q["up"], q["down"], s["gate"], s["up"], s["down"], m["gate"],
                    m["up"], m["down"], self.bias, ng, self.acc, out)
 
+
+    def activations(self, recs: np.ndarray, rows: np.ndarray, x: np.ndarray, h: np.ndarray) -> None:
+        """h[rows] = the activations of quantized records ``recs[rows]`` (gate and up only; recs
+        may end before the down column), x [d] f32; other entries of h are left as they are."""
+        q, s, m = self.q, self.s, self.m
+        quantize_x(x, self.xq, self.xd, self.xs)
+        _act_quant_rows(recs, recs.view(np.int8), recs.view(np.uint16), recs.view(np.float32), rows, self.xq,
+                        self.xd, self.xs, q["gate"], q["up"], s["gate"], s["up"], m["gate"], m["up"], self.bias,
+                        self.d // 32, h)
 
     def dequantize(self, part: np.ndarray, name: str, out: np.ndarray) -> np.ndarray:
         """Vector ``name`` (gate/up/down) of quantized records part [c, record_bytes] as f32 into

@@ -1,16 +1,18 @@
-"""Vector dot products for the hot kernels, written as LLVM IR from numba (``@intrinsic``).
+"""Vector code for the hot kernels, written as LLVM IR from numba (``@intrinsic``).
 
-HOT: the inner loops of ``kernels.py``. Each function dots one stored vector (a row of a record
-matrix, at a byte offset) with x [n] f32 and returns a float32. They are built from LLVM's generic
-vector types (<8 x float> and friends), so LLVM lowers them to AVX2 here and to NEON on ARM.
+HOT: the inner loops of ``kernels.py``: dot products of one stored vector (a row of a record
+matrix, at a byte offset) with x, the quantized axpy of a down column into an accumulator, and a
+prefetch. Built from LLVM's generic vector types (<8 x float> and friends), so LLVM lowers them to
+AVX2 here and to NEON on ARM; the integer dot products use two AVX2 instructions where the CPU has
+them (``AVX2``), with a generic form giving the same values elsewhere.
 
 Why not plain numba loops: numba keeps a lanes array (``np.zeros(32)``) in memory, so every group
 of 32 values loaded and stored its accumulators, and a scalar accumulator needs a horizontal sum
-per group. Here four <8 x float> accumulators are stack slots that LLVM promotes to registers, and
-the horizontal sum happens once per vector. Measured on a Qwen-1.5B FFN layer (see the README).
+per group. Here the accumulators are stack slots that LLVM promotes to registers, and the
+horizontal sum happens once per vector (1.5-2x on a Qwen-1.5B layer held in cache).
 
 Offsets: ``off`` is the vector's byte offset in row ``r``; ``so``/``mo`` are the u16 indices of its
-f16 group scales/minimums in the same row (the record layouts of ``storage.format``).
+f16 group scales/minimums in row ``r`` of the scales array (the same records, or a matrix's own).
 """
 from __future__ import annotations
 
@@ -76,72 +78,6 @@ def _group_loop(context, builder, ng, body):
             builder.store(v, a)
     tot = [builder.load(a) for a in accs]
     return _hsum(builder, builder.fadd(builder.fadd(tot[0], tot[1]), builder.fadd(tot[2], tot[3])))
-
-
-@intrinsic
-def dot_q8(typingctx, q, s16, r, off, so, x, ng):
-    """sum over ng groups of 32: int8 codes at byte ``off`` of row r of q, times their f16 group
-    scales (u16 index ``so`` of row r of s16: the same records, or a matrix's own scales), times x."""
-    sig = types.float32(q, s16, r, off, so, x, ng)
-
-    def codegen(context, builder, signature, args):
-        q_, s_, r_, off_, so_, x_, ng_ = args
-        row = _row_ptr(context, builder, signature.args[0], q_, r_)
-        srow = _row_ptr(context, builder, signature.args[1], s_, r_)
-        xp = builder.ptrtoint(context.make_array(signature.args[5])(context, builder, x_).data, _I64)
-        codes0, scales0 = _at(builder, row, off_), _at(builder, srow, builder.mul(so_, ir.Constant(_I64, 2)))
-
-        def body(g, acc):
-            s = builder.fpext(_load(builder, _at(builder, scales0, builder.mul(g, ir.Constant(_I64, 2))), _F16), _F32)
-            sv = _splat(builder, s)
-            w = _codes_f32(builder, _at(builder, codes0, builder.mul(g, ir.Constant(_I64, 32))), 32, True)
-            xg = _at(builder, xp, builder.mul(g, ir.Constant(_I64, 128)))
-            return [_fma(builder, builder.fmul(w[i], sv), _load(builder, _at(builder, xg, 32 * i), _V8F), acc[i])
-                    for i in range(4)]
-        return _group_loop(context, builder, ng_, body)
-    return sig, codegen
-
-
-@intrinsic
-def dot_q4(typingctx, p, s16, r, off, so, mo, x, xs, ng):
-    """As dot_q8 for packed 4-bit codes (16 bytes a group: byte k holds value k in its low nibble,
-    k + 16 in its high) with f16 scales (``so``) and minimums (``mo``); xs [ng] = sums of x per
-    group, for the minimums' term."""
-    sig = types.float32(p, s16, r, off, so, mo, x, xs, ng)
-
-    def codegen(context, builder, signature, args):
-        p_, s_, r_, off_, so_, mo_, x_, xs_, ng_ = args
-        row = _row_ptr(context, builder, signature.args[0], p_, r_)
-        srow = _row_ptr(context, builder, signature.args[1], s_, r_)
-        xp = builder.ptrtoint(context.make_array(signature.args[6])(context, builder, x_).data, _I64)
-        xsp = builder.ptrtoint(context.make_array(signature.args[7])(context, builder, xs_).data, _I64)
-        two = ir.Constant(_I64, 2)
-        codes0 = _at(builder, row, off_)
-        scales0, mins0 = _at(builder, srow, builder.mul(so_, two)), _at(builder, srow, builder.mul(mo_, two))
-        mterm = cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))
-        v16 = ir.VectorType(_I8, 16)
-
-        def body(g, acc):
-            g2 = builder.mul(g, two)
-            s = builder.fpext(_load(builder, _at(builder, scales0, g2), _F16), _F32)
-            m = builder.fpext(_load(builder, _at(builder, mins0, g2), _F16), _F32)
-            xsum = _load(builder, _at(builder, xsp, builder.mul(g, ir.Constant(_I64, 4))), _F32)
-            builder.store(_fma(builder, m, xsum, builder.load(mterm)), mterm)
-            packed = _load(builder, _at(builder, codes0, builder.mul(g, ir.Constant(_I64, 16))), v16)
-            lo = builder.and_(packed, ir.Constant(v16, [15] * 16))
-            hi = builder.lshr(packed, ir.Constant(v16, [4] * 16))
-            both = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
-            f = builder.uitofp(builder.zext(both, ir.VectorType(_I32, 32)), ir.VectorType(_F32, 32))
-            sv = _splat(builder, s)
-            xg = _at(builder, xp, builder.mul(g, ir.Constant(_I64, 128)))
-            out = []
-            for i in range(4):
-                w = builder.shuffle_vector(f, f, ir.Constant(ir.VectorType(_I32, 8), list(range(8 * i, 8 * i + 8))))
-                out.append(_fma(builder, builder.fmul(w, sv), _load(builder, _at(builder, xg, 32 * i), _V8F), acc[i]))
-            return out
-        dot = _group_loop(context, builder, ng_, body)
-        return builder.fadd(dot, builder.load(mterm))
-    return sig, codegen
 
 
 @intrinsic
