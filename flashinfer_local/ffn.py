@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from storage import format as fmt
 from storage.convert import quantize_rows_q8
+from storage.quant import quantize_q8
 from storage.reader import Bundle
 
 from .budget import CHUNK_ROWS
@@ -120,9 +121,7 @@ class RecordFFN:
             if not split:
                 self.records.append(rec)
                 continue
-            d = fmt.field_values(rec, lay, "down")                      # [d_ff, d] f32
-            self.down.append(QuantMatrix(*quantize_rows_q8(np.ascontiguousarray(d.T))))
-            del d
+            self.down.append(_down_matrix(rec, lay))
             self.records.append(np.ascontiguousarray(rec[:, :down.offset]))   # gate/up part
             del rec
         self.h = np.zeros(cfg.d_ff, np.float32)
@@ -147,6 +146,26 @@ class RecordFFN:
         h = torch.cat([self.compute.activations(x, rec[a:a + CHUNK_ROWS])
                        for a in range(0, rec.shape[0], CHUNK_ROWS)], dim=1)        # [T, d_ff]
         return down.matmul(h if mask is None else h * mask)
+
+
+def _down_matrix(rec: np.ndarray, lay: fmt.RecordLayout, block: int = 256) -> QuantMatrix:
+    """The down columns of one layer's records [d_ff, record_bytes] as an int8 matrix [d, d_ff]
+    (groups of 32 along d_ff), built ``block`` output rows at a time so that the f32 scratch stays
+    a few MiB rather than the whole layer's down weights."""
+    f = lay.field("down")
+    if f.dtype != "q8":                      # (no converter writes other down columns today)
+        w = fmt.field_values(rec, lay, "down")
+        return QuantMatrix(*quantize_rows_q8(np.ascontiguousarray(w.T)))
+    codes = rec[:, f.offset:f.offset + f.nbytes].view(np.int8)                       # [d_ff, d]
+    sf = lay.field("down.scale")
+    scales = rec[:, sf.offset:sf.offset + sf.nbytes].view(np.float16)                # [d_ff, d / 32]
+    d_ff, d = codes.shape
+    q, s = np.empty((d, d_ff), np.int8), np.empty((d, d_ff // 32), np.float16)
+    for a in range(0, d, block):
+        b = min(d, a + block)
+        w = codes[:, a:b].astype(np.float32) * np.repeat(scales[:, a // 32:b // 32].astype(np.float32), 32, axis=1)
+        q[a:b], s[a:b] = quantize_q8(np.ascontiguousarray(w.T))
+    return QuantMatrix(q, s)
 
 
 def make_dram_ffn(bundle: Bundle, selector=None):
