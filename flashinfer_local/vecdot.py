@@ -1,10 +1,11 @@
 """Vector code for the hot kernels, written as LLVM IR from numba (``@intrinsic``).
 
-HOT: the inner loops of ``kernels.py``: dot products of one stored vector (a row of a record
-matrix, at a byte offset) with x, the quantized axpy of a down column into an accumulator, and a
-prefetch. Built from LLVM's generic vector types (<8 x float> and friends), so LLVM lowers them to
-AVX2 here and should to NEON on ARM (not tried: no ARM machine here); the integer dot products use two AVX2 instructions where the CPU has
-them (``AVX2``), with a generic form giving the same values elsewhere.
+HOT: the inner loops of ``kernels.py``: dot products of one stored vector (a row of a record matrix,
+at a byte offset) with x, the quantized axpy of a down column into an accumulator, and a prefetch.
+Built from LLVM's generic vector types (<8 x float> and friends), so LLVM lowers them to AVX2 here
+and should to NEON on ARM (not tried: no ARM machine here); the integer dot products use two AVX2
+instructions where the CPU has them (``AVX2``), with a generic form giving the same values
+elsewhere.
 
 Why not plain numba loops: numba keeps a lanes array (``np.zeros(32)``) in memory, so every group
 of 32 values loaded and stored its accumulators, and a scalar accumulator needs a horizontal sum
