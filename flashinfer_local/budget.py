@@ -64,7 +64,7 @@ def tokenizer_bytes(tokenizer_file_bytes: int) -> int:
     return TOKENIZER_RSS_PER_FILE_BYTE * tokenizer_file_bytes
 
 
-def fixed_bytes(cfg: ModelConfig, layout: fmt.RecordLayout, ffn_dtype: str, dense_file_bytes: int,
+def fixed_bytes(cfg: ModelConfig, layout: fmt.RecordLayout, dense_file_bytes: int,
                 embed_bytes: int, context: int) -> tuple[int, int, int]:
     """(dense, KV cache, buffers) a streaming run holds whatever the window gets, from sizes alone
     (the tokenizer and the slack come on top).
@@ -73,21 +73,19 @@ def fixed_bytes(cfg: ModelConfig, layout: fmt.RecordLayout, ffn_dtype: str, dens
     """
     dense = dense_resident_bytes(cfg, dense_file_bytes, embed_bytes, context)
     kv = context * cfg.kv_bytes_per_token(4) + 2 * context * cfg.head_dim * 4
-    # f32 values of one record in a prefill chunk (int8/int4: plus the [chunk, d] f32 matrices
-    # the chunk's vectors are dequantized into)
+    # f32 values of one record in a prefill chunk: f16/f32 records upcast, or int8/int4 records'
+    # vectors dequantized into RecordCompute's reused [chunk, d] matrices
     payload_f32 = 4 * sum(f.count for f in layout.fields if "." not in f.name)
-    dequant = 0 if ffn_dtype in fmt.DTYPES else len(fmt.weight_fields(cfg)) * CHUNK_ROWS * cfg.d_model * 4
     # read scratch + prefill chunk (cached rows gathered, then as f32) + the decode kernel's
     # per-thread accumulator
     kernel = min(numba_threads(), KERNEL_THREADS_MAX) * 4 * cfg.d_model
-    buffers = ((SCRATCH_BUFFERS + 1) * CHUNK_ROWS * layout.record_bytes + CHUNK_ROWS * payload_f32
-               + dequant + kernel)
+    buffers = (SCRATCH_BUFFERS + 1) * CHUNK_ROWS * layout.record_bytes + CHUNK_ROWS * payload_f32 + kernel
     return dense, kv, buffers
 
 
 def _fixed(bundle: Bundle, context: int) -> tuple[int, int, int, int]:
     embed = bundle.dense_nbytes("embed")
-    dense, kv, buffers = fixed_bytes(bundle.config, bundle.layout, bundle.ffn_dtype,
+    dense, kv, buffers = fixed_bytes(bundle.config, bundle.layout,
                                      (bundle.path / fmt.DENSE_FILE).stat().st_size, embed, context)
     return dense, kv, buffers, tokenizer_bytes(bundle.sizes()["tokenizer_bytes"])
 

@@ -70,10 +70,10 @@ def kv_cache(cfg: ModelConfig, tokens: int) -> dict:
             "rope_tables_bytes": 0 if cfg.learned_positions else 2 * tokens * cfg.head_dim * 4}
 
 
-def minimum_budget(cfg: ModelConfig, sizes: dict, dtype: str, context: int) -> dict:
+def minimum_budget(cfg: ModelConfig, sizes: dict, context: int) -> dict:
     """The smallest --dram-budget that runs: the streaming minimum (its parts as budget.plan_budget
     counts them) or, for a model smaller than the streaming buffers, the all-in-DRAM size."""
-    dense, kv, buffers = fixed_bytes(cfg, sizes["layout"], dtype, sizes["dense_bytes"],
+    dense, kv, buffers = fixed_bytes(cfg, sizes["layout"], sizes["dense_bytes"],
                                      sizes["embed_bytes"], context)
     tok = budget_mod.tokenizer_bytes(sizes["tokenizer_bytes"])
     streaming = dense + kv + buffers + tok + SLACK_BYTES
@@ -115,7 +115,7 @@ def estimate(cfg: ModelConfig, context: int = 2048, budget: int | None = None,
             sizes = bundle_bytes(cfg, dtype, tokenizer_bytes)
         except ValueError:            # int8/int4 need d_model divisible by the group size
             continue
-        minimum = minimum_budget(cfg, sizes, dtype, context)
+        minimum = minimum_budget(cfg, sizes, context)
         r = {**{k: v for k, v in sizes.items() if k != "layout"}, "minimum_budget": minimum}
         if budget is not None:
             r["verdict"] = verdict(cfg, sizes, minimum, budget)

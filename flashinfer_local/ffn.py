@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from storage import format as fmt
-from storage.convert import quantize_rows_q8
 from storage.quant import quantize_q8
 from storage.reader import Bundle
 
@@ -51,24 +50,21 @@ class RecordCompute:
     def nbytes(self) -> int:
         return self.kernel.nbytes + sum(b.nbytes for b in self.buf.values())
 
-    def _fields(self, part: np.ndarray) -> dict[str, torch.Tensor]:
+    def _fields(self, part: np.ndarray, down: bool = True) -> dict[str, torch.Tensor]:
+        """Records part [c, ...] as f32 field matrices (``down``: with the down columns; without,
+        part may end before them)."""
         if self.tdt is not None:     # [c, payload] f32, contiguous; the fields are column slices of it
             r = torch.from_numpy(part).view(self.tdt)[:, :self.payload].float()
             return {n: r[:, self.cols[n]] for n in self.names}
-        f = {n: torch.from_numpy(self.kernel.dequantize(part, n, self.buf[n])) for n in self.vectors}
+        f = {n: torch.from_numpy(self.kernel.dequantize(part, n, self.buf[n]))
+             for n in self.vectors if down or n != "down"}
         if not self.gated:
             f["up_bias"] = torch.from_numpy(fmt.field_values(part, self.layout, "up_bias"))
         return f
 
-    def activations(self, x: torch.Tensor, part: np.ndarray) -> torch.Tensor:
-        """x [T, d] -> the activations [T, c] of records part [c, >= down's offset] (prefill)."""
-        if self.tdt is not None:
-            f = self._fields(part)
-        else:
-            f = {n: torch.from_numpy(self.kernel.dequantize(part, n, self.buf[n]))
-                 for n in self.vectors if n != "down"}
-            if not self.gated:
-                f["up_bias"] = torch.from_numpy(fmt.field_values(part, self.layout, "up_bias"))
+    def activations(self, x: torch.Tensor, part: np.ndarray | None = None, f: dict | None = None) -> torch.Tensor:
+        """x [T, d] -> the activations [T, c] of records part [c, ...] (or of its fields ``f``)."""
+        f = f if f is not None else self._fields(part, down=False)
         if self.gated:
             return F.silu(F.linear(x, f["gate"])) * F.linear(x, f["up"])
         return F.relu(F.linear(x, f["up"]) + f["up_bias"][:, 0])
@@ -87,10 +83,7 @@ class RecordCompute:
         for a in range(0, n, CHUNK_ROWS):
             part = recs[a:a + CHUNK_ROWS] if rows is None else recs[rows[a:a + CHUNK_ROWS]]
             f = self._fields(part)
-            if self.gated:
-                h = F.silu(F.linear(x, f["gate"])) * F.linear(x, f["up"])
-            else:
-                h = F.relu(F.linear(x, f["up"]) + f["up_bias"][:, 0])
+            h = self.activations(x, f=f)
             if mask is not None:
                 h = h * mask[:, a:a + CHUNK_ROWS]
             out.addmm_(h, f["down"])
@@ -101,9 +94,9 @@ class RecordFFN:
     bundles: computing on the quantized records is what makes them fast and small). With a
     ``selector``, each token computes only the neurons its selection keeps.
 
-    Where d_ff is a multiple of 32, the down columns are moved out of the records at load into a
-    down matrix [d, d_ff] (int8, groups of 32 along d_ff: dequantized from the records and
-    requantized, one more rounding of the down weights), and decode computes the activations h from
+    Where the down columns are q8 (every int8/int4 bundle) and d_ff is a multiple of 32, they move
+    out of the records at load into a down matrix [d, d_ff] (int8, groups of 32 along d_ff:
+    dequantized from the records and requantized, one more rounding of the down weights), and decode computes the activations h from
     the gate/up part of the records and then down @ h as an int8 matrix-vector product on an int8
     copy of h, as llama.cpp does. Measured on Qwen2.5-Coder-1.5B int4, this halves the FFN's compute:
     the per-record down axpy had to stay in float (each neuron's down column has its own scales).
@@ -114,16 +107,15 @@ class RecordFFN:
         self.compute = RecordCompute(bundle)
         self.selector = selector
         self.records, self.down = [], []
-        split = SPLIT_DOWN and cfg.d_ff % 32 == 0
         down = lay.field("down")
+        split = SPLIT_DOWN and down.dtype == "q8" and cfg.d_ff % 32 == 0
         for i in range(cfg.n_layers):
             rec = bundle.read_ffn_layer(i)
-            if not split:
-                self.records.append(rec)
-                continue
-            self.down.append(_down_matrix(rec, lay))
-            self.records.append(np.ascontiguousarray(rec[:, :down.offset]))   # gate/up part
-            del rec
+            if split:
+                self.down.append(_down_matrix(rec, lay))
+                rec = np.ascontiguousarray(rec[:, :down.offset])            # the gate/up part
+            self.records.append(rec)
+        self.all_rows = np.arange(cfg.d_ff)
         self.h = np.zeros(cfg.d_ff, np.float32)
 
     @property
@@ -139,8 +131,11 @@ class RecordFFN:
             return out
         rec, down = self.records[layer], self.down[layer]
         if x.shape[0] == 1:
-            rows = np.arange(rec.shape[0]) if mask is None else np.flatnonzero(mask[0].numpy())
-            self.h[:] = 0
+            if mask is None:
+                rows = self.all_rows
+            else:                                  # unselected neurons contribute h = 0
+                rows = np.flatnonzero(mask[0].numpy())
+                self.h[:] = 0
             self.compute.kernel.activations(rec, rows, x[0].numpy(), self.h)
             return down.matmul(torch.from_numpy(self.h)[None])
         h = torch.cat([self.compute.activations(x, rec[a:a + CHUNK_ROWS])
@@ -149,15 +144,11 @@ class RecordFFN:
 
 
 def _down_matrix(rec: np.ndarray, lay: fmt.RecordLayout, block: int = 256) -> QuantMatrix:
-    """The down columns of one layer's records [d_ff, record_bytes] as an int8 matrix [d, d_ff]
+    """The q8 down columns of one layer's records [d_ff, record_bytes] as an int8 matrix [d, d_ff]
     (groups of 32 along d_ff), built ``block`` output rows at a time so that the f32 scratch stays
     a few MiB rather than the whole layer's down weights."""
-    f = lay.field("down")
-    if f.dtype != "q8":                      # (no converter writes other down columns today)
-        w = fmt.field_values(rec, lay, "down")
-        return QuantMatrix(*quantize_rows_q8(np.ascontiguousarray(w.T)))
+    f, sf = lay.field("down"), lay.field("down.scale")
     codes = rec[:, f.offset:f.offset + f.nbytes].view(np.int8)                       # [d_ff, d]
-    sf = lay.field("down.scale")
     scales = rec[:, sf.offset:sf.offset + sf.nbytes].view(np.float16)                # [d_ff, d / 32]
     d_ff, d = codes.shape
     q, s = np.empty((d, d_ff), np.int8), np.empty((d, d_ff // 32), np.float16)

@@ -17,7 +17,7 @@ What makes these loops fast, each measured on a Qwen-1.5B-sized layer:
   indices, which keeps LLVM from vectorizing the plain loops (6-9x slower);
 - each thread's accumulator row is indexed in place (``acc[t, j]``), never taken as a view per
   record: a view touches the array's reference count, shared by all threads (several times slower);
-- f16 values are converted by LLVM's half-to-float conversion (``_f16``: vcvtph2ps with F16C), since
+- f16 values are converted by LLVM's half-to-float conversion (``vecdot.f16``: vcvtph2ps with F16C), since
   numba has no float16 type on the CPU.
 """
 from __future__ import annotations
@@ -26,24 +26,15 @@ import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
-from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import intrinsic, overload
+from numba.extending import overload
 
 from storage.quant import dequantize_q8
 
-from .vecdot import axpy_q4 as _axpy_q4, axpy_q8 as _axpy_q8, dot_f16, prefetch_row, qdot_q4, qdot_q8
+from .vecdot import axpy_q4 as _axpy_q4, axpy_q8 as _axpy_q8, dot_f16, f16 as _f16, prefetch_row, qdot_q4, qdot_q8
 
 U = np.uint64     # record offsets are cast to unsigned: see the module docstring
 AHEAD = 2         # the record this many ahead is prefetched (measured: 7% faster than none)
-
-
-@intrinsic
-def _f16(typingctx, h):
-    """f16 bits (uint16) -> float32: an LLVM half conversion (vcvtph2ps on x86 with F16C)."""
-    def codegen(context, builder, signature, args):
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-    return types.float32(types.uint16), codegen
 
 
 def _f32(v):

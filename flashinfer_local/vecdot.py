@@ -27,6 +27,14 @@ _F32, _F16 = ir.FloatType(), ir.HalfType()
 _V8F = ir.VectorType(_F32, 8)
 
 
+@intrinsic
+def f16(typingctx, h):
+    """f16 bits (uint16) -> float32, by LLVM's half conversion (vcvtph2ps with F16C)."""
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], _F16), _F32)
+    return types.float32(types.uint16), codegen
+
+
 def _row_ptr(context, builder, aty, arr, r):
     """Byte address (i64) of row r of a 2-D array."""
     a = context.make_array(aty)(context, builder, arr)
