@@ -57,7 +57,7 @@ def _dot(rec, r, off, x, d):
     """rec[r, off:off + d] (f16 bits or f32) . x [d]."""
 
 
-@overload(_dot, inline="always", fastmath=True)
+@overload(_dot, fastmath=True)
 def _dot_impl(rec, r, off, x, d):
     if rec.dtype == types.uint16:
         def f16(rec, r, off, x, d):      # vectorized over the first multiple of 32, then the tail
@@ -208,10 +208,10 @@ class RecordKernel:
     """The decode FFN over one bundle's records: field offsets from its layout, per-thread
     accumulators preallocated."""
 
-    def __init__(self, layout, dtype: str, d_model: int, threads: int | None = None):
+    def __init__(self, layout, dtype: str, d_model: int):
         self.d, self.dtype = d_model, dtype
         # one accumulator per thread numba may run (numba.get_thread_id() indexes them)
-        self.acc = np.zeros((max(threads or 0, numba.config.NUMBA_NUM_THREADS), d_model), np.float32)
+        self.acc = np.zeros((numba.config.NUMBA_NUM_THREADS, d_model), np.float32)
         f = {x.name: x for x in layout.fields}
         if dtype in ("f16", "f32"):
             item = 2 if dtype == "f16" else 4
@@ -315,7 +315,7 @@ def warm_up() -> None:
                           activation="silu" if gated else "relu")
         for dtype in ("f16", "f32", "int8", "int4"):
             lay = record_layout(cfg, dtype)
-            k = RecordKernel(lay, dtype, 32, threads=1)
+            k = RecordKernel(lay, dtype, 32)
             k(np.zeros((2, lay.record_bytes), np.uint8), np.arange(2), np.ones(32, np.float32),
               np.zeros(32, np.float32))
     QuantMatrix(np.zeros((2, 32), np.int8), np.zeros((2, 1), np.float16)).matmul(torch.ones(1, 32))
