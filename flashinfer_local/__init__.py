@@ -13,14 +13,14 @@ from storage import __version__
 from storage.convert import convert
 from storage.errors import FlashinferError
 
-from .calibrate import calibrate
-from .engine import Engine
-from .generate import GenerationStats, SamplingParams, Step
+from flashinfer_local.workflows.calibrate import calibrate
+from flashinfer_local.runtime.engine import Engine
+from flashinfer_local.runtime.sampling import GenerationStats, SamplingParams, Step
 
 
 def load(model=None, dtype: str = "f16", threads: int | None = None) -> Engine:
     """Open MODEL (bundle, HF folder, GGUF file, or None for the default model) as an Engine."""
-    from .resolve import resolve_model
+    from flashinfer_local.workflows.resolve import resolve_model
     return Engine(resolve_model(None if model is None else str(model), dtype=dtype, progress=False),
                   threads=threads)
 

@@ -1,3 +1,3 @@
-from .cli import main
+from flashinfer_local.cli import main
 
 main(prog_name="flashinfer-local")

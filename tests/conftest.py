@@ -41,7 +41,7 @@ def tiny_bundle(tiny_ckpt, tmp_path_factory):
 
 def smollm_gguf() -> Path | None:
     """The real SmolLM2-135M GGUF, fetched (and cached) by the project's own fetch code."""
-    from flashinfer_local.fetch import fetch
+    from flashinfer_local.workflows.fetch import fetch
     try:
         return fetch("smollm2-135m")
     except Exception as e:  # registry unreachable

@@ -136,7 +136,7 @@ def test_existing_out_needs_force(tiny_ckpt, tiny_bundle, tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 def test_f16_bundle_close_to_f32(tiny_bundle, arch):
     """Prefill (f16 weights upcast) and decode (f16 matrix-vector) both stay close to f32."""
-    from flashinfer_local.engine import Engine
+    from flashinfer_local.runtime.engine import Engine
     ids = list(range(3, 20))
     e32, e16 = Engine(tiny_bundle(arch, "f32")), Engine(tiny_bundle(arch, "f16"))
     a, b = e32.logits(ids), e16.logits(ids)

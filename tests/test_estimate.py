@@ -4,9 +4,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from flashinfer_local import budget
+from flashinfer_local.runtime import budget
 from flashinfer_local.cli import main
-from flashinfer_local.estimate import bundle_bytes, estimate, kv_cache, load_config, window_rows
+from flashinfer_local.measure.estimate import bundle_bytes, estimate, kv_cache, load_config, window_rows
 from flashinfer_local.models.common import KVCache
 from storage.reader import Bundle
 from storage.source import open_source
@@ -71,7 +71,7 @@ def test_verdict_and_window_rows_agree_with_the_plan(tiny_bundle):
     assert verdict(e["in_dram_bytes"] - 1)["mode"] == "too small"
     assert "too small (minimum" in verdict(1 << 20)["text"]
     # and the engine agrees: at in_dram it holds everything, one byte less it refuses
-    from flashinfer_local.engine import Engine
+    from flashinfer_local.runtime.engine import Engine
     eng = Engine(path, dram_budget=e["in_dram_bytes"], context=ctx)
     assert eng.offload == "none"
     eng.close()

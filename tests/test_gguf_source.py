@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from flashinfer_local.fetch import models_dir
+from flashinfer_local.workflows.fetch import models_dir
 from storage.errors import CheckpointError, UnsupportedModelError
 from storage.gguf_source import GGUFSource
 from storage.gguf_tokenizer import build_tokenizer_json

@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flashinfer_local.calibrate import calibrate
-from flashinfer_local.engine import Engine
-from flashinfer_local.evaluate import evaluate, held_out_ids, perplexity
-from flashinfer_local.generate import SamplingParams
+from flashinfer_local.workflows.calibrate import calibrate
+from flashinfer_local.runtime.engine import Engine
+from flashinfer_local.measure.evaluate import evaluate, held_out_ids, perplexity
+from flashinfer_local.runtime.sampling import SamplingParams
 from predictors import calibration as cal
 from predictors import lowrank, store
 from storage.errors import FlashinferError
@@ -206,7 +206,7 @@ def test_bad_predictor_files_are_named(calibrated, tmp_path):
 
 
 def test_threshold_predictor_is_counted_in_the_budget(calibrated):
-    from flashinfer_local.budget import minimum_budget
+    from flashinfer_local.runtime.budget import minimum_budget
     path, _ = calibrated("llama", "threshold")
     b = Bundle(path)
     gate_rows = b.config.n_layers * b.config.d_ff * b.config.d_model * 2

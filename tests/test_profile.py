@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from flashinfer_local import budget
+from flashinfer_local.runtime import budget
 from flashinfer_local.cli import main
-from flashinfer_local.estimate import kv_cache
-from flashinfer_local.generate import SamplingParams
-from flashinfer_local.memory import PageMap, page_cache_bytes
-from flashinfer_local.profile import OWNERS, other_tolerance, profile_generation
+from flashinfer_local.measure.estimate import kv_cache
+from flashinfer_local.runtime.sampling import SamplingParams
+from flashinfer_local.measure.pages import PageMap, page_cache_bytes
+from flashinfer_local.measure.profile import OWNERS, other_tolerance, profile_generation
 from storage.reader import Bundle
 
 GREEDY = SamplingParams(temperature=0)
@@ -179,7 +179,7 @@ def test_owner_arrays_cover_what_the_backends_report(tiny_bundle):
     """The arrays measured for the window cache and the kernel scratch are all the bytes those
     objects say they hold (an array added to either without this list growing would be missed)."""
     from flashinfer_local.kernels import RecordKernel
-    from flashinfer_local.profile import _arrays
+    from flashinfer_local.measure.profile import _arrays
     from storage.window_cache import LayerWindow
     b = Bundle(tiny_bundle("llama", "f16"))
     w = LayerWindow(b.config.d_ff, b.layout.record_bytes, 50, 4)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from flashinfer_local.engine import Engine
-from flashinfer_local.generate import SamplingParams
+from flashinfer_local.runtime.engine import Engine
+from flashinfer_local.runtime.sampling import SamplingParams
 from flashinfer_local.kernels import RecordKernel
 from storage import quant
 from storage.config import ModelConfig
@@ -127,7 +127,7 @@ def test_int8_matvec_matches_numpy_and_the_portable_path():
     """QuantMatrix's decode matvec against numpy on the same codes and int8 x; the generic-vector
     code (what a CPU without AVX2 compiles) gives the same values as the AVX2 integer code."""
     import numba
-    from flashinfer_local import vecdot
+    from flashinfer_local.kernels import vecdot
     from flashinfer_local.kernels import QuantMatrix, U
     rng = np.random.default_rng(4)
     w = rng.standard_normal((50, 160)).astype(np.float32)
@@ -167,7 +167,7 @@ def test_int8_matvec_matches_numpy_and_the_portable_path():
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
 def test_quantized_bundle_runs_in_every_mode(arch, dtype, tiny_bundle, monkeypatch):
-    import flashinfer_local.ffn as ffn
+    import flashinfer_local.runtime.dram as ffn
     path = tiny_bundle(arch, dtype)
     b = Bundle(path)
     assert b.ffn_dtype == dtype and b.dense_dtype == "f16"
@@ -200,7 +200,7 @@ def test_smollm2_perplexity_int8_within_1pct_int4_within_5pct(smollm_bundle):
     """The issue's quality bar, on held-out standard-library text (prose and code, 1024 tokens
     each), in the DRAM mode (int8 x and h, int8 head, the requantized down matrix); measured:
     int8 +0.32% (prose) / +0.06% (code), int4 +0.41% / +0.00%."""
-    from flashinfer_local.evaluate import perplexity, stdlib_corpus
+    from flashinfer_local.measure.evaluate import perplexity, stdlib_corpus
     corpus = stdlib_corpus()
     nll = {}
     for dtype in ("f16", "int8", "int4"):

@@ -6,9 +6,9 @@ SmolLM2-135M runs by default; the Qwen2.5-Coder ones are `slow` (run with `-m sl
 import pytest
 import torch
 
-from flashinfer_local.engine import Engine
-from flashinfer_local.fetch import models_dir
-from flashinfer_local.generate import SamplingParams
+from flashinfer_local.runtime.engine import Engine
+from flashinfer_local.workflows.fetch import models_dir
+from flashinfer_local.runtime.sampling import SamplingParams
 from storage.convert import convert
 
 from conftest import smollm_gguf

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from flashinfer_local.budget import minimum_budget
-from flashinfer_local.engine import Engine
-from flashinfer_local.generate import SamplingParams
+from flashinfer_local.runtime.budget import minimum_budget
+from flashinfer_local.runtime.engine import Engine
+from flashinfer_local.runtime.sampling import SamplingParams
 from storage.errors import FlashinferError
 from storage.reader import Bundle
 

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from flashinfer_local.engine import Engine
-from flashinfer_local.generate import SamplingParams
+from flashinfer_local.runtime.engine import Engine
+from flashinfer_local.runtime.sampling import SamplingParams
 from tiny_models import reference_greedy, reference_logits, reference_model
 
 from conftest import ARCHS

@@ -2,8 +2,8 @@
 import importlib.util
 from pathlib import Path
 
-from flashinfer_local.engine import Engine
-from flashinfer_local.generate import SamplingParams
+from flashinfer_local.runtime.engine import Engine
+from flashinfer_local.runtime.sampling import SamplingParams
 from storage.reader import Bundle
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"

@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from flashinfer_local.engine import Engine  # noqa: E402
-from flashinfer_local.generate import SamplingParams  # noqa: E402
+from flashinfer_local.runtime.engine import Engine  # noqa: E402
+from flashinfer_local.runtime.sampling import SamplingParams  # noqa: E402
 from flashinfer_local.units import fmt_bytes, parse_size  # noqa: E402
 from storage.direct_io import measure_sequential_bandwidth  # noqa: E402
 from storage.reader import Bundle  # noqa: E402
@@ -114,7 +114,7 @@ def main():
     b = Bundle(a.bundle)
     size = b.sizes()["total_bytes"]
     budget = parse_size(a.budget) if a.budget else int(size * a.budget_frac)
-    from flashinfer_local.tokenizer import Tokenizer
+    from flashinfer_local.runtime.tokenizer import Tokenizer
     tok = Tokenizer(b)
     if tok.available:
         ids = (tok.encode(TEXT * 20))[:a.prompt_tokens]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from storage.config import ModelConfig
 
-from ..kernels import QuantMatrix
+from flashinfer_local.kernels import QuantMatrix
 
 
 UPCAST_BYTES = 16 << 20     # f32 weight scratch of one prefill matmul step (counted in the budget's slack)

@@ -9,7 +9,7 @@ import torch
 
 from storage.config import ModelConfig
 
-from .common import KVCache, attention, embed_rows, linear, layer_norm
+from flashinfer_local.models.common import KVCache, attention, embed_rows, linear, layer_norm
 
 
 class OPTModel:

@@ -1,55 +1,14 @@
-"""Resident-memory measurement: a background sampler of this process's RSS (psutil), and which
-pages of a span of memory (or of a file, in the page cache) are resident."""
+"""Which pages of a span of this process's memory, or of a file in the page cache, are resident
+(Linux: /proc/self/pagemap and mincore). The RSS sampler itself is ``runtime.rss``."""
 from __future__ import annotations
 
 import ctypes
 import mmap
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
-import psutil
 
-
-def rss_bytes() -> int:
-    return psutil.Process().memory_info().rss
-
-
-class PeakRSS:
-    """Samples RSS every ``period`` seconds on a daemon thread; ``peak`` is the highest seen.
-
-    Use as a context manager around the work to measure; ``sample()`` may also be called from the
-    work itself at points where memory is known to peak.
-    """
-
-    def __init__(self, period: float = 0.005):
-        self.period = period
-        self.peak = 0
-        self._stop = threading.Event()
-        self._proc = psutil.Process()
-        self._thread = None
-
-    def sample(self) -> int:
-        r = self._proc.memory_info().rss
-        if r > self.peak:
-            self.peak = r
-        return r
-
-    def _run(self):
-        while not self._stop.wait(self.period):
-            self.sample()
-
-    def __enter__(self):
-        self.sample()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="peak-rss")
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.sample()
 
 
 # ---- which pages are in memory (Linux): owners' resident bytes, and the page cache of a file

@@ -20,8 +20,8 @@ from storage.direct_io import RecordReader, aligned_empty
 from storage.reader import Bundle
 from storage.window_cache import LayerWindow
 
-from .budget import CHUNK_ROWS, SCRATCH_BUFFERS, BudgetPlan
-from .ffn import RecordCompute
+from flashinfer_local.runtime.budget import CHUNK_ROWS, SCRATCH_BUFFERS, BudgetPlan
+from flashinfer_local.runtime.dram import RecordCompute
 
 # Read through gaps of up to this many bytes of unwanted records rather than issue another request:
 # on this project's reference disk (tools/bench_stream.py; 9 KiB records of Qwen-1.5B f16, 8 reader

@@ -16,7 +16,7 @@ from storage.config import ModelConfig
 from storage.errors import FlashinferError
 from storage.reader import Bundle
 
-from .units import fmt_bytes
+from flashinfer_local.units import fmt_bytes
 
 CHUNK_ROWS = 1024          # records computed per step: bounds the f32 scratch of one step
 SCRATCH_BUFFERS = 2        # overflow/naive reads: one chunk read while the previous is computed

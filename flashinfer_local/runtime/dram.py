@@ -14,9 +14,9 @@ from storage import format as fmt
 from storage.quant import quantize_q8
 from storage.reader import Bundle
 
-from .budget import CHUNK_ROWS
-from .kernels import QuantMatrix, RecordKernel
-from .models.common import linear
+from flashinfer_local.runtime.budget import CHUNK_ROWS
+from flashinfer_local.kernels import QuantMatrix, RecordKernel
+from flashinfer_local.models.common import linear
 
 TORCH_DT = {"f16": torch.float16, "f32": torch.float32}
 # RecordFFN moves the down columns into an int8 down matrix (see its docstring). False keeps whole

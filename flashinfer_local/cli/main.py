@@ -10,7 +10,7 @@ import click
 
 from storage.errors import FlashinferError
 
-from .units import fmt_bytes
+from flashinfer_local.units import fmt_bytes
 
 
 class _Group(click.Group):
@@ -46,7 +46,7 @@ def convert(src: Path, out: Path, dtype: str, force: bool):
     from storage.convert import convert as do_convert
     from storage.reader import Bundle
 
-    from .memory import PeakRSS
+    from flashinfer_local.runtime.rss import PeakRSS
     with PeakRSS() as peak:
         path = do_convert(src, out, dtype=dtype, force=force, progress=sys.stderr.isatty())
     b = Bundle(path)
@@ -117,7 +117,7 @@ def inspect(bundle: Path, verify: bool, as_json: bool):
 def _predictor_lines(b) -> list[str]:
     from predictors import store
 
-    from .selection import predictor_bytes
+    from flashinfer_local.runtime.selection import predictor_bytes
     out = []
     for kind in store.KINDS:
         if not store.predictor_path(b.path, kind).exists():
@@ -192,11 +192,11 @@ ENGINE_OPTIONS = _options(
 def run(model, prompt, max_tokens, temperature, top_p, top_k, seed, chat, dtype, threads, dram_budget,
         offload, window_tokens, io_threads, evict, selector, predictor, sparsity, context, stats, stats_json):
     """Generate text from MODEL (a bundle, an HF folder, a GGUF file; default: SmolLM2-135M-Instruct)."""
-    from .engine import Engine
-    from .generate import SamplingParams
-    from .memory import PeakRSS, rss_bytes
-    from .resolve import resolve_model
-    from .units import parse_size
+    from flashinfer_local.runtime.engine import Engine
+    from flashinfer_local.runtime.sampling import SamplingParams
+    from flashinfer_local.runtime.rss import PeakRSS, rss_bytes
+    from flashinfer_local.workflows.resolve import resolve_model
+    from flashinfer_local.units import parse_size
 
     sampling = SamplingParams(temperature, top_p, top_k, seed)
     budget = parse_size(dram_budget) if dram_budget is not None else None
@@ -214,7 +214,7 @@ def run(model, prompt, max_tokens, temperature, top_p, top_k, seed, chat, dtype,
         click.echo()
     eng.close()
     if st is None:
-        from .generate import GenerationStats
+        from flashinfer_local.runtime.sampling import GenerationStats
         st = GenerationStats(prompt_tokens=len(eng.encode_prompt(prompt, chat)))
     st.peak_rss_bytes = peak.peak
     baseline = eng.runtime_baseline_bytes
@@ -262,9 +262,9 @@ def profile(model, prompt, max_tokens, temperature, top_p, top_k, seed, chat, dt
     """Generate from MODEL while recording where the memory goes (RSS over time by owner, per phase),
     SSD bytes read per token and the window cache; writes profile.json and PNG charts to --out.
     With --sweep, compares budgets instead (tokens/s, bytes/token, peak RSS; sweep.json, sweep.png)."""
-    from .generate import SamplingParams
-    from .resolve import resolve_model
-    from .units import parse_size
+    from flashinfer_local.runtime.sampling import SamplingParams
+    from flashinfer_local.workflows.resolve import resolve_model
+    from flashinfer_local.units import parse_size
 
     sampling = SamplingParams(temperature, top_p, top_k, seed)
     path = resolve_model(model, dtype=dtype, progress=sys.stderr.isatty() and not json_only)
@@ -281,7 +281,7 @@ def profile(model, prompt, max_tokens, temperature, top_p, top_k, seed, chat, dt
                        evict=evict, selector=selector, predictor=predictor, sparsity=sparsity,
                        context=context)
         return
-    from .profile import profile_generation, report_lines
+    from flashinfer_local.measure.profile import profile_generation, report_lines
     options = {"threads": threads, "offload": offload, "window": window_tokens, "io_threads": io_threads,
                "evict": evict, "selector": selector, "predictor": predictor, "sparsity": sparsity,
                "context": context,
@@ -293,7 +293,7 @@ def profile(model, prompt, max_tokens, temperature, top_p, top_k, seed, chat, dt
     if json_only:
         return
     click.echo()
-    from .charts import write_profile_charts
+    from flashinfer_local.measure.charts import write_profile_charts
     charts = write_profile_charts(d, out)
     for line in report_lines(d):
         click.echo(line)
@@ -303,9 +303,9 @@ def profile(model, prompt, max_tokens, temperature, top_p, top_k, seed, chat, dt
 def _profile_sweep(path: Path, budgets: str, target_tps, out: Path, **run) -> None:
     from storage.reader import Bundle
 
-    from .budget import minimum_budget
-    from .charts import sweep_chart
-    from .sweep import parse_budgets, run_sweep, table_lines
+    from flashinfer_local.runtime.budget import minimum_budget
+    from flashinfer_local.measure.charts import sweep_chart
+    from flashinfer_local.measure.sweep import parse_budgets, run_sweep, table_lines
     b = Bundle(path)
     parsed = parse_budgets(budgets, b.sizes()["total_bytes"])
     minimum = minimum_budget(b, min(run["context"], b.config.max_position))
@@ -339,9 +339,9 @@ def estimate(model, context, dram_budget, as_json):
     """Estimate from MODEL's config alone (bundle, HF folder or GGUF; nothing is converted or loaded):
     bundle size per precision, dense part, KV cache per token and at --context tokens, the minimum
     --dram-budget, and with --dram-budget whether it runs in DRAM, streams, or does not fit."""
-    from .estimate import estimate as do_estimate
-    from .estimate import load_config, report_lines
-    from .units import parse_size
+    from flashinfer_local.measure.estimate import estimate as do_estimate
+    from flashinfer_local.measure.estimate import load_config, report_lines
+    from flashinfer_local.units import parse_size
     cfg, facts = load_config(model)
     e = do_estimate(cfg, context, parse_size(dram_budget) if dram_budget is not None else None,
                     facts["tokenizer_bytes"])
@@ -376,7 +376,7 @@ def estimate(model, context, dram_budget, as_json):
 def calibrate(bundle, corpus, tokens, target_sparsity, predictor, rank, recall_target, max_ppl_increase, seed,
               threads, json_out):
     """Fit a sparsity predictor for BUNDLE on real text and store it in the bundle (atomically)."""
-    from .calibrate import calibrate as do_calibrate
+    from flashinfer_local.workflows.calibrate import calibrate as do_calibrate
     rep = do_calibrate(bundle, predictor, list(corpus) or None, tokens, target_sparsity, rank, recall_target,
                        seed, max_ppl_increase, progress=sys.stderr.isatty(), threads=threads)
     for line in _calibrate_lines(rep):
@@ -423,8 +423,8 @@ def _calibrate_lines(rep: dict) -> list[str]:
 def eval_cmd(bundle, corpus, tokens, sparsities, predictor, gen_tokens, threads, json_out, plot):
     """Measure what a calibrated predictor costs in quality: perplexity on held-out text and greedy
     agreement with the exact model, per sparsity setting."""
-    from .engine import Engine
-    from .evaluate import evaluate, held_out_ids
+    from flashinfer_local.runtime.engine import Engine
+    from flashinfer_local.measure.evaluate import evaluate, held_out_ids
     eng = Engine(bundle, threads=threads, offload="none", selector="predictor", predictor=predictor)
     default = eng.selector.meta["default_sparsity"]
     settings = sorted(set(sparsities) if sparsities else {0.3, 0.4, 0.5, 0.6, 0.7, default})
@@ -445,6 +445,6 @@ def eval_cmd(bundle, corpus, tokens, sparsities, predictor, gen_tokens, threads,
     if json_out:
         json_out.write_text(json.dumps(res, indent=1))
     if plot:
-        from .charts import quality_chart
+        from flashinfer_local.measure.charts import quality_chart
         quality_chart(res, plot)
         click.echo(f"wrote {plot}")

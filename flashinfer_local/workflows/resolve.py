@@ -9,7 +9,7 @@ from storage import format as fmt
 from storage.convert import convert
 from storage.errors import FlashinferError
 
-from .fetch import DEFAULT_MODEL, cache_root, fetch
+from flashinfer_local.workflows.fetch import DEFAULT_MODEL, cache_root, fetch
 
 log = logging.getLogger(__name__)
 

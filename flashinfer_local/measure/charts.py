@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .profile import OWNERS, PHASES
+from flashinfer_local.measure.profile import OWNERS, PHASES
 
 MIB = 2 ** 20
 COLORS = {"runtime": "#b0b0b0", "dense": "#4c72b0", "ffn_dram": "#8172b3", "window": "#55a868",

@@ -18,9 +18,9 @@ from storage.config import ModelConfig
 from storage.convert import dense_dtype, dense_specs, ffn_specs
 from storage.st_writer import encode_header
 
-from . import budget as budget_mod
-from .budget import SLACK_BYTES, fixed_bytes
-from .units import fmt_bytes
+from flashinfer_local.runtime import budget as budget_mod
+from flashinfer_local.runtime.budget import SLACK_BYTES, fixed_bytes
+from flashinfer_local.units import fmt_bytes
 
 # Bundle precisions (convert --dtype): the FFN records' dtype; the dense part is
 # storage.convert.dense_dtype of it (int8/int4 bundles keep it f16; norms and biases stay f32)
@@ -33,7 +33,7 @@ def load_config(model: str | Path | None) -> tuple[ModelConfig, dict]:
     from storage.errors import FlashinferError
     from storage.source import open_source
     if model is None:
-        from .fetch import DEFAULT_MODEL, fetch
+        from flashinfer_local.workflows.fetch import DEFAULT_MODEL, fetch
         model = fetch(DEFAULT_MODEL)
     p = Path(model)
     if not p.exists():

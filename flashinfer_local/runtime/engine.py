@@ -13,17 +13,17 @@ from storage.errors import FlashinferError
 from storage.reader import Bundle
 from storage.window_cache import EVICT
 
-from .budget import in_dram_bytes, plan_budget
-from .ffn import make_dram_ffn
-from .kernels import QuantMatrix
-from .generate import SamplingParams, Sampler, Step, decode_loop
-from .memory import PeakRSS, rss_bytes
-from .models import build_model
-from .models.common import KVCache
-from .selection import make_selector, selector_bytes
-from .streaming import MAX_GAP_BYTES, StreamingFFN
-from .tokenizer import Tokenizer
-from .units import fmt_bytes
+from flashinfer_local.runtime.budget import in_dram_bytes, plan_budget
+from flashinfer_local.runtime.dram import make_dram_ffn
+from flashinfer_local.kernels import QuantMatrix
+from flashinfer_local.runtime.sampling import SamplingParams, Sampler, Step, decode_loop
+from flashinfer_local.runtime.rss import PeakRSS, rss_bytes
+from flashinfer_local.models import build_model
+from flashinfer_local.models.common import KVCache
+from flashinfer_local.runtime.selection import make_selector, selector_bytes
+from flashinfer_local.runtime.streaming import MAX_GAP_BYTES, StreamingFFN
+from flashinfer_local.runtime.tokenizer import Tokenizer
+from flashinfer_local.units import fmt_bytes
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class Engine:
                  predictor: str | None = None):
         torch.set_num_threads(threads or min(os.cpu_count() or 1, 8))
         if offload != "none":
-            from .kernels import warm_up
+            from flashinfer_local.kernels import warm_up
             warm_up()
         self.runtime_baseline_bytes = rss_bytes()
         self.bundle = Bundle(path)

@@ -24,10 +24,10 @@ from predictors import calibration as cal
 from predictors import lowrank, store
 from storage.errors import FlashinferError
 
-from .engine import Engine
-from .evaluate import CALIBRATION_MODULES, perplexity, perplexity_parts, text_ids
-from .models.common import embed_rows
-from .selection import PredictorSelector
+from flashinfer_local.runtime.engine import Engine
+from flashinfer_local.measure.evaluate import CALIBRATION_MODULES, perplexity, perplexity_parts, text_ids
+from flashinfer_local.models.common import embed_rows
+from flashinfer_local.runtime.selection import PredictorSelector
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from storage.convert import quantize_rows_q8
 from storage.errors import FlashinferError
 from storage.reader import Bundle
 
-from .kernels import QuantMatrix
-from .models.common import linear
+from flashinfer_local.kernels import QuantMatrix
+from flashinfer_local.models.common import linear
 
 
 class AllSelector:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from storage.errors import FlashinferError
 
-from .units import fmt_bytes, parse_size
+from flashinfer_local.units import fmt_bytes, parse_size
 
 
 def parse_budgets(text: str, bundle_bytes: int) -> list[tuple[str, int]]:

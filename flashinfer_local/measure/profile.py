@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from .memory import PageMap, PeakRSS, page_cache_bytes
-from .units import fmt_bytes
+from flashinfer_local.runtime.rss import PeakRSS
+from flashinfer_local.measure.pages import PageMap, page_cache_bytes
+from flashinfer_local.units import fmt_bytes
 
 OWNERS = ("runtime", "dense", "ffn_dram", "window", "buffers", "kv_cache", "selector")
 PHASES = ("load", "prefill", "decode")
@@ -111,8 +112,8 @@ def _arrays(obj) -> list[np.ndarray]:
 
 def snapshot(eng, caches: list) -> dict:
     """Owners' resident bytes now, the KV cache per layer, window rows per layer, and RSS."""
-    from .ffn import RecordFFN
-    from .streaming import StreamingFFN
+    from flashinfer_local.runtime.dram import RecordFFN
+    from flashinfer_local.runtime.streaming import StreamingFFN
     owners = dict.fromkeys(OWNERS, 0)
     owners["runtime"] = eng.runtime_baseline_bytes
     ffn = eng.ffn
@@ -183,7 +184,7 @@ def profile_generation(path: Path, engine_options: dict, prompt: str, max_tokens
     RSS is sampled every ``period`` s; owners are measured after loading, after every token and
     every ``probe_period`` s in between. ``on_text(str)`` receives the text as it is generated.
     """
-    from .engine import Engine
+    from flashinfer_local.runtime.engine import Engine
     prof = Profile(model=str(path), options={**engine_options, "prompt": prompt, "max_tokens": max_tokens,
                                              "chat": chat})
     prof.page_cache["before"] = bundle_page_cache(path)
