@@ -77,6 +77,16 @@ class Bundle:
         return np.frombuffer(self._dense_map, dtype=dt, count=(b - a) // dt.itemsize,
                              offset=self._dense_start + a).reshape(t["shape"])
 
+    def dense_span(self) -> tuple[int, int]:
+        """(address, length) of this process's map of dense.safetensors; (0, 0) before it is mapped."""
+        m = self._dense_map
+        if m is None:
+            return 0, 0
+        view = np.frombuffer(m, np.uint8, count=1)        # a one-byte view, dropped at once: the map
+        addr = view.__array_interface__["data"][0]        # must stay closable
+        del view
+        return addr, len(m)
+
     def dense_nbytes(self, name: str) -> int:
         a, b = self._dense_meta[name]["data_offsets"]
         return b - a

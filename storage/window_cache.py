@@ -73,6 +73,21 @@ def least_recent(last_used: np.ndarray, uses: np.ndarray, ids: np.ndarray, k: in
 
 EVICT = ("recency", "frequency")
 
+# What a LayerWindow allocates besides its record rows (the budget asks these, never copies them):
+ROW_META_BYTES = 4 + 8 + 8          # per row: ids (int32), last_used and uses (int64)
+# per neuron, during one plan: at most one int64 of temporaries (transient, but the budget holds it)
+PLAN_SCRATCH_BYTES_PER_NEURON = 8
+
+
+def neuron_meta_bytes(evict: str) -> int:
+    """Per-neuron metadata a LayerWindow allocates: slot (int32), and freq (int64) for frequency eviction."""
+    return 4 + (8 if evict == "frequency" else 0)
+
+
+def window_bytes(n_neurons: int, record_bytes: int, capacity: int, evict: str = "recency") -> int:
+    """Bytes one LayerWindow of these dimensions allocates (its ``nbytes``)."""
+    return capacity * (record_bytes + ROW_META_BYTES) + n_neurons * neuron_meta_bytes(evict)
+
 
 class LayerWindow:
     """Sliding-window cache of one layer's FFN records.

@@ -179,7 +179,7 @@ def test_owner_arrays_cover_what_the_backends_report(tiny_bundle):
     """The arrays measured for the window cache and the kernel scratch are all the bytes those
     objects say they hold (an array added to either without this list growing would be missed)."""
     from flashinfer_local.kernels import RecordKernel
-    from flashinfer_local.measure.profile import _arrays
+    from flashinfer_local.runtime.backend import arrays_of as _arrays
     from storage.window_cache import LayerWindow
     b = Bundle(tiny_bundle("llama", "f16"))
     w = LayerWindow(b.config.d_ff, b.layout.record_bytes, 50, 4)

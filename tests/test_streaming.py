@@ -102,4 +102,4 @@ def test_smollm2_streamed_below_its_size(smollm_bundle):
 
 def test_budget_counts_the_buffers_the_backend_allocates(tiny_bundle):
     eng = Engine(tiny_bundle("llama", "f32"), offload="window", context=CTX)
-    assert eng.ffn.buffer_bytes <= eng.plan.buffer_bytes
+    assert eng.resident()["buffer_bytes"] <= eng.plan.buffer_bytes

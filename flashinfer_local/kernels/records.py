@@ -279,12 +279,21 @@ class QuantMatrix:
     def __init__(self, codes: np.ndarray, scales: np.ndarray):
         self.codes, self.scales16 = codes, scales.view(np.uint16)    # [out, in] int8, [out, in/32]
         self.shape = codes.shape
-        k = codes.shape[1]                 # x as int8 codes, group scales and sums (decode scratch)
+        n, k = codes.shape                 # decode scratch: x as int8 codes, group scales and sums
         self.xq, self.xd, self.xs = np.empty(k, np.int8), np.empty(k // 32, np.float32), np.empty(k // 32, np.float32)
+        self.y = torch.empty(1, n)         # the decode output [1, out], reused: valid until the next call
+
+    @staticmethod
+    def scratch_bytes(n: int, k: int) -> int:
+        """Decode scratch of an [n, k] matrix: int8 x, its group scales and sums, the output row."""
+        return k + 2 * 4 * (k // 32) + 4 * n
+
+    def scratch_arrays(self) -> list:
+        return [self.xq, self.xd, self.xs, self.y]
 
     @property
     def nbytes(self) -> int:
-        return self.codes.nbytes + self.scales16.nbytes + self.xq.nbytes + self.xd.nbytes + self.xs.nbytes
+        return self.codes.nbytes + self.scales16.nbytes + self.scratch_bytes(*self.shape)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantized rows ``ids`` [T] -> [T, in] f32 (an embedding lookup)."""
@@ -292,12 +301,12 @@ class QuantMatrix:
         return torch.from_numpy(dequantize_q8(self.codes[i], self.scales16[i].view(np.float16)))
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, in] f32 -> [T, out] f32."""
+        """x [T, in] f32 -> [T, out] f32. For one token the result is this matrix's reused output
+        row: valid until its next call (callers that keep it, like the head's logits, copy it)."""
         if x.shape[0] == 1:
-            y = np.empty(self.shape[0], np.float32)
             quantize_x(np.ascontiguousarray(x[0].numpy()), self.xq, self.xd, self.xs)
-            _matvec_q8(self.codes, self.scales16, self.xq, self.xd, y)
-            return torch.from_numpy(y)[None]
+            _matvec_q8(self.codes, self.scales16, self.xq, self.xd, self.y[0].numpy())
+            return self.y
         rows = max(1, self.UPCAST_BYTES // (4 * self.shape[1]))
         s = self.scales16.view(np.float16)
         return torch.cat([F.linear(x, torch.from_numpy(dequantize_q8(self.codes[a:a + rows], s[a:a + rows])))

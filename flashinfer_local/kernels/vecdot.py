@@ -281,11 +281,14 @@ def _qdot_codegen(kind):
 
 @intrinsic
 def qdot_q8(typingctx, q, s16, r, off, so, xq, xd, ng):
-    """As dot_q8 against x quantized to int8 (xq, with group scales xd)."""
+    """Row r of q8 codes q (int8, from byte ``off``) with f16 scales (s16 from element ``so``), dotted
+    with x quantized to int8 (xq, group scales xd) over ``ng`` groups of 32 -> float32."""
     return types.float32(q, s16, r, off, so, xq, xd, ng), _qdot_codegen("q8")
 
 
 @intrinsic
 def qdot_q4(typingctx, p, s16, r, off, so, mo, xq, xd, xs, ng):
-    """As dot_q4 against x quantized to int8 (xq, xd); xs the float sums of x per group."""
+    """Row r of q4 codes p (two per byte, from byte ``off``) with f16 scales and minimums (s16 from
+    elements ``so`` and ``mo``), dotted with x quantized to int8 (xq, xd) over ``ng`` groups of 32;
+    xs holds the float sums of x per group (for the minimums' term) -> float32."""
     return types.float32(p, s16, r, off, so, mo, xq, xd, xs, ng), _qdot_codegen("q4")

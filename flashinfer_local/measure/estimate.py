@@ -2,8 +2,8 @@
 
 Per bundle precision: the files ``convert`` would write (their exact sizes: the safetensors
 headers are computed from the same specs the converter declares), the dense part, the FFN record
-size, and the smallest ``--dram-budget`` that runs (``budget.fixed_bytes`` plus the slack, as the
-engine's plan computes it). The KV cache per token and at ``context`` tokens follows each layer's
+size, and the smallest ``--dram-budget`` that runs: the functions of ``runtime.budget`` the engine's
+plan calls, given sizes computed from the config (``budget.Sizes``). The KV cache per token and at ``context`` tokens follows each layer's
 own key/value heads (variable GQA). Given a budget, says whether the model runs all in DRAM,
 streams (and what share of the FFN the window cache holds), or does not fit.
 """
@@ -19,7 +19,7 @@ from storage.convert import dense_dtype, dense_specs, ffn_specs
 from storage.st_writer import encode_header
 
 from flashinfer_local.runtime import budget as budget_mod
-from flashinfer_local.runtime.budget import SLACK_BYTES, fixed_bytes
+from flashinfer_local.runtime.budget import SLACK_BYTES, Sizes
 from flashinfer_local.units import fmt_bytes
 
 # Bundle precisions (convert --dtype): the FFN records' dtype; the dense part is
@@ -59,38 +59,41 @@ def bundle_bytes(cfg: ModelConfig, dtype: str, tokenizer_bytes: int = 0) -> dict
     embed = cfg.vocab_size * cfg.d_model * np.dtype(fmt.DTYPES[dense_dtype(dtype)]).itemsize
     return {"dense_bytes": dense, "ffn_bytes": ffn, "tokenizer_bytes": tokenizer_bytes,
             "total_bytes": dense + ffn + tokenizer_bytes, "embed_bytes": embed,
-            "record_bytes": layout.record_bytes, "layout": layout}
+            "record_bytes": layout.record_bytes, "layout": layout, "dtype": dtype}
+
+
+def _sizes(cfg: ModelConfig, sizes: dict) -> Sizes:
+    return Sizes(cfg, sizes["layout"], sizes["dtype"], sizes["dense_bytes"], sizes["embed_bytes"],
+                 sizes["tokenizer_bytes"])
 
 
 def kv_cache(cfg: ModelConfig, tokens: int) -> dict:
     """KV cache (f32, as the engine holds it) per token, per layer and at ``tokens`` tokens."""
-    per_layer = [2 * kv * cfg.head_dim * 4 for kv in cfg.n_kv_heads]          # bytes per token
-    return {"per_token_bytes": cfg.kv_bytes_per_token(), "per_layer_per_token_bytes": per_layer,
-            "tokens": tokens, "bytes": tokens * cfg.kv_bytes_per_token(),
-            "rope_tables_bytes": 0 if cfg.learned_positions else 2 * tokens * cfg.head_dim * 4}
+    per_layer = budget_mod.kv_layer_bytes(cfg, 1)                              # bytes per token
+    return {"per_token_bytes": sum(per_layer), "per_layer_per_token_bytes": per_layer,
+            "tokens": tokens, "bytes": sum(budget_mod.kv_layer_bytes(cfg, tokens)),
+            "rope_tables_bytes": budget_mod.rope_table_bytes(cfg, tokens)}
 
 
 def minimum_budget(cfg: ModelConfig, sizes: dict, context: int) -> dict:
-    """The smallest --dram-budget that runs: the streaming minimum (its parts as budget.plan_budget
-    counts them) or, for a model smaller than the streaming buffers, the all-in-DRAM size."""
-    dense, kv, buffers = fixed_bytes(cfg, sizes["layout"], sizes["dense_bytes"],
-                                     sizes["embed_bytes"], context)
-    tok = budget_mod.tokenizer_bytes(sizes["tokenizer_bytes"])
-    streaming = dense + kv + buffers + tok + SLACK_BYTES
+    """The smallest --dram-budget that runs, and its parts as ``budget.plan_budget`` counts them:
+    the streaming minimum or, for a model smaller than the streaming buffers, the all-in-DRAM size."""
+    plan = budget_mod.plan_budget(_sizes(cfg, sizes), None, context, "naive")
+    streaming = budget_mod.minimum_budget(_sizes(cfg, sizes), context, "window")
     in_dram = in_dram_bytes(cfg, sizes, context)
-    return {"dense_bytes": dense, "kv_bytes": kv, "buffer_bytes": buffers, "tokenizer_bytes": tok,
-            "slack_bytes": SLACK_BYTES,
+    return {"dense_bytes": plan.dense_bytes, "kv_bytes": plan.kv_bytes, "buffer_bytes": plan.buffer_bytes,
+            "tokenizer_bytes": plan.tokenizer_bytes, "slack_bytes": SLACK_BYTES,
             "streaming_bytes": streaming, "in_dram_bytes": in_dram, "minimum_bytes": min(streaming, in_dram)}
 
 
 def in_dram_bytes(cfg: ModelConfig, sizes: dict, context: int) -> int:
-    """The budget at which the engine holds everything in DRAM (offload none), as Engine decides."""
-    return budget_mod.in_dram_bytes(cfg, sizes["total_bytes"], sizes["tokenizer_bytes"], context)
+    """The budget from which the engine holds everything in DRAM (offload none)."""
+    return budget_mod.minimum_budget(_sizes(cfg, sizes), context, "none")
 
 
 def window_rows(cfg: ModelConfig, sizes: dict, minimum: dict, budget: int) -> int:
-    """Window cache rows per layer a streaming run gets from ``budget`` (budget.plan_budget's rule)."""
-    return budget_mod.window_rows(cfg, sizes["record_bytes"], budget - minimum["streaming_bytes"])
+    """Window cache rows per layer a streaming run gets from ``budget`` (the plan's own rule)."""
+    return budget_mod.plan_budget(_sizes(cfg, sizes), budget, minimum["context"], "window").cache_rows_per_layer
 
 
 def verdict(cfg: ModelConfig, sizes: dict, minimum: dict, budget: int) -> dict:
@@ -115,8 +118,8 @@ def estimate(cfg: ModelConfig, context: int = 2048, budget: int | None = None,
             sizes = bundle_bytes(cfg, dtype, tokenizer_bytes)
         except ValueError:            # int8/int4 need d_model divisible by the group size
             continue
-        minimum = minimum_budget(cfg, sizes, context)
-        r = {**{k: v for k, v in sizes.items() if k != "layout"}, "minimum_budget": minimum}
+        minimum = {**minimum_budget(cfg, sizes, context), "context": context}
+        r = {**{k: v for k, v in sizes.items() if k not in ("layout", "dtype")}, "minimum_budget": minimum}
         if budget is not None:
             r["verdict"] = verdict(cfg, sizes, minimum, budget)
         rows[dtype] = r

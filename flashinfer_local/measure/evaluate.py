@@ -94,16 +94,14 @@ def held_out_ids(tokenizer, files: list[Path] | None, tokens: int) -> dict[str, 
 
 
 class _Density:
-    """Wraps a selector's mask: accumulates the kept share of each layer over the tokens seen."""
+    """An engine observer (``Engine.observe``): the kept share of each layer over the tokens seen."""
 
-    def __init__(self, sel, n_layers: int):
-        self.sel, self.kept, self.tokens = sel, np.zeros(n_layers), np.zeros(n_layers)
+    def __init__(self, n_layers: int):
+        self.kept, self.tokens = np.zeros(n_layers), np.zeros(n_layers)
 
-    def mask(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        m = self.sel.mask(layer, x)
-        self.kept[layer] += float(m.float().mean(1).sum())
-        self.tokens[layer] += m.shape[0]
-        return m
+    def __call__(self, layer: int, x: torch.Tensor, m: torch.Tensor | None) -> None:
+        self.kept[layer] += x.shape[0] if m is None else float(m.float().mean(1).sum())
+        self.tokens[layer] += x.shape[0]
 
     def share(self) -> np.ndarray:
         return self.kept / np.maximum(self.tokens, 1)
@@ -134,36 +132,35 @@ def evaluate(engine, sparsities: list[float], parts: dict[str, list[int]], gen_t
     - kept share per layer, and from it the bytes a token would read with no cache;
     - predictor time per decode token, and its share of a decode token's time in DRAM.
     """
-    sel, ffn, cfg, lay = engine.selector, engine.ffn, engine.config, engine.bundle.layout
+    sel, cfg, lay = engine.selector, engine.config, engine.bundle.layout
     timing_tokens = max(1, min(timing_tokens, gen_tokens))
     all_bytes = cfg.n_layers * cfg.d_ff * lay.record_bytes
-    ffn.selector = None
-    exact = perplexity_parts(engine, parts, window)
-    prompt = next(iter(parts.values()))[:prompt_tokens]
-    cache = engine.new_cache(len(prompt) + gen_tokens)
-    logits = engine.forward(torch.tensor(prompt), 0, cache)
-    gen = []
-    for k in range(gen_tokens):
-        gen.append(int(logits[-1].argmax()))
-        logits = engine.forward(torch.tensor(gen[-1:]), len(prompt) + k, cache)
+    with engine.selecting(None):                                  # the exact model
+        exact = perplexity_parts(engine, parts, window)
+        prompt = next(iter(parts.values()))[:prompt_tokens]
+        session = engine.session(len(prompt) + gen_tokens)
+        logits = session.append(prompt, last_only=True)
+        gen = []
+        for k in range(gen_tokens):
+            gen.append(int(logits[-1].argmax()))
+            logits = session.append(gen[-1:], last_only=True)
     seq = prompt + gen
     rows = []
     for s in sparsities:
         sel.set_sparsity(s)
-        dens = _Density(sel, cfg.n_layers)
-        ffn.selector = dens
-        pred = engine.logits(seq[:-1])[len(prompt) - 1:].argmax(-1).tolist()        # [gen_tokens]
+        dens = _Density(cfg.n_layers)
+        with engine.observe(dens):
+            pred = engine.logits(seq[:-1])[len(prompt) - 1:].argmax(-1).tolist()    # [gen_tokens]
         share = dens.share()
         same = [p == g for p, g in zip(pred, gen)]
-        ffn.selector = sel
         ppl = perplexity_parts(engine, parts, window)
         # time: decode a few tokens with and without the selector (predictor share of a token)
-        c = engine.new_cache(len(prompt) + timing_tokens)
-        engine.forward(torch.tensor(prompt), 0, c)
+        timed = engine.session(len(prompt) + timing_tokens)
+        timed.append(prompt, last_only=True)
         sel.seconds = 0.0
         t1 = time.perf_counter()
         for k in range(timing_tokens):
-            engine.forward(torch.tensor(gen[k:k + 1]), len(prompt) + k, c)
+            timed.append(gen[k:k + 1], last_only=True)
         tok_s = (time.perf_counter() - t1) / timing_tokens
         row = {"sparsity": float(s), "perplexity": ppl,
                "ppl_increase": {k: ppl[k] / exact[k] - 1 for k in ppl},
@@ -176,7 +173,6 @@ def evaluate(engine, sparsities: list[float], parts: dict[str, list[int]], gen_t
         rows.append(row)
         if on_step:
             on_step(row)
-    ffn.selector = sel
     return {"exact_perplexity": exact, "all_bytes_per_token": all_bytes,
             "tokens": {k: len(v) for k, v in parts.items()}, "gen_tokens": gen_tokens,
             "predictor": sel.kind, "default_sparsity": sel.meta["default_sparsity"], "rows": rows}

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from flashinfer_local.runtime.rss import PeakRSS
 from flashinfer_local.measure.pages import PageMap, page_cache_bytes
+from flashinfer_local.runtime.rss import PeakRSS
 from flashinfer_local.units import fmt_bytes
 
 OWNERS = ("runtime", "dense", "ffn_dram", "window", "buffers", "kv_cache", "selector")
@@ -86,59 +86,25 @@ class RSSRecorder(PeakRSS):
                 next_probe = self.now() + self.probe_period
 
 
-def _dense_map_span(eng) -> tuple[int, int]:
-    """(address, length) of the engine's map of dense.safetensors (0, 0 before it is mapped)."""
-    m = eng.bundle._dense_map
-    if m is None:
-        return 0, 0
-    view = np.frombuffer(m, np.uint8, count=1)        # a one-byte view, dropped at once: the map
-    addr = view.__array_interface__["data"][0]        # must stay closable
-    del view
-    return addr, len(m)
-
-
-def _arrays(obj) -> list[np.ndarray]:
-    """The numpy arrays an object holds as attributes, each storage span once (views of another
-    attribute's span are left out): a window's rows and bookkeeping, the kernel's scratch."""
-    spans, out = set(), []
-    for a in vars(obj).values():
-        if isinstance(a, np.ndarray):
-            key = (a.__array_interface__["data"][0], a.nbytes)
-            if key not in spans:
-                spans.add(key)
-                out.append(a)
-    return out
-
-
-def snapshot(eng, caches: list) -> dict:
-    """Owners' resident bytes now, the KV cache per layer, window rows per layer, and RSS."""
-    from flashinfer_local.runtime.dram import RecordFFN
-    from flashinfer_local.runtime.streaming import StreamingFFN
+def snapshot(eng, cache) -> dict:
+    """Owners' resident bytes now, the KV cache per layer, window rows per layer, and RSS. Every
+    owner is measured from the arrays the engine reports (``Engine.resident_arrays``)."""
     owners = dict.fromkeys(OWNERS, 0)
     owners["runtime"] = eng.runtime_baseline_bytes
-    ffn = eng.ffn
-    rows, kv_layers = [], []
+    kv_layers = []
     with PageMap() as pm:
-        owners["dense"] = pm.resident(*_dense_map_span(eng))
-        if isinstance(ffn, StreamingFFN):
-            owners["window"] = sum(pm.array(a) for w in ffn.windows for a in _arrays(w))
-            owners["buffers"] = sum(pm.array(a) for a in ffn.scratch + _arrays(ffn.compute.kernel))
-            rows = [int(w.n_used) for w in ffn.windows]
-        elif isinstance(ffn, RecordFFN):      # int8/int4 records in DRAM
-            owners["ffn_dram"] = sum(pm.array(a) for a in ffn.records + _arrays(ffn.compute.kernel))
-        else:
-            owners["ffn_dram"] = sum(pm.array(t) for t in ffn.gate + ffn.up + ffn.down + ffn.up_bias)
-        if caches:
-            c = caches[-1]
-            kv_layers = [pm.array(k) + pm.array(v) for k, v in zip(c.k, c.v)]
-            tables = [t for t in (c.cos, c.sin) if t is not None]
+        owners["dense"] = pm.resident(*eng.bundle.dense_span())
+        for owner, arrays in eng.resident_arrays().items():
+            owners[owner] += sum(pm.array(a) for a in arrays)
+        if cache is not None:
+            kv_layers = [pm.array(k) + pm.array(v) for k, v in zip(cache.k, cache.v)]
+            tables = [t for t in (cache.cos, cache.sin) if t is not None]
             owners["kv_cache"] = sum(kv_layers) + sum(pm.array(t) for t in tables)
-    if eng.selector is not None:
-        owners["selector"] = int(eng.selector.nbytes)     # its own copies, written whole at load
+    owners["selector"] = int(eng.selector.nbytes)     # its own copies, written whole at load
     mem = psutil.Process().memory_info()
     rss = mem.rss
     return {"rss": rss, "rss_file": mem.shared, "owners": owners, "other": rss - sum(owners.values()),
-            "kv_layers": kv_layers, "cache_rows": rows}
+            "kv_layers": kv_layers, "cache_rows": eng.ffn.cache_rows()}
 
 
 def bundle_page_cache(path: Path) -> dict[str, int]:
@@ -170,10 +136,8 @@ class Profile:
 
 
 def _counters(eng) -> dict:
-    if eng.plan is None:
-        return {"flash_bytes_read": 0, "read_ops": 0, "hits": 0, "lookups": 0}
-    c = eng.ffn.counters()
-    return {k: c[k] for k in ("flash_bytes_read", "read_ops", "hits", "lookups")}
+    c = eng.counters()
+    return {"flash_bytes_read": c.flash_bytes_read, "read_ops": c.read_ops, "hits": c.hits, "lookups": c.lookups}
 
 
 def profile_generation(path: Path, engine_options: dict, prompt: str, max_tokens: int, sampling=None,
@@ -185,33 +149,29 @@ def profile_generation(path: Path, engine_options: dict, prompt: str, max_tokens
     every ``probe_period`` s in between. ``on_text(str)`` receives the text as it is generated.
     """
     from flashinfer_local.runtime.engine import Engine
-    prof = Profile(model=str(path), options={**engine_options, "prompt": prompt, "max_tokens": max_tokens,
+    from flashinfer_local.runtime.options import EngineOptions
+    opts = EngineOptions.of(engine_options)
+    prof = Profile(model=str(path), options={**opts.describe(), "prompt": prompt, "max_tokens": max_tokens,
                                              "chat": chat})
     prof.page_cache["before"] = bundle_page_cache(path)
-    caches: list = []
     snaps = []
     with RSSRecorder(period, probe_period) as rec:
         t_load = rec.now()
-        eng = Engine(path, **engine_options)
+        eng = Engine(path, opts)
         try:
-            make = eng.new_cache
-
-            def new_cache(capacity):           # keep a handle on the KV cache the loop allocates
-                caches.append(make(capacity))
-                return caches[-1]
-            eng.new_cache = new_cache
+            ids = eng.encode_prompt(prompt, chat)
+            session = eng.session(len(ids) + max(max_tokens, 0))
             t = rec.now()
             prof.phases["load"] = [t_load, t]
-            snaps.append({"t": t, "phase": "load", "token": None, **snapshot(eng, caches)})
-            rec.phase, rec.probe = "prefill", lambda: snapshot(eng, caches)
+            snaps.append({"t": t, "phase": "load", "token": None, **snapshot(eng, session.cache)})
+            rec.phase, rec.probe = "prefill", lambda: snapshot(eng, session.cache)
             last, st, text = _counters(eng), None, []
-            for i, step in enumerate(eng.generate(prompt, max_tokens=max_tokens, sampling=sampling,
-                                                  chat=chat)):
+            for i, step in enumerate(session.generate(ids, max_tokens=max_tokens, sampling=sampling)):
                 t = rec.now()
                 c = _counters(eng)
                 prof.tokens.append({"index": i, "t": t, **{k: c[k] - last[k] for k in c}})
                 last = c
-                snaps.append({"t": t, "phase": rec.phase, "token": i, **snapshot(eng, caches)})
+                snaps.append({"t": t, "phase": rec.phase, "token": i, **snapshot(eng, session.cache)})
                 if i == 0:
                     prof.phases["prefill"] = [prof.phases["load"][1], t]
                     rec.phase = "decode"
@@ -227,7 +187,7 @@ def profile_generation(path: Path, engine_options: dict, prompt: str, max_tokens
             else:
                 prof.phases["decode"] = [prof.phases["prefill"][1], t_end]
             prof.text = "".join(text)
-            prof.facts = _facts(eng, caches)
+            prof.facts = _facts(eng, session.cache)
             if st is not None:
                 prof.stats = st.to_dict()
         finally:
@@ -240,19 +200,15 @@ def profile_generation(path: Path, engine_options: dict, prompt: str, max_tokens
     return prof
 
 
-def _facts(eng, caches) -> dict:
+def _facts(eng, cache) -> dict:
     cfg = eng.config
-    f = {"offload": eng.offload, "dram_budget_bytes": eng.dram_budget,
-         "runtime_baseline_bytes": eng.runtime_baseline_bytes, "bundle": eng.bundle.sizes(),
-         "n_layers": cfg.n_layers, "d_ff": cfg.d_ff, "n_kv_heads": list(cfg.n_kv_heads),
-         "kv_bytes_per_token": cfg.kv_bytes_per_token(),
-         "kv_capacity_tokens": caches[-1].capacity if caches else 0,
-         "kv_allocated_bytes": caches[-1].nbytes if caches else 0,
-         "planned": eng.resident()}
-    if eng.plan is not None:
-        f["plan"] = eng.plan.to_dict()
-        f["cache_rows_capacity"] = eng.plan.cache_rows_per_layer
-    return f
+    return {"offload": eng.offload, "dram_budget_bytes": eng.dram_budget,
+            "runtime_baseline_bytes": eng.runtime_baseline_bytes, "bundle": eng.bundle.sizes(),
+            "n_layers": cfg.n_layers, "d_ff": cfg.d_ff, "n_kv_heads": list(cfg.n_kv_heads),
+            "kv_bytes_per_token": cfg.kv_bytes_per_token(),
+            "kv_capacity_tokens": cache.capacity, "kv_allocated_bytes": cache.nbytes,
+            "planned": eng.resident(), "plan": eng.plan.to_dict(),
+            "cache_rows_capacity": eng.plan.cache_rows_per_layer if eng.offload != "none" else None}
 
 
 # ---------------------------------------------------------------- summary

@@ -40,6 +40,13 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     return y if b is None else y + b
 
 
+def head_logits(x: torch.Tensor, head) -> torch.Tensor:
+    """x [T, d] @ head.T -> logits [T, vocab] that the caller owns (a quantized head's decode
+    output is that matrix's reused row, so it is copied: logits outlive the next token)."""
+    y = linear(x, head)
+    return y.clone() if isinstance(head, QuantMatrix) and x.shape[0] == 1 else y
+
+
 def embed_rows(table, tokens: torch.Tensor) -> torch.Tensor:
     """Rows ``tokens`` [T] of an embedding table (a float tensor, or a QuantMatrix when an int8/int4
     bundle's tied embedding doubles as the head) -> [T, d] f32."""
@@ -99,6 +106,11 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def copy_from(self, other: KVCache, n: int) -> None:
+        """The first ``n`` positions of ``other``'s keys and values (a session growing its cache)."""
+        for dst, src in zip(self.k + self.v, other.k + other.v):
+            dst[:, :n] = src[:, :n]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

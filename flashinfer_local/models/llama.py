@@ -9,7 +9,7 @@ import torch
 
 from storage.config import ModelConfig
 
-from flashinfer_local.models.common import KVCache, attention, embed_rows, linear, rms_norm
+from flashinfer_local.models.common import KVCache, attention, embed_rows, head_logits, rms_norm
 
 
 class LlamaModel:
@@ -30,4 +30,4 @@ class LlamaModel:
             x = x + self.ffn(i, rms_norm(x, w[p + "ffn_norm.weight"], cfg.norm_eps))
         if last_only:
             x = x[-1:]
-        return linear(rms_norm(x, w["final_norm.weight"], cfg.norm_eps), self.head)
+        return head_logits(rms_norm(x, w["final_norm.weight"], cfg.norm_eps), self.head)

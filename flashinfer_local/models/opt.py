@@ -9,7 +9,7 @@ import torch
 
 from storage.config import ModelConfig
 
-from flashinfer_local.models.common import KVCache, attention, embed_rows, linear, layer_norm
+from flashinfer_local.models.common import KVCache, attention, embed_rows, head_logits, layer_norm
 
 
 class OPTModel:
@@ -30,4 +30,4 @@ class OPTModel:
             x = x + self.ffn(i, h) + w[p + "down_bias"]
         if last_only:
             x = x[-1:]
-        return linear(layer_norm(x, w["final_norm.weight"], w["final_norm.bias"], eps), self.head)
+        return head_logits(layer_norm(x, w["final_norm.weight"], w["final_norm.bias"], eps), self.head)

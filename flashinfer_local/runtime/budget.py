@@ -1,54 +1,116 @@
-"""The DRAM budget: what the engine will hold for a model, planned before anything is loaded.
+"""The DRAM budget: every byte the engine will hold for a model, planned before anything is loaded.
 
-One plan, computed from the bundle and the options, says how many bytes each owner gets: the dense
-part (memory-mapped; attention and the head are touched whole every token), the KV cache, read
-buffers and compute scratch, and the window cache, which gets whatever is left. An untied embedding
-matrix is the exception in the dense part: a token reads one row of it, so only the pages that
-``context`` tokens can touch are counted, and the rest stays on the SSD. A budget that cannot hold
-the fixed part is refused with the minimum that would work.
+This module is the one owner of the budget. ``plan_budget`` chooses the mode (every FFN record in
+DRAM, a window cache over the SSD, or naive reads) and splits the budget between owners:
+
+    dense      dense.safetensors, memory-mapped (attention and the head are touched whole every
+               token; an untied embedding only in the rows ``context`` lookups can touch)
+    ffn_dram   every FFN record in DRAM (mode none), as the DRAM backend lays it out
+    window     the window caches' record rows and bookkeeping (mode window: whatever is left)
+    buffers    read scratch and compute scratch of the backend (and a prefill chunk in flight)
+    kv_cache   keys and values per layer at ``context`` tokens, and the rotary tables
+    selector   a sparsity predictor's weights (the oracle, a measuring tool, is held outside)
+    tokenizer  the loaded tokenizer (estimated from its file)
+    slack      activations, logits, allocator slack, small per-token arrays
+
+Each size is computed from the same facts the allocating code uses (the window cache's metadata
+from ``storage.window_cache``, the KV cache's shape, the backends' scratch), and ``estimate`` calls
+these functions with sizes computed from a config alone. A budget that cannot hold the fixed part
+is refused with the minimum that would work.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
+import numba
+import numpy as np
+
+from predictors import store
 from storage import format as fmt
+from storage import window_cache as wc
 from storage.config import ModelConfig
 from storage.errors import FlashinferError
 from storage.reader import Bundle
 
+from flashinfer_local.kernels import QuantMatrix
+from flashinfer_local.runtime.dram import CHUNK_ROWS, splits_down
 from flashinfer_local.units import fmt_bytes
 
-CHUNK_ROWS = 1024          # records computed per step: bounds the f32 scratch of one step
 SCRATCH_BUFFERS = 2        # overflow/naive reads: one chunk read while the previous is computed
-KERNEL_THREADS_MAX = 64    # per-thread kernel scratch is counted for up to this many threads
 PAGE = 4096
 # The tokenizer (HF `tokenizers`, loaded from tokenizer.json) holds about 21-22x its file's size:
 # measured 106 MiB for Qwen2.5's 5.1 MiB file and 33 MiB for SmolLM2's 1.5 MiB one.
 TOKENIZER_RSS_PER_FILE_BYTE = 24
 SLACK_BYTES = 96 << 20     # activations, logits, allocator slack, small per-token arrays
+OFFLOAD_MODES = ("none", "window", "naive")
+UNLIMITED = 1 << 62
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What the plan needs to know of a bundle: from an open Bundle (``of``) or, before anything
+    is converted, from a config and the sizes ``convert`` would write (``measure.estimate``)."""
+    cfg: ModelConfig
+    layout: fmt.RecordLayout
+    ffn_dtype: str
+    dense_file_bytes: int
+    embed_bytes: int
+    tokenizer_file_bytes: int
+
+    @classmethod
+    def of(cls, src: Bundle | Sizes) -> Sizes:
+        if isinstance(src, Sizes):
+            return src
+        return cls(src.config, src.layout, src.ffn_dtype, (src.path / fmt.DENSE_FILE).stat().st_size,
+                   src.dense_nbytes("embed"), src.sizes()["tokenizer_bytes"])
 
 
 @dataclass(frozen=True)
 class BudgetPlan:
-    budget_bytes: int
-    dense_bytes: int         # dense.safetensors, memory-mapped
-    kv_bytes: int            # KV cache + rotary tables at `context` tokens
-    buffer_bytes: int        # read scratch (records) + f32 compute scratch
-    tokenizer_bytes: int     # the loaded tokenizer (estimated from its file size)
-    selector_bytes: int      # a sparsity predictor's weights (threshold: the gate rows)
-    slack_bytes: int
+    mode: str                # none | window | naive
+    budget_bytes: int | None  # None: no limit
+    context: int             # tokens the KV cache is planned for
+    dense_bytes: int
+    ffn_dram_bytes: int
     cache_rows_per_layer: int
-    cache_bytes: int         # window cache rows + their bookkeeping
-    context: int
+    cache_bytes: int         # window cache rows + their bookkeeping (+ per-plan temporaries)
+    buffer_bytes: int
+    kv_bytes: int
+    selector_bytes: int
+    tokenizer_bytes: int
+    slack_bytes: int
+
+    def owners(self) -> dict[str, int]:
+        """Planned bytes by owner (the names ``measure.profile`` attributes RSS to)."""
+        return {"dense": self.dense_bytes, "ffn_dram": self.ffn_dram_bytes, "window": self.cache_bytes,
+                "buffers": self.buffer_bytes, "kv_cache": self.kv_bytes, "selector": self.selector_bytes,
+                "tokenizer": self.tokenizer_bytes, "slack": self.slack_bytes}
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.owners().values())
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def numba_threads() -> int:
-    """Threads numba may run a kernel on (the decode kernel keeps one accumulator for each)."""
-    import numba
-    return numba.config.NUMBA_NUM_THREADS
+# ---------------------------------------------------------------- sizes of each owner
+
+def kv_layer_bytes(cfg: ModelConfig, tokens: int) -> list[int]:
+    """Keys + values of each layer at ``tokens`` tokens (f32, by that layer's key/value heads):
+    what ``models.common.KVCache`` allocates."""
+    return [tokens * 2 * kv * cfg.head_dim * 4 for kv in cfg.n_kv_heads]
+
+
+def rope_table_bytes(cfg: ModelConfig, tokens: int) -> int:
+    """The cos/sin tables [tokens, head_dim] f32 of a rope model (learned positions: none)."""
+    return 0 if cfg.learned_positions else 2 * tokens * cfg.head_dim * 4
+
+
+def kv_cache_bytes(cfg: ModelConfig, tokens: int) -> int:
+    """The KV cache at ``tokens`` tokens, rotary tables included: the one formula."""
+    return sum(kv_layer_bytes(cfg, tokens)) + rope_table_bytes(cfg, tokens)
 
 
 def dense_resident_bytes(cfg: ModelConfig, dense_file_bytes: int, embed_bytes: int, context: int) -> int:
@@ -64,74 +126,136 @@ def tokenizer_bytes(tokenizer_file_bytes: int) -> int:
     return TOKENIZER_RSS_PER_FILE_BYTE * tokenizer_file_bytes
 
 
-def fixed_bytes(cfg: ModelConfig, layout: fmt.RecordLayout, dense_file_bytes: int,
-                embed_bytes: int, context: int) -> tuple[int, int, int]:
-    """(dense, KV cache, buffers) a streaming run holds whatever the window gets, from sizes alone
-    (the tokenizer and the slack come on top).
-
-    Shared by the engine's plan and by ``estimate`` (which has no bundle yet).
-    """
-    dense = dense_resident_bytes(cfg, dense_file_bytes, embed_bytes, context)
-    kv = context * cfg.kv_bytes_per_token(4) + 2 * context * cfg.head_dim * 4
-    # f32 values of one record in a prefill chunk: f16/f32 records upcast, or int8/int4 records'
-    # vectors dequantized into RecordCompute's reused [chunk, d] matrices
-    payload_f32 = 4 * sum(f.count for f in layout.fields if "." not in f.name)
-    # read scratch + prefill chunk (cached rows gathered, then as f32) + the decode kernel's
-    # per-thread accumulator
-    kernel = min(numba_threads(), KERNEL_THREADS_MAX) * 4 * cfg.d_model
-    buffers = (SCRATCH_BUFFERS + 1) * CHUNK_ROWS * layout.record_bytes + CHUNK_ROWS * payload_f32 + kernel
-    return dense, kv, buffers
+def compute_scratch_bytes(s: Sizes) -> int:
+    """What ``dram.RecordCompute`` allocates: the decode kernel's per-thread accumulators (one per
+    thread numba may run), the decode output row, the int8 copy of x, and for quantized records the
+    f32 field matrices of one prefill chunk."""
+    d = s.cfg.d_model
+    acc = numba.config.NUMBA_NUM_THREADS * d * 4 + 4 * d          # + the reused decode output row
+    if s.ffn_dtype in fmt.DTYPES:
+        return acc
+    return acc + d + 2 * 4 * (d // 32) + len(fmt.weight_fields(s.cfg)) * CHUNK_ROWS * d * 4
 
 
-def _fixed(bundle: Bundle, context: int) -> tuple[int, int, int, int]:
-    embed = bundle.dense_nbytes("embed")
-    dense, kv, buffers = fixed_bytes(bundle.config, bundle.layout,
-                                     (bundle.path / fmt.DENSE_FILE).stat().st_size, embed, context)
-    return dense, kv, buffers, tokenizer_bytes(bundle.sizes()["tokenizer_bytes"])
+def dram_ffn_bytes(s: Sizes) -> tuple[int, int]:
+    """(records, scratch) of the all-in-DRAM backend: f16/f32 bundles split into per-field
+    matrices (``dram.DenseFFN``), int8/int4 bundles as records, with the down columns as an int8
+    matrix where they are split out (``dram.RecordFFN``)."""
+    cfg, lay = s.cfg, s.layout
+    n, d, ff = cfg.n_layers, cfg.d_model, cfg.d_ff
+    if s.ffn_dtype in fmt.DTYPES:
+        item = np.dtype(fmt.DTYPES[s.ffn_dtype]).itemsize
+        per_layer = ff * d * item * (3 if cfg.gated else 2) + (0 if cfg.gated else 4 * ff)
+        return n * per_layer, 0
+    scratch = compute_scratch_bytes(s) + 4 * ff                        # + the activations h [d_ff]
+    if not splits_down(cfg, lay):
+        return n * ff * lay.record_bytes, scratch
+    down = lay.field("down")
+    records = n * (ff * down.offset + d * ff + 2 * d * (ff // 32))     # gate/up part + int8 down + scales
+    return records, scratch + n * QuantMatrix.scratch_bytes(d, ff)
 
 
-# storage.window_cache.LayerWindow's metadata: per row ids (int32), last_used and uses (int64); per
-# neuron slot (int32), freq (int64) and at most one int64 per neuron of per-plan overflow scratch
-WINDOW_ROW_META = 4 + 8 + 8
-WINDOW_NEURON_META = 4 + 8 + 8
+def stream_buffer_bytes(s: Sizes) -> int:
+    """A streaming backend's buffers: the read scratch and compute scratch it allocates, plus a
+    prefill chunk in flight (cached rows gathered, then as f32 for BLAS)."""
+    lay = s.layout
+    allocated = SCRATCH_BUFFERS * CHUNK_ROWS * lay.record_bytes + compute_scratch_bytes(s)
+    payload_f32 = 4 * sum(f.count for f in lay.fields if "." not in f.name)
+    transient = CHUNK_ROWS * lay.record_bytes + (CHUNK_ROWS * payload_f32 if s.ffn_dtype in fmt.DTYPES else 0)
+    return allocated + transient
 
 
-def window_rows(cfg: ModelConfig, record_bytes: int, free: int) -> int:
+def stream_allocated_buffer_bytes(s: Sizes) -> int:
+    """The part of ``stream_buffer_bytes`` that is allocated up front (the rest is transient)."""
+    return SCRATCH_BUFFERS * CHUNK_ROWS * s.layout.record_bytes + compute_scratch_bytes(s)
+
+
+def window_rows(cfg: ModelConfig, record_bytes: int, free: int, evict: str = "recency") -> int:
     """Cache rows per layer that ``free`` bytes hold (each layer the same; at most d_ff)."""
-    per_layer = free // cfg.n_layers - cfg.d_ff * WINDOW_NEURON_META
-    return max(0, min(cfg.d_ff, per_layer // (record_bytes + WINDOW_ROW_META)))
+    per_layer = free // cfg.n_layers - cfg.d_ff * (wc.neuron_meta_bytes(evict) + wc.PLAN_SCRATCH_BYTES_PER_NEURON)
+    return max(0, min(cfg.d_ff, per_layer // (record_bytes + wc.ROW_META_BYTES)))
 
 
-def window_cache_bytes(cfg: ModelConfig, record_bytes: int, rows: int) -> int:
+def window_cache_bytes(cfg: ModelConfig, record_bytes: int, rows: int, evict: str = "recency") -> int:
+    """Every layer's window (``storage.window_cache.window_bytes``) and its per-plan temporaries."""
     if rows == 0:
         return 0
-    return cfg.n_layers * (rows * (record_bytes + WINDOW_ROW_META) + cfg.d_ff * WINDOW_NEURON_META)
+    return cfg.n_layers * (wc.window_bytes(cfg.d_ff, record_bytes, rows, evict)
+                           + cfg.d_ff * wc.PLAN_SCRATCH_BYTES_PER_NEURON)
 
 
-def plan_budget(bundle: Bundle, budget: int, context: int, mode: str, selector_bytes: int = 0) -> BudgetPlan:
-    """Split ``budget`` bytes between owners for ``mode`` (window | naive)."""
-    cfg, lay = bundle.config, bundle.layout
-    dense, kv, buffers, tok = _fixed(bundle, context)
-    fixed = dense + kv + buffers + tok + selector_bytes + SLACK_BYTES
-    if budget < fixed:
-        pred = f", predictor ({fmt_bytes(selector_bytes)})" if selector_bytes else ""
+# ---------------------------------------------------------------- selectors
+
+def default_predictor(path: Path) -> str:
+    have = store.available(path)
+    if not have:
+        raise FlashinferError(f"{path} has no calibrated predictor; run: flashinfer-local calibrate {path}")
+    return have[0]
+
+
+def predictor_bytes(bundle: Bundle, kind: str | None) -> int:
+    """DRAM a PredictorSelector of this bundle will hold, known before it is loaded."""
+    cfg = bundle.config
+    kind = kind or default_predictor(bundle.path)
+    if kind == "threshold":        # int8 codes + f16 scales per 32, else f16 (+ f32 bias for ReLU models)
+        row = cfg.d_model + cfg.d_model // 16 if cfg.d_model % 32 == 0 else 2 * cfg.d_model
+        return cfg.n_layers * cfg.d_ff * (row + (0 if cfg.gated else 4))
+    return store.file_tensor_bytes(bundle.path, kind) if store.predictor_path(bundle.path, kind).exists() else 0
+
+
+def selector_bytes(name: str, bundle: Bundle, predictor: str | None) -> int:
+    """Budgeted bytes of a selector (the oracle, a measuring tool, is held outside the budget)."""
+    return predictor_bytes(bundle, predictor) if name == "predictor" else 0
+
+
+# ---------------------------------------------------------------- the plan
+
+def _common(s: Sizes, context: int) -> tuple[int, int, int]:
+    dense = dense_resident_bytes(s.cfg, s.dense_file_bytes, s.embed_bytes, context)
+    return dense, kv_cache_bytes(s.cfg, context), tokenizer_bytes(s.tokenizer_file_bytes)
+
+
+def minimum_budget(src: Bundle | Sizes, context: int, offload: str = "window", selector: int = 0) -> int:
+    """The smallest budget that runs ``offload``: for window/naive the fixed part with no cache
+    rows, for none everything in DRAM."""
+    s = Sizes.of(src)
+    dense, kv, tok = _common(s, context)
+    base = dense + kv + tok + selector + SLACK_BYTES
+    if offload == "none":
+        return base + sum(dram_ffn_bytes(s))
+    return base + stream_buffer_bytes(s)
+
+
+def plan_budget(src: Bundle | Sizes, budget: int | None, context: int, offload: str | None = None,
+                selector: int = 0, evict: str = "recency") -> BudgetPlan:
+    """Split ``budget`` bytes (None: no limit) between owners. ``offload`` None chooses: none when
+    everything fits the budget (or there is none), else window."""
+    if offload not in (None, *OFFLOAD_MODES):
+        raise FlashinferError(f"offload mode '{offload}' is not known (choose {', '.join(OFFLOAD_MODES)})")
+    s = Sizes.of(src)
+    cfg, lay = s.cfg, s.layout
+    dense, kv, tok = _common(s, context)
+    in_dram = minimum_budget(s, context, "none", selector)
+    if offload is None:
+        offload = "none" if budget is None or budget >= in_dram else "window"
+    if offload == "none":
+        if budget is not None and budget < in_dram:
+            raise FlashinferError(f"--dram-budget {fmt_bytes(budget)} cannot hold this model in DRAM "
+                                  f"(needs about {fmt_bytes(in_dram)}); use --offload window")
+        records, scratch = dram_ffn_bytes(s)
+        return BudgetPlan("none", budget, context, dense, records, 0, 0, scratch, kv, selector, tok, SLACK_BYTES)
+    buffers = stream_buffer_bytes(s)
+    fixed = minimum_budget(s, context, offload, selector)
+    if budget is not None and budget < fixed:
+        pred = f", predictor ({fmt_bytes(selector)})" if selector else ""
         raise FlashinferError(
             f"--dram-budget {fmt_bytes(budget)} is too small for this model: the dense part "
             f"({fmt_bytes(dense)}), KV cache at {context} tokens ({fmt_bytes(kv)}), tokenizer "
             f"({fmt_bytes(tok)}){pred} and buffers ({fmt_bytes(buffers + SLACK_BYTES)}) need at least "
             f"{fmt_bytes(fixed)}; raise the budget or lower --context"
             + ("; the threshold predictor holds the gate rows, --predictor lowrank does not"
-               if selector_bytes and selector_bytes >= cfg.n_layers * cfg.d_ff * cfg.d_model else ""))
-    rows = window_rows(cfg, lay.record_bytes, budget - fixed) if mode == "window" else 0
-    cache = window_cache_bytes(cfg, lay.record_bytes, rows)
-    return BudgetPlan(budget, dense, kv, buffers, tok, selector_bytes, SLACK_BYTES, rows, cache, context)
-
-
-def in_dram_bytes(cfg: ModelConfig, total_bytes: int, tokenizer_file_bytes: int, context: int) -> int:
-    """The budget from which the engine holds the whole bundle in DRAM (offload none)."""
-    return total_bytes + context * cfg.kv_bytes_per_token() + tokenizer_bytes(tokenizer_file_bytes) + SLACK_BYTES
-
-
-def minimum_budget(bundle: Bundle, context: int) -> int:
-    dense, kv, buffers, tok = _fixed(bundle, context)
-    return dense + kv + buffers + tok + SLACK_BYTES
+               if selector and selector >= cfg.n_layers * cfg.d_ff * cfg.d_model else ""))
+    free = (UNLIMITED if budget is None else budget) - fixed
+    rows = window_rows(cfg, lay.record_bytes, free, evict) if offload == "window" else 0
+    cache = window_cache_bytes(cfg, lay.record_bytes, rows, evict)
+    return BudgetPlan(offload, budget, context, dense, 0, rows, cache, buffers, kv, selector, tok, SLACK_BYTES)

@@ -1,8 +1,9 @@
-"""FFN backends: compute a layer's feed-forward output from its neuron records.
+"""The all-in-DRAM FFN backends (``backend.FFNBackend``), and the record arithmetic every backend
+shares (``RecordCompute``).
 
-The model calls ``ffn(layer, x)`` with x [T, d] (already normalized) and gets [T, d] back. A backend
-owns the records it computes from; this is the seam where streaming backends (records read from the
-SSD into a window cache) plug in without touching model code.
+``DenseFFN`` holds an f16/f32 bundle's records as per-field matrices for BLAS; ``RecordFFN`` holds an
+int8/int4 bundle's records as they are and computes on them with the numba kernels. The streaming
+backends (``runtime.streaming``) compute on gathered records with the same ``RecordCompute``.
 """
 from __future__ import annotations
 
@@ -14,14 +15,21 @@ from storage import format as fmt
 from storage.quant import quantize_q8
 from storage.reader import Bundle
 
-from flashinfer_local.runtime.budget import CHUNK_ROWS
 from flashinfer_local.kernels import QuantMatrix, RecordKernel
 from flashinfer_local.models.common import linear
+from flashinfer_local.runtime.backend import FFNCounters, arrays_of
+
+CHUNK_ROWS = 1024          # records computed per prefill step: bounds the f32 scratch of one step
 
 TORCH_DT = {"f16": torch.float16, "f32": torch.float32}
 # RecordFFN moves the down columns into an int8 down matrix (see its docstring). False keeps whole
 # records, so that the DRAM mode computes exactly what the streaming modes compute (tests use it).
 SPLIT_DOWN = True
+
+
+def splits_down(cfg, layout: fmt.RecordLayout) -> bool:
+    """Whether ``RecordFFN`` moves this layout's down columns into an int8 down matrix."""
+    return SPLIT_DOWN and layout.field("down").dtype == "q8" and cfg.d_ff % 32 == 0
 
 
 class RecordCompute:
@@ -45,10 +53,15 @@ class RecordCompute:
         self.vectors = fmt.weight_fields(cfg)
         self.buf = ({} if self.tdt is not None else   # quantized: f32 matrices of one chunk, reused
                     {n: np.empty((CHUNK_ROWS, cfg.d_model), np.float32) for n in self.vectors})
+        self.out = torch.zeros(1, cfg.d_model)      # a decode token's output, reused by the backends
 
     @property
     def nbytes(self) -> int:
-        return self.kernel.nbytes + sum(b.nbytes for b in self.buf.values())
+        return self.kernel.nbytes + sum(b.nbytes for b in self.buf.values()) + 4 * self.out.numel()
+
+    def arrays(self) -> list[np.ndarray]:
+        """Its scratch: the kernel's accumulators and int8 x, the prefill chunk's f32 matrices."""
+        return arrays_of(self.kernel) + list(self.buf.values()) + [self.out]
 
     def _fields(self, part: np.ndarray, down: bool = True) -> dict[str, torch.Tensor]:
         """Records part [c, ...] as f32 field matrices (``down``: with the down columns; without,
@@ -91,24 +104,23 @@ class RecordCompute:
 
 class RecordFFN:
     """Every record of every layer held in DRAM as records (the all-in-memory mode for int8/int4
-    bundles: computing on the quantized records is what makes them fast and small). With a
-    ``selector``, each token computes only the neurons its selection keeps.
+    bundles: computing on the quantized records is what makes them fast and small).
 
     Where the down columns are q8 (every int8/int4 bundle) and d_ff is a multiple of 32, they move
     out of the records at load into a down matrix [d, d_ff] (int8, groups of 32 along d_ff:
-    dequantized from the records and requantized, one more rounding of the down weights), and decode computes the activations h from
-    the gate/up part of the records and then down @ h as an int8 matrix-vector product on an int8
-    copy of h, as llama.cpp does. Measured on Qwen2.5-Coder-1.5B int4, this halves the FFN's compute:
-    the per-record down axpy had to stay in float (each neuron's down column has its own scales).
+    dequantized from the records and requantized, one more rounding of the down weights), and
+    decode computes the activations h from the gate/up part of the records and then down @ h as an
+    int8 matrix-vector product on an int8 copy of h, as llama.cpp does. Measured on
+    Qwen2.5-Coder-1.5B int4, this halves the FFN's compute: the per-record down axpy had to stay in
+    float (each neuron's down column has its own scales).
     """
 
-    def __init__(self, bundle: Bundle, selector=None):
+    def __init__(self, bundle: Bundle):
         cfg, lay = bundle.config, bundle.layout
         self.compute = RecordCompute(bundle)
-        self.selector = selector
         self.records, self.down = [], []
+        split = splits_down(cfg, lay)
         down = lay.field("down")
-        split = SPLIT_DOWN and down.dtype == "q8" and cfg.d_ff % 32 == 0
         for i in range(cfg.n_layers):
             rec = bundle.read_ffn_layer(i)
             if split:
@@ -118,15 +130,27 @@ class RecordFFN:
         self.all_rows = np.arange(cfg.d_ff)
         self.h = np.zeros(cfg.d_ff, np.float32)
 
-    @property
-    def nbytes(self) -> int:
-        return (sum(r.nbytes for r in self.records) + sum(m.nbytes for m in self.down) + self.compute.nbytes
-                + self.h.nbytes)
+    def resident(self) -> dict[str, list]:
+        qm = [a for m in self.down for a in (m.codes, m.scales16)]
+        scratch = [a for m in self.down for a in m.scratch_arrays()]
+        return {"ffn_dram": self.records + qm, "buffers": self.compute.arrays() + [self.h] + scratch}
 
-    def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        mask = None if self.selector is None else self.selector.mask(layer, x)
+    def counters(self) -> FFNCounters:
+        return FFNCounters()
+
+    def cache_rows(self) -> list[int]:
+        return []
+
+    def start_token(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __call__(self, layer: int, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        # x [T, d] -> [T, d]; mask [T, d_ff] or None
         if not self.down:
-            out = torch.zeros(x.shape[0], x.shape[1])
+            out = self.compute.out.zero_() if x.shape[0] == 1 else torch.zeros(x.shape[0], x.shape[1])
             self.compute(x, self.records[layer], out, mask=mask)
             return out
         rec, down = self.records[layer], self.down[layer]
@@ -159,9 +183,9 @@ def _down_matrix(rec: np.ndarray, lay: fmt.RecordLayout, block: int = 256) -> Qu
     return QuantMatrix(q, s)
 
 
-def make_dram_ffn(bundle: Bundle, selector=None):
-    """The all-in-DRAM FFN backend for this bundle's record precision (``selector``: per-token masks)."""
-    return (DenseFFN if bundle.ffn_dtype in fmt.DTYPES else RecordFFN)(bundle, selector)
+def make_dram_ffn(bundle: Bundle):
+    """The all-in-DRAM FFN backend for this bundle's record precision."""
+    return (DenseFFN if bundle.ffn_dtype in fmt.DTYPES else RecordFFN)(bundle)
 
 
 class DenseFFN:
@@ -172,9 +196,9 @@ class DenseFFN:
     strided record fields was 15-25% slower per layer. Streaming modes compute on gathered records.
     """
 
-    def __init__(self, bundle: Bundle, selector=None):
+    def __init__(self, bundle: Bundle):
         cfg = bundle.config
-        self.gated, self.selector = cfg.gated, selector
+        self.gated = cfg.gated
         self.gate, self.up, self.down, self.up_bias = [], [], [], []
         for i in range(cfg.n_layers):
             rec = bundle.read_ffn_layer(i)                               # [d_ff, record_bytes] u8
@@ -188,18 +212,27 @@ class DenseFFN:
             else:
                 self.up_bias.append(field("up_bias")[:, 0].float())  # [d_ff]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.gate + self.up + self.down + self.up_bias)
+    def resident(self) -> dict[str, list]:
+        return {"ffn_dram": self.gate + self.up + self.down + self.up_bias, "buffers": []}
 
-    def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        # x [T, d] -> [T, d]
+    def counters(self) -> FFNCounters:
+        return FFNCounters()
+
+    def cache_rows(self) -> list[int]:
+        return []
+
+    def start_token(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __call__(self, layer: int, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        # x [T, d] -> [T, d]; mask [T, d_ff] or None
         if self.gated:
             h = F.silu(linear(x, self.gate[layer])) * linear(x, self.up[layer])   # [T, d_ff]
         else:
             h = F.relu(linear(x, self.up[layer], self.up_bias[layer]))
-        if self.selector is not None:
-            m = self.selector.mask(layer, x)
-            if m is not None:
-                h = h * m
+        if mask is not None:
+            h = h * mask
         return linear(h, self.down[layer])

@@ -1,9 +1,26 @@
-"""The engine: a bundle opened for inference (weights, FFN backend, model, tokenizer)."""
+"""The engine: a bundle opened for inference.
+
+It owns the dense weights (views of the mapped file), the FFN backend (``backend.FFNBackend``: all
+records in DRAM, or streamed from the SSD), the selector, the model and the tokenizer; the budget
+plan (``budget.plan_budget``) decided how many bytes each may hold and which backend is built.
+
+The per-token path, from ids to logits (``forward``, HOT):
+
+    embed rows -> per layer: attention against the session's KV cache,
+                             ffn_step: selector.mask(x) -> observers -> backend(layer, x, mask)
+               -> final norm -> head -> logits [T or 1, vocab]
+
+Generation (sampling, detokenization, stop strings, a cache kept across calls) lives in
+``runtime.session``; ``Engine.generate`` is a thin wrapper over a fresh session.
+"""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -11,19 +28,18 @@ import torch
 from storage import format as fmt
 from storage.errors import FlashinferError
 from storage.reader import Bundle
-from storage.window_cache import EVICT
 
-from flashinfer_local.runtime.budget import in_dram_bytes, plan_budget
-from flashinfer_local.runtime.dram import make_dram_ffn
 from flashinfer_local.kernels import QuantMatrix
-from flashinfer_local.runtime.sampling import SamplingParams, Sampler, Step, decode_loop
-from flashinfer_local.runtime.rss import PeakRSS, rss_bytes
 from flashinfer_local.models import build_model
 from flashinfer_local.models.common import KVCache
-from flashinfer_local.runtime.selection import make_selector, selector_bytes
-from flashinfer_local.runtime.streaming import MAX_GAP_BYTES, StreamingFFN
+from flashinfer_local.runtime.backend import FFNCounters, array_bytes
+from flashinfer_local.runtime.budget import plan_budget, selector_bytes
+from flashinfer_local.runtime.dram import make_dram_ffn
+from flashinfer_local.runtime.options import EngineOptions
+from flashinfer_local.runtime.rss import rss_bytes
+from flashinfer_local.runtime.selection import make_selector
+from flashinfer_local.runtime.streaming import StreamingFFN
 from flashinfer_local.runtime.tokenizer import Tokenizer
-from flashinfer_local.units import fmt_bytes
 
 log = logging.getLogger(__name__)
 
@@ -39,147 +55,165 @@ def _dense_weights(bundle: Bundle) -> dict:
     return w
 
 
-OFFLOAD_MODES = ("none", "window", "naive")
+def make_backend(bundle: Bundle, plan, opts: EngineOptions):
+    """The FFN backend the plan asks for."""
+    if plan.mode == "none":
+        return make_dram_ffn(bundle)
+    return StreamingFFN(bundle, plan, opts.window, io_threads=opts.io_threads, direct=opts.direct,
+                        evict=opts.evict, read_gap=opts.read_gap)
 
 
 class Engine:
-    """A bundle ready to generate.
+    """A bundle ready to generate. ``options`` (an :class:`EngineOptions`, a dict, or keyword
+    overrides such as ``offload="window", dram_budget=2 << 30``) say how: see EngineOptions for each.
 
-    offload: "none" holds every FFN record in DRAM; "window" streams records from the SSD into a
-    sliding-window cache; "naive" reads every selected record for every token (the paper's baseline);
-    None picks "none" when the whole bundle fits ``dram_budget`` (or no budget is given), else
-    "window". ``evict`` picks what the window cache keeps when the selections outgrow it (see
-    ``storage.window_cache``); ``read_gap`` (bytes) how far apart
-    two wanted runs of records may be and still be read with one request. ``dram_budget`` (bytes) counts everything the engine holds for the
-    model; the runtime's own baseline (interpreter, torch) is measured before the model is opened
-    and reported apart.
+    ``dram_budget`` (bytes) counts everything the engine holds for the model; the runtime's own
+    baseline (interpreter, torch) is measured before the model is opened and reported apart.
     """
 
-    def __init__(self, path: str | Path, threads: int | None = None, offload: str | None = None,
-                 dram_budget: int | None = None, window: int = 4, io_threads: int = 8,
-                 selector: str = "all", sparsity: float | None = None, context: int = 2048,
-                 direct: bool = True, evict: str = "recency", read_gap: int = MAX_GAP_BYTES,
-                 predictor: str | None = None):
-        torch.set_num_threads(threads or min(os.cpu_count() or 1, 8))
-        if offload != "none":
+    def __init__(self, path: str | Path, options: EngineOptions | dict | None = None, **overrides):
+        self.options = opts = EngineOptions.of(options, **overrides)
+        torch.set_num_threads(opts.threads or min(os.cpu_count() or 1, 8))
+        if opts.offload != "none":
             from flashinfer_local.kernels import warm_up
             warm_up()
         self.runtime_baseline_bytes = rss_bytes()
         self.bundle = Bundle(path)
-        self.config = cfg = self.bundle.config
-        self.context = min(context, cfg.max_position)
-        if offload not in (None, *OFFLOAD_MODES):
-            raise FlashinferError(f"--offload {offload} is not known (choose {', '.join(OFFLOAD_MODES)})")
-        if evict not in EVICT:
-            raise FlashinferError(f"--evict {evict} is not known (choose {', '.join(EVICT)})")
-        if window < 1:
-            raise FlashinferError(f"--window {window} must be at least 1 token")
-        sizes = self.bundle.sizes()
-        sel_bytes = selector_bytes(selector, self.bundle, predictor)
-        in_dram = in_dram_bytes(cfg, sizes["total_bytes"], sizes["tokenizer_bytes"], self.context) + sel_bytes
-        if offload is None:
-            offload = "none" if dram_budget is None or dram_budget >= in_dram else "window"
-        if offload == "none" and dram_budget is not None and dram_budget < in_dram:
-            raise FlashinferError(f"--dram-budget {fmt_bytes(dram_budget)} cannot hold this model in DRAM "
-                                  f"(needs about {fmt_bytes(in_dram)}); use --offload window")
-        self.offload, self.dram_budget = offload, dram_budget
+        try:
+            self._open(opts)
+        except BaseException:
+            self.bundle.close()
+            raise
+
+    def _open(self, opts: EngineOptions) -> None:
+        cfg = self.config = self.bundle.config
+        self.context = min(opts.context, cfg.max_position)
+        self.plan = plan_budget(self.bundle, opts.dram_budget, self.context, opts.offload,
+                                selector_bytes(opts.selector, self.bundle, opts.predictor), opts.evict)
+        self.offload, self.dram_budget = self.plan.mode, opts.dram_budget
+        # longest cache a session may hold: the planned context under a budget, else the model's
+        self.kv_limit = self.context if opts.dram_budget is not None else cfg.max_position
         self.tokenizer = Tokenizer(self.bundle)
         self.weights = _dense_weights(self.bundle)
-        self.plan = None
-        if offload == "none":      # a selector masks each token's neurons (quality as decode sees it)
-            self.selector = make_selector(selector, self.bundle, sparsity, predictor)
-            self.ffn = make_dram_ffn(self.bundle, None if selector == "all" else self.selector)
-        else:
-            self.plan = plan_budget(self.bundle, dram_budget if dram_budget is not None else 1 << 62,
-                                    self.context, offload, sel_bytes)
-            self.selector = make_selector(selector, self.bundle, sparsity, predictor)
-            self.ffn = StreamingFFN(self.bundle, self.plan, offload, window, self.selector,
-                                    io_threads=io_threads, direct=direct, evict=evict, read_gap=read_gap)
-        self.model = build_model(cfg, self.weights, self.ffn)
+        self.selector = make_selector(opts.selector, self.bundle, opts.sparsity, opts.predictor)
+        self.ffn = make_backend(self.bundle, self.plan, opts)
+        self._observers: list = []
+        self._selection_s = 0.0
+        self.model = build_model(cfg, self.weights, self._ffn_step)
 
-    def new_cache(self, capacity: int) -> KVCache:
-        limit = self.config.max_position if self.plan is None else self.context
-        if capacity > limit:
-            raise FlashinferError(f"prompt + --max-tokens = {capacity} tokens exceeds the "
-                                  f"{'model' if self.plan is None else 'planned'} context of {limit}; "
-                                  "shorten the prompt or lower --max-tokens"
-                                  + ("" if self.plan is None else ", or raise --context"))
-        return KVCache(self.config, capacity)
+    # ---------------------------------------------------------------- the per-token path
+    def _ffn_step(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """HOT: one layer's FFN for x [T, d]: the selector's per-token mask, then the backend."""
+        t0 = time.perf_counter()
+        mask = self.selector.mask(layer, x)                    # [T, d_ff] bool, or None: all
+        self._selection_s += time.perf_counter() - t0
+        for fn in self._observers:
+            fn(layer, x, mask)
+        return self.ffn(layer, x, mask)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, pos: int, cache: KVCache, last_only: bool = True) -> torch.Tensor:
-        if self.plan is not None:
-            self.ffn.start_token()
+        """tokens [T] at positions [pos, pos + T) -> logits [1 or T, vocab]; writes their keys and
+        values into ``cache``."""
+        self.ffn.start_token()
         return self.model.forward(tokens, pos, cache, last_only)
+
+    # ---------------------------------------------------------------- hooks for measurement
+    @contextlib.contextmanager
+    def observe(self, fn):
+        """Within the block, ``fn(layer, x, mask)`` sees every FFN input x [T, d] (f32, normalized)
+        and the mask the selector chose for it, before the backend computes the layer (calibrate
+        records activations through it, eval counts kept neurons)."""
+        self._observers.append(fn)
+        try:
+            yield
+        finally:
+            self._observers.remove(fn)
+
+    @contextlib.contextmanager
+    def selecting(self, selector):
+        """Within the block, ``selector`` (None: every neuron) chooses each token's neurons."""
+        from flashinfer_local.runtime.selection import AllSelector
+        saved, self.selector = self.selector, selector if selector is not None else AllSelector()
+        try:
+            yield
+        finally:
+            self.selector = saved
+
+    # ---------------------------------------------------------------- caches and prompts
+    def new_cache(self, capacity: int) -> KVCache:
+        if capacity > self.kv_limit:
+            raise FlashinferError(f"prompt + --max-tokens = {capacity} tokens exceeds the "
+                                  f"{'planned' if self.kv_limit == self.context else 'model'} context of "
+                                  f"{self.kv_limit}; shorten the prompt or lower --max-tokens"
+                                  + (", or raise --context" if self.kv_limit < self.config.max_position else ""))
+        return KVCache(self.config, capacity)
+
+    def session(self, capacity: int | None = None):
+        """A :class:`~flashinfer_local.runtime.session.Session`: a KV cache kept across calls."""
+        from flashinfer_local.runtime.session import Session
+        return Session(self, capacity)
 
     @torch.inference_mode()
     def logits(self, ids: list[int]) -> torch.Tensor:
         """Logits [len(ids), vocab] of one forward over ``ids`` from an empty cache."""
         return self.forward(torch.tensor(ids), 0, self.new_cache(len(ids)), last_only=False)
 
-    def encode_prompt(self, prompt: str | list[int], chat: bool = False) -> list[int]:
+    def encode_prompt(self, prompt: str | list, chat: bool = False) -> list[int]:
+        """Text (``chat``: as one user message), a list of chat messages ({"role", "content"}; the
+        template is applied), or token ids -> token ids."""
         if isinstance(prompt, str):
             if chat:
                 return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
             return self.tokenizer.encode(prompt)
-        return list(prompt)
+        prompt = list(prompt)
+        if prompt and isinstance(prompt[0], dict):
+            return self.tokenizer.apply_chat_template(prompt)
+        return [int(t) for t in prompt]
+
+    # ---------------------------------------------------------------- what it holds and did
+    def resident_arrays(self) -> dict[str, list]:
+        """Every array the FFN backend owns, by owner (``backend.BACKEND_OWNERS``)."""
+        return self.ffn.resident()
 
     def resident(self) -> dict:
-        """Bytes held per owner, as planned (the dense part whole but for an untied embedding's
-        untouched rows, see budget.py)."""
-        if self.plan is None:
-            return {"dense_bytes": self.bundle.sizes()["dense_bytes"], "ffn_dram_bytes": self.ffn.nbytes,
-                    "selector_bytes": self.selector.nbytes}
+        """Bytes held per owner: the backend's and the selector's counted from their arrays, the
+        dense part and the tokenizer as planned (a map's pages load on use)."""
+        arrays = self.resident_arrays()
         return {"dense_bytes": self.plan.dense_bytes, "tokenizer_bytes": self.plan.tokenizer_bytes,
-                "window_cache_bytes": self.ffn.cache_bytes,
-                "buffer_bytes": self.ffn.buffer_bytes, "selector_bytes": self.selector.nbytes}
+                "ffn_dram_bytes": array_bytes(arrays.get("ffn_dram", [])),
+                "window_cache_bytes": array_bytes(arrays.get("window", [])),
+                "buffer_bytes": array_bytes(arrays.get("buffers", [])), "selector_bytes": self.selector.nbytes}
 
-    def _stream_stats(self, st, c_prefill: dict, c_end: dict, kv_bytes: int) -> dict:
-        out = {"offload": self.offload, "dram_budget_bytes": self.dram_budget,
-               "runtime_baseline_bytes": self.runtime_baseline_bytes, "kv_cache_bytes": kv_bytes,
-               **self.resident()}
-        if self.plan is None:
-            return out
-        n = max(st.decode_steps, 1)
-        d = {k: c_end[k] - c_prefill[k] for k in c_end}
-        ops = c_end["read_ops"]
-        out.update({
-            "selector": self.selector.name,
-            "cache_rows_per_layer": self.plan.cache_rows_per_layer,
-            "flash_bytes_read": c_end["flash_bytes_read"], "read_ops": ops,
-            "mean_read_bytes": c_end["flash_bytes_read"] / ops if ops else 0,
-            "flash_bytes_per_token": d["flash_bytes_read"] / n,
-            "gap_bytes_per_token": d["gap_bytes_read"] / n,     # part of the above read through gaps
-            "cache_hit_rate": d["hits"] / d["lookups"] if d["lookups"] else 0.0,
-            "ms_per_token": {k[:-2]: 1000 * d[k] / n for k in ("io_wait_s", "bookkeeping_s", "compute_s",
-                                                              "selection_s")},
-        })
-        return out
+    def counters(self) -> FFNCounters:
+        return replace(self.ffn.counters(), selection_s=self._selection_s)
 
-    def generate(self, prompt: str | list[int], max_tokens: int = 128,
-                 sampling: SamplingParams | None = None, chat: bool = False,
-                 stop_at_eos: bool = True) -> Iterator[Step]:
-        """Yield generated tokens one by one (each a :class:`Step` with its text and live stats)."""
+    def stats(self, since: FFNCounters, now: FFNCounters, decode_steps: int, kv_bytes: int) -> dict:
+        """The engine's facts for a generation: memory by owner, and I/O, cache and time per decode
+        token between ``since`` (after the prefill) and ``now``."""
+        n = max(decode_steps, 1)
+        d = now - since
+        return {"offload": self.offload, "dram_budget_bytes": self.dram_budget,
+                "runtime_baseline_bytes": self.runtime_baseline_bytes, "kv_cache_bytes": kv_bytes,
+                **self.resident(), "selector": self.selector.name,
+                "cache_rows_per_layer": self.plan.cache_rows_per_layer,
+                "flash_bytes_read": now.flash_bytes_read, "read_ops": now.read_ops,
+                "mean_read_bytes": now.flash_bytes_read / now.read_ops if now.read_ops else 0,
+                "flash_bytes_per_token": d.flash_bytes_read / n,
+                "gap_bytes_per_token": d.gap_bytes_read / n,     # part of the above read through gaps
+                "cache_hit_rate": d.hits / d.lookups if d.lookups else 0.0,
+                "ms_per_token": {"io_wait": 1000 * d.io_wait_s / n, "bookkeeping": 1000 * d.bookkeeping_s / n,
+                                 "compute": 1000 * d.compute_s / n, "selection": 1000 * d.selection_s / n}}
+
+    # ---------------------------------------------------------------- generation
+    def generate(self, prompt: str | list, max_tokens: int = 128, sampling=None, chat: bool = False,
+                 stop_at_eos: bool = True, stop: list[str] | tuple = ()) -> Iterator:
+        """Yield generated tokens one by one (each a :class:`~flashinfer_local.runtime.sampling.Step`
+        with its text and live stats), from a fresh session sized for this call."""
         ids = self.encode_prompt(prompt, chat)
-        sampler = Sampler(sampling or SamplingParams())
-        detok = self.tokenizer.decode if self.tokenizer.available else None
-        eos = self.tokenizer.eos_token_ids if stop_at_eos else frozenset()
-        counters = self.ffn.counters if self.plan is not None else dict
-        c_prefill = None
-        with PeakRSS() as peak, torch.inference_mode():
-            steps = decode_loop(self.forward, self.new_cache, ids, max_tokens, sampler, eos,
-                                detok, on_token=peak.sample)
-            for step in steps:
-                c = counters()
-                if c_prefill is None:
-                    c_prefill = c
-                st = step.stats
-                st.peak_rss_bytes = peak.peak
-                st.extra = self._stream_stats(st, c_prefill, c, (len(ids) + max_tokens) *
-                                              self.config.kv_bytes_per_token())
-                yield step
+        s = self.session(len(ids) + max(max_tokens, 0))
+        return s.generate(ids, max_tokens=max_tokens, sampling=sampling, stop_at_eos=stop_at_eos, stop=stop)
 
     def close(self) -> None:
-        if self.plan is not None:
-            self.ffn.close()
+        self.ffn.close()
         self.bundle.close()

@@ -1,7 +1,6 @@
-"""Sampling and the generation loop (a generator of tokens with live stats)."""
+"""Sampling (a token and the distribution it came from) and what a generation reports."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -26,17 +25,19 @@ class SamplingParams:
 
 
 class Sampler:
-    """Built once per generation; ``__call__`` maps logits [vocab] to a token id."""
+    """Built once per generation; ``__call__`` maps logits [vocab] to a :class:`Sample`."""
 
     def __init__(self, p: SamplingParams):
         self.p = p
         self.gen = torch.Generator()
         self.gen.manual_seed(p.seed if p.seed is not None else torch.seed())
 
-    def __call__(self, logits: torch.Tensor) -> int:
+    def distribution(self, logits: torch.Tensor) -> torch.Tensor:
+        """The probabilities [vocab] a token is drawn from: temperature, then top-k, then top-p
+        (greedy: all mass on the argmax)."""
         p = self.p
         if p.temperature == 0:
-            return int(torch.argmax(logits))
+            return torch.zeros_like(logits, dtype=torch.float32).index_fill_(0, torch.argmax(logits), 1.0)
         logits = logits / p.temperature
         if p.top_k:
             kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
@@ -47,7 +48,33 @@ class Sampler:
             drop = sp.cumsum(-1) - sp > p.top_p       # keep the smallest set reaching top_p
             sp[drop] = 0
             probs = torch.zeros_like(probs).scatter_(0, si, sp)
-        return int(torch.multinomial(probs, 1, generator=self.gen))
+        return probs
+
+    def __call__(self, logits: torch.Tensor) -> Sample:
+        if self.p.temperature == 0:
+            return Sample(int(torch.argmax(logits)), logits, self)
+        probs = self.distribution(logits)
+        return Sample(int(torch.multinomial(probs, 1, generator=self.gen)), logits, self, probs)
+
+
+class Sample:
+    """A sampled token with what it was drawn from (computed on first use: greedy decoding pays nothing)."""
+    __slots__ = ("token", "logits", "_sampler", "_probs")
+
+    def __init__(self, token: int, logits: torch.Tensor, sampler: Sampler, probs: torch.Tensor | None = None):
+        self.token, self.logits, self._sampler, self._probs = token, logits, sampler, probs
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """[vocab] the distribution the token was drawn from (after temperature, top-k, top-p)."""
+        if self._probs is None:
+            self._probs = self._sampler.distribution(self.logits)
+        return self._probs
+
+    @property
+    def logprob(self) -> float:
+        """log p(token) under the model's own distribution (softmax of the raw logits)."""
+        return float(torch.log_softmax(self.logits.float(), -1)[self.token])
 
 
 @dataclass
@@ -59,6 +86,7 @@ class GenerationStats:
     decode_steps: int = 0
     peak_rss_bytes: int = 0
     token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None   # stop (a stop string), length (max_tokens), eos; None while running
     extra: dict = field(default_factory=dict)   # engine facts: memory by owner, I/O, cache, timings
 
     @property
@@ -74,48 +102,15 @@ class GenerationStats:
                 "prefill_s": self.prefill_s, "decode_s": self.decode_s, "decode_steps": self.decode_steps,
                 "prefill_tokens_per_s": self.prefill_tokens_per_s,
                 "decode_tokens_per_s": self.decode_tokens_per_s,
-                "peak_rss_bytes": self.peak_rss_bytes, "token_ids": list(self.token_ids), **self.extra}
+                "peak_rss_bytes": self.peak_rss_bytes, "token_ids": list(self.token_ids),
+                "finish_reason": self.finish_reason, **self.extra}
 
 
 @dataclass
 class Step:
     token_id: int
-    text: str                  # new text this token completes (may be "" mid-character)
+    text: str                  # new text this token completes (may be "" mid-character or while a
+                               # stop string may be starting)
     stats: GenerationStats
-
-
-def decode_loop(forward, new_cache, ids: list[int], max_tokens: int, sampler: Sampler,
-                eos: frozenset[int], detok=None, on_token=None):
-    """Prefill ``ids`` then sample up to ``max_tokens``; yields a :class:`Step` per token.
-
-    forward(tokens LongTensor[T], pos, cache) -> logits [1, vocab]; new_cache(capacity) -> cache.
-    """
-    if not ids:
-        raise FlashinferError("the prompt is empty: give some text with -p")
-    st = GenerationStats(prompt_tokens=len(ids))
-    cache = new_cache(len(ids) + max_tokens)
-    t0 = time.perf_counter()
-    logits = forward(torch.tensor(ids), 0, cache)[-1]
-    st.prefill_s = time.perf_counter() - t0
-    pos, emitted, out = len(ids), "", []
-    for n in range(max_tokens):
-        if n:
-            t = time.perf_counter()
-            logits = forward(torch.tensor([tok]), pos, cache)[-1]
-            pos += 1
-            st.decode_s += time.perf_counter() - t
-            st.decode_steps += 1
-        tok = sampler(logits)
-        if tok in eos:
-            break
-        out.append(tok)
-        st.token_ids = out
-        st.generated_tokens = len(out)
-        text = ""
-        if detok is not None:
-            full = detok(out)
-            if not full.endswith("\ufffd"):          # hold back half a multi-byte character
-                text, emitted = full[len(emitted):], full
-        if on_token:
-            on_token()
-        yield Step(tok, text, st)
+    finish_reason: str | None = None   # set on the last step: stop, length or eos
+    sample: Sample | None = None       # the token's probabilities (``sample.probs``, ``sample.logprob``)

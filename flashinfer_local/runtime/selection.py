@@ -1,9 +1,9 @@
 """Which FFN neurons a token needs: the one seam selectors and predictors plug into.
 
 A selector maps a layer's FFN input x [T, d] to a per-token mask [T, d_ff] (``mask``; None: all
-neurons) and to the sorted unique neuron ids any of the T tokens needs (``select``: what a streaming
-step reads; for one decode token the two agree). DRAM-resident FFNs apply the mask per token, which
-is also how quality is measured: each token computes exactly the neurons its own selection keeps.
+neurons), which the engine hands to the FFN backend: each token computes exactly the neurons its
+own selection keeps (that is also how quality is measured), and a streaming backend reads the union.
+``select`` gives the sorted unique neuron ids any of the T tokens needs (the mask's union).
 """
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from storage.errors import FlashinferError
 from storage.reader import Bundle
 
 from flashinfer_local.kernels import QuantMatrix
+from flashinfer_local.runtime.budget import default_predictor
+from flashinfer_local.runtime.options import SELECTORS
 from flashinfer_local.models.common import linear
 
 
@@ -87,7 +89,7 @@ class PredictorSelector:
     def __init__(self, bundle: Bundle, kind: str | None = None, sparsity: float | None = None,
                  tensors: dict | None = None, meta: dict | None = None):
         cfg = bundle.config
-        self.kind = kind = kind or _default_kind(bundle)
+        self.kind = kind = kind or default_predictor(bundle.path)
         if tensors is None:
             tensors, meta = store.load(bundle.path, kind, cfg)
         self.meta, self.gated = meta, cfg.gated
@@ -133,32 +135,6 @@ class PredictorSelector:
     def select(self, layer: int, x: torch.Tensor) -> np.ndarray:
         m = self.mask(layer, x)
         return np.flatnonzero(m.any(0).numpy()).astype(np.int64)
-
-
-def _default_kind(bundle: Bundle) -> str:
-    have = store.available(bundle.path)
-    if not have:
-        raise FlashinferError(f"{bundle.path} has no calibrated predictor; run: flashinfer-local calibrate "
-                              f"{bundle.path}")
-    return have[0]
-
-
-def predictor_bytes(bundle: Bundle, kind: str | None) -> int:
-    """DRAM a PredictorSelector of this bundle will hold, known before it is loaded (budget check)."""
-    cfg = bundle.config
-    kind = kind or _default_kind(bundle)
-    if kind == "threshold":        # int8 codes + f16 scales per 32, else f16 (+ f32 bias for ReLU models)
-        row = cfg.d_model + cfg.d_model // 16 if cfg.d_model % 32 == 0 else 2 * cfg.d_model
-        return cfg.n_layers * cfg.d_ff * (row + (0 if cfg.gated else 4))
-    return store.file_tensor_bytes(bundle.path, kind) if store.predictor_path(bundle.path, kind).exists() else 0
-
-
-SELECTORS = ("all", "oracle", "predictor")
-
-
-def selector_bytes(name: str, bundle: Bundle, predictor: str | None) -> int:
-    """Budgeted bytes of a selector (the oracle, a measuring tool, is held outside the budget)."""
-    return predictor_bytes(bundle, predictor) if name == "predictor" else 0
 
 
 def make_selector(name: str, bundle: Bundle, sparsity: float | None = None, predictor: str | None = None):

@@ -1,4 +1,4 @@
-"""Text <-> token ids, and chat templates, from a bundle's tokenizer facts."""
+"""Text <-> token ids, chat templates, and text that grows token by token, from a bundle's tokenizer."""
 from __future__ import annotations
 
 from storage.errors import FlashinferError
@@ -59,3 +59,36 @@ class Tokenizer:
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "")
         return self._need().encode(text, add_special_tokens=False).ids
+
+
+class IncrementalDecoder:
+    """The text of a growing list of tokens, one piece per token, in time linear in its length.
+
+    Each step decodes only a short window: the tokens since the last emitted piece and the ones
+    before it back to the previous emission (``prefix``), and emits what the new tokens add to the
+    window's text. Decoding the window with its left context keeps what a tokenizer does at the
+    start of a text (a stripped leading space) out of the difference. A piece that ends inside a
+    multi-byte character (the decoder's U+FFFD) is held back until a later token completes it.
+    The pieces joined, with ``flush()`` at the end, equal ``decode`` of all the tokens.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.prefix = self.read = 0   # window start; end of what has been emitted
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        done = self.tok.decode(self.ids[self.prefix:self.read])
+        text = self.tok.decode(self.ids[self.prefix:])
+        if len(text) > len(done) and not text.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return text[len(done):]
+        return ""
+
+    def flush(self) -> str:
+        """What is still held back (half a character stays as U+FFFD, as a full decode shows it)."""
+        done = self.tok.decode(self.ids[self.prefix:self.read])
+        text = self.tok.decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return text[len(done):]

@@ -38,14 +38,13 @@ MAX_PPL_INCREASE = 0.01
 
 
 class _Recorder:
-    """Wraps the model's FFN: keeps each layer's inputs x [T, d] (f16) as they pass."""
+    """An engine observer (``Engine.observe``): keeps each layer's FFN inputs x [T, d] (f16)."""
 
-    def __init__(self, ffn, n_layers: int):
-        self.ffn, self.xs = ffn, [[] for _ in range(n_layers)]
+    def __init__(self, n_layers: int):
+        self.xs = [[] for _ in range(n_layers)]
 
-    def __call__(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: int, x: torch.Tensor, mask) -> None:
         self.xs[layer].append(x.to(torch.float16))
-        return self.ffn(layer, x)
 
 
 def corpus_ids(tokenizer, files: list[Path] | None, tokens: int) -> list[int]:
@@ -80,8 +79,7 @@ def _choose_default(eng: Engine, sel: PredictorSelector, val: list[list[int]], e
     validation perplexity stays within ``max_increase`` of exact; binary search over the candidates."""
     cands = [s for s in DEFAULT_CANDIDATES if s > floor]
     curve, lo, hi, best = [], 0, len(cands) - 1, floor
-    eng.ffn.selector = sel
-    try:
+    with eng.selecting(sel):
         while lo <= hi:
             mid = (lo + hi) // 2
             sel.set_sparsity(cands[mid])
@@ -91,8 +89,6 @@ def _choose_default(eng: Engine, sel: PredictorSelector, val: list[list[int]], e
                 best, lo = float(cands[mid]), mid + 1
             else:
                 hi = mid - 1
-    finally:
-        eng.ffn.selector = None
     return best, sorted(curve, key=lambda c: c["sparsity"])
 
 
@@ -115,18 +111,17 @@ def calibrate(bundle_path: str | Path, kind: str = "lowrank", corpus: list[Path]
     windows = _windows(corpus_ids(eng.tokenizer, corpus, tokens))
     n_val = max(1, round(len(windows) * VAL_SHARE))
     train_w, val_w = windows[:-n_val], windows[-n_val:]
-    rec = _Recorder(eng.ffn, cfg.n_layers)
-    eng.model.ffn = rec
+    rec = _Recorder(cfg.n_layers)
     bar = _bar(progress, len(windows) + cfg.n_layers, "calibrate")
     exact_nll = n_tok = 0
-    for k, w in enumerate(windows):
-        if k < len(train_w):
-            eng.logits(w)
-        else:                      # validation windows: recorded too, and scored for the exact perplexity
-            r = perplexity(eng, w, window=len(w))
-            exact_nll, n_tok = exact_nll + r["nll"] * r["tokens"], n_tok + r["tokens"]
-        bar.update(1)
-    eng.model.ffn = rec.ffn
+    with eng.observe(rec):
+        for k, w in enumerate(windows):
+            if k < len(train_w):
+                eng.logits(w)
+            else:                  # validation windows: recorded too, and scored for the exact perplexity
+                r = perplexity(eng, w, window=len(w))
+                exact_nll, n_tok = exact_nll + r["nll"] * r["tokens"], n_tok + r["tokens"]
+            bar.update(1)
     n_train = sum(len(w) for w in train_w)
     tensors, layers = {}, []
     natural = []

@@ -1,0 +1,213 @@
+"""The `flashinfer-local` command line: the group, and convert, inspect, run (``cli.analysis`` adds
+profile, estimate, calibrate and eval)."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from storage.errors import FlashinferError
+
+from flashinfer_local.cli.options import engine_options, prompt_options, sampling_options, take_engine_options
+from flashinfer_local.units import fmt_bytes
+
+
+class _Group(click.Group):
+    """Turns every FlashinferError into a one-line message (no traceback) and exit code 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except FlashinferError as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=_Group)
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.version_option(package_name="flashinfer-local")
+def main(verbose: int):
+    """Run language models larger than your DRAM from a bundled store on the SSD."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("flashinfer_local.resolve", "flashinfer_local.fetch"):   # say what first use does
+        logging.getLogger(name).setLevel(min(level, logging.INFO))
+
+
+@main.command()
+@click.argument("src", type=click.Path(exists=True, path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--dtype", type=click.Choice(["f32", "f16", "int8", "int4"]), default="f16", show_default=True,
+              help="Precision of the FFN records (int8/int4: groups of 32 values with f16 scales; the "
+              "dense part of those bundles stays f16).")
+@click.option("--force", is_flag=True, help="Replace OUT (only after the new bundle is complete).")
+def convert(src: Path, out: Path, dtype: str, force: bool):
+    """Convert a checkpoint (HF folder or GGUF file) SRC into a bundle directory OUT."""
+    from storage.convert import convert as do_convert
+    from storage.reader import Bundle
+
+    from flashinfer_local.runtime.rss import PeakRSS
+    with PeakRSS() as peak:
+        path = do_convert(src, out, dtype=dtype, force=force, progress=sys.stderr.isatty())
+    b = Bundle(path)
+    s = b.sizes()
+    click.echo(f"wrote {path}: {fmt_bytes(s['total_bytes'])} (dense {fmt_bytes(s['dense_bytes'])}, "
+               f"ffn {fmt_bytes(s['ffn_bytes'])}); peak RSS {fmt_bytes(peak.peak)}")
+
+
+def _precision(b) -> str:
+    """Each part's precision, e.g. 'attention int8, embedding + tied head int8, norms/biases f32;
+    ffn int4 (gate q4, up q4, down q8)'; q8/q4 are groups of 32 with f16 scales (q4: and minimums)."""
+    qd, dense = set(b.quantized_dense), b.dense_dtype
+    attn = "int8" if any(n.startswith("layers.") for n in qd) else dense
+    if b.config.tie_embeddings:
+        head = f"embedding + tied head {'int8' if 'embed' in qd else dense}"
+    else:
+        head = f"embedding {dense}, head {'int8' if 'lm_head' in qd else dense}"
+    ffn = b.ffn_dtype
+    if ffn not in ("f16", "f32"):
+        vec = [f for f in b.layout.fields if "." not in f.name and f.name != "up_bias"]
+        ffn += " (" + ", ".join(f"{f.name} {f.dtype}" for f in vec) + ")"
+    return f"attention {attn}, {head}, norms/biases f32; ffn {ffn}"
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, path_type=Path))
+@click.option("--verify", is_flag=True, help="Recompute and check every file's sha256.")
+@click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON.")
+def inspect(bundle: Path, verify: bool, as_json: bool):
+    """Show a bundle's config, sizes per part and FFN record layout."""
+    from storage.reader import Bundle
+    b = Bundle(bundle)
+    cfg, s, lay, m = b.config, b.sizes(), b.layout, b.manifest
+    if as_json:
+        from predictors import store
+        preds = {k: store.read_meta(b.path, k) for k in store.available(b.path)}
+        click.echo(json.dumps({"config": cfg.to_dict(), "sizes": s, "layout": lay.to_dict(),
+                               "source": m["source"], "format_version": m["format_version"],
+                               "predictors": {k: {"default_sparsity": v["default_sparsity"],
+                                                  "ranks": [r.get("rank") for r in v["layers"]]}
+                                              for k, v in preds.items() if v}}, indent=1))
+    else:
+        kv = sorted(set(cfg.n_kv_heads))
+        click.echo(f"bundle      {b.path}  (format v{m['format_version']}, {m.get('created_by', '?')})")
+        click.echo(f"source      {m['source'].get('kind')}: {m['source'].get('name')}")
+        click.echo(f"model       {cfg.arch}: {cfg.n_layers} layers, d_model {cfg.d_model}, d_ff {cfg.d_ff}, "
+                   f"heads {cfg.n_heads} (kv {kv[0] if len(kv) == 1 else kv}), head_dim {cfg.head_dim}, "
+                   f"vocab {cfg.vocab_size}, context {cfg.max_position}"
+                   f"{', tied head' if cfg.tie_embeddings else ''}")
+        click.echo(f"precision   {_precision(b)}")
+        click.echo(f"size        total {fmt_bytes(s['total_bytes'])}: dense {fmt_bytes(s['dense_bytes'])}, "
+                   f"ffn {fmt_bytes(s['ffn_bytes'])}")
+        fields = ", ".join(f"{f.name} {f.count}x{f.dtype}@{f.offset}" for f in lay.fields)
+        click.echo(f"ffn record  {lay.record_bytes} bytes per neuron ({fields}); "
+                   f"padding {lay.padding_bytes} B/record, {fmt_bytes(s['ffn_padding_bytes'])} in all "
+                   f"({100 * s['ffn_padding_bytes'] / s['ffn_bytes']:.1f}% of ffn)")
+        click.echo(f"kv cache    {fmt_bytes(cfg.kv_bytes_per_token())} per token (f32)")
+        for line in _predictor_lines(b):
+            click.echo(line)
+    if verify:
+        bad = b.verify()
+        if bad:
+            raise FlashinferError(f"checksum mismatch in {', '.join(bad)}: the bundle is corrupted; "
+                                  "re-run convert")
+        click.echo(f"verify      all {len(m['files'])} checksums match")
+
+
+def _predictor_lines(b) -> list[str]:
+    from predictors import store
+
+    from flashinfer_local.runtime.budget import predictor_bytes
+    out = []
+    for kind in store.KINDS:
+        if not store.predictor_path(b.path, kind).exists():
+            continue
+        meta = store.read_meta(b.path, kind)
+        if meta is None:
+            out.append(f"predictor   {kind}: unreadable file; re-run calibrate")
+            continue
+        ranks = sorted({r["rank"] for r in meta["layers"] if r.get("rank")})
+        dram = predictor_bytes(b, kind)
+        what = (f"gate rows held in DRAM, {fmt_bytes(dram)} (counted in --dram-budget)" if kind == "threshold"
+                else f"rank {ranks[0] if len(ranks) == 1 else f'{ranks[0]}-{ranks[-1]}'}, {fmt_bytes(dram)} in DRAM")
+        out.append(f"predictor   {kind}: {what}; default sparsity {meta['default_sparsity']:.2f}, calibrated on "
+                   f"{meta['train_tokens']} tokens")
+    if not out:
+        out.append("predictor   none (flashinfer-local calibrate BUNDLE adds one)")
+    return out
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("-p", "--prompt", required=True, help="Prompt text.")
+@click.option("-n", "--max-tokens", type=click.IntRange(min=0), default=128, show_default=True,
+              help="Tokens to generate at most.")
+@sampling_options
+@click.option("--seed", type=int, default=None, help="Random seed for sampling.")
+@click.option("--stop", multiple=True, help="Stop when the text reaches this string (repeatable; not printed).")
+@prompt_options
+@engine_options
+@click.option("--stats", is_flag=True, help="Print speed and memory figures to stderr at the end.")
+@click.option("--stats-json", type=click.Path(path_type=Path), help="Write the figures as JSON.")
+def run(model, prompt, max_tokens, temperature, top_p, top_k, seed, stop, chat, dtype, stats, stats_json,
+        **engine):
+    """Generate text from MODEL (a bundle, an HF folder, a GGUF file; default: SmolLM2-135M-Instruct)."""
+    from flashinfer_local.runtime.engine import Engine
+    from flashinfer_local.runtime.rss import PeakRSS
+    from flashinfer_local.runtime.sampling import GenerationStats, SamplingParams
+    from flashinfer_local.workflows.resolve import resolve_model
+
+    opts = take_engine_options(engine)
+    sampling = SamplingParams(temperature, top_p, top_k, seed)
+    path = resolve_model(model, dtype=dtype, progress=sys.stderr.isatty())
+    with PeakRSS() as peak:
+        eng = Engine(path, opts)
+        st, text = None, []
+        for step in eng.generate(prompt, max_tokens=max_tokens, sampling=sampling, chat=chat, stop=stop):
+            click.echo(step.text, nl=False)
+            text.append(step.text)
+            st = step.stats
+        click.echo()
+    eng.close()
+    if st is None:
+        st = GenerationStats(prompt_tokens=len(eng.encode_prompt(prompt, chat)))
+    st.peak_rss_bytes = peak.peak
+    baseline = eng.runtime_baseline_bytes
+    out = {"model": str(path), "text": "".join(text), **st.to_dict(), "runtime_baseline_bytes": baseline,
+           "peak_rss_above_baseline_bytes": st.peak_rss_bytes - baseline}
+    if stats:
+        for line in _stats_lines(st, baseline, opts.dram_budget):
+            click.echo(line, err=True)
+    if stats_json:
+        _write(stats_json, json.dumps(out, indent=1))
+
+
+def _stats_lines(st, baseline: int, budget: int | None) -> list[str]:
+    lines = [f"prompt {st.prompt_tokens} tokens, {st.prefill_tokens_per_s:.1f} tok/s | generated "
+             f"{st.generated_tokens} tokens, {st.decode_tokens_per_s:.1f} tok/s | peak RSS "
+             f"{fmt_bytes(st.peak_rss_bytes)} ({fmt_bytes(st.peak_rss_bytes - baseline)} above the "
+             f"runtime's {fmt_bytes(baseline)})"]
+    x = st.extra
+    if x.get("offload") in ("window", "naive"):
+        ms = x["ms_per_token"]
+        lines.append(f"offload {x['offload']} ({x['selector']}), budget "
+                     f"{fmt_bytes(budget) if budget else 'unlimited'}: dense {fmt_bytes(x['dense_bytes'])}, "
+                     f"window cache {fmt_bytes(x['window_cache_bytes'])} ({x['cache_rows_per_layer']} "
+                     f"rows/layer), buffers {fmt_bytes(x['buffer_bytes'])}, KV {fmt_bytes(x['kv_cache_bytes'])}"
+                     f" | read {fmt_bytes(x['flash_bytes_per_token'])}/token in {x['read_ops']} reads of "
+                     f"{fmt_bytes(x['mean_read_bytes'])} | cache hit rate {100 * x['cache_hit_rate']:.1f}% | "
+                     f"ms/token: I/O wait {ms['io_wait']:.1f}, bookkeeping {ms['bookkeeping']:.1f}, "
+                     f"compute {ms['compute']:.1f}, selection {ms['selection']:.1f}")
+    return lines
+
+
+def _write(path: Path, text: str) -> None:
+    """Write a report file, turning an unwritable path into a one-line error."""
+    try:
+        path.write_text(text)
+    except OSError as e:
+        raise FlashinferError(f"cannot write {path}: {e.strerror or e}; choose another path") from None
+
+

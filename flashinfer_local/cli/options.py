@@ -1,0 +1,51 @@
+"""Click options derived from the declarations they stand for: ``EngineOptions`` for the engine,
+plus the sampling options `run` and `profile` share."""
+from __future__ import annotations
+
+import click
+
+from flashinfer_local.runtime.options import EngineOptions, cli_fields
+from flashinfer_local.units import parse_size
+
+
+def _click_type(f):
+    t = str(f.type)
+    if f.metadata["choices"]:
+        return click.Choice(list(f.metadata["choices"]))
+    if f.metadata["unit"] == "bytes":
+        return str                      # a size in real units, parsed by parse_size
+    return float if "float" in t else int if "int" in t else str
+
+
+def engine_options(fn):
+    """Add one click option per CLI field of EngineOptions (help, default and choices from it)."""
+    for f in reversed(cli_fields()):
+        default = f.default if f.metadata["unit"] != "bytes" or f.default is None else f"{f.default}B"
+        fn = click.option(EngineOptions.label(f.name), f.name, type=_click_type(f), default=default,
+                          show_default=default is not None, help=f.metadata["help"].replace("%", "%%"))(fn)
+    return fn
+
+
+def take_engine_options(kwargs: dict) -> EngineOptions:
+    """Remove the engine options from a command's keyword arguments -> EngineOptions."""
+    values = {}
+    for f in cli_fields():
+        v = kwargs.pop(f.name)
+        values[f.name] = parse_size(v) if f.metadata["unit"] == "bytes" and v is not None else v
+    return EngineOptions(**values)
+
+
+def sampling_options(fn):
+    for opt in reversed([
+            click.option("--temperature", default=0.7, show_default=True, help="0 is greedy."),
+            click.option("--top-p", default=0.95, show_default=True),
+            click.option("--top-k", default=40, show_default=True, help="0 turns it off.")]):
+        fn = opt(fn)
+    return fn
+
+
+def prompt_options(fn):
+    """--chat and --dtype: how the prompt is wrapped, how a checkpoint is converted on first use."""
+    fn = click.option("--dtype", type=click.Choice(["f32", "f16", "int8", "int4"]), default="f16",
+                      show_default=True, help="Precision used when MODEL is a checkpoint converted on first use.")(fn)
+    return click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")(fn)

@@ -1,0 +1,105 @@
+"""Every engine option, declared once: its default, unit, choices and help.
+
+The CLI's options (``cli.options``), ``profile`` and ``profile --sweep`` (which passes a run's options
+on to a child process) are derived from ``EngineOptions``, so a new option is added here and only here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+from storage.errors import FlashinferError
+from storage.window_cache import EVICT
+
+from flashinfer_local.runtime.budget import OFFLOAD_MODES
+from flashinfer_local.runtime.streaming import MAX_GAP_BYTES
+from flashinfer_local.units import fmt_bytes
+
+SELECTORS = ("all", "oracle", "predictor")
+PREDICTORS = ("lowrank", "threshold")
+
+
+def _opt(default, help: str, unit: str | None = None, choices: tuple | None = None, flag: str | None = None,
+         cli: bool = True):
+    """A field of EngineOptions: ``unit`` "bytes" is a size on the CLI (``2GiB``); ``flag`` the CLI
+    spelling when it is not the field's name with dashes; ``cli`` False keeps it off the CLI."""
+    return field(default=default, metadata={"help": help, "unit": unit, "choices": choices, "flag": flag,
+                                            "cli": cli})
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    threads: int | None = _opt(None, "Compute threads (default: all cores, at most 8).")
+    dram_budget: int | None = _opt(None, "DRAM the engine may hold for the model, e.g. 1.5GiB (default: no "
+                                   "limit). Smaller than the bundle: FFN records stream from the SSD.", unit="bytes")
+    offload: str | None = _opt(None, "none: all in DRAM; window: sliding-window cache of SSD records; naive: "
+                               "read every record every token. Default: none if the bundle fits the budget, "
+                               "else window.", choices=OFFLOAD_MODES)
+    window: int = _opt(4, "Tokens a neuron stays cached after its last use.")
+    io_threads: int = _opt(8, "Parallel SSD reads in flight.")
+    evict: str = _opt("recency", "What the window cache keeps when a token needs more neurons than fit: the "
+                      "most recently used (the paper's window), or the most often used ones.", choices=EVICT)
+    selector: str = _opt("all", "Which neurons a token computes. all: exact; predictor: what `calibrate` "
+                         "stored in the bundle; oracle: measuring tool (true top activations from dense "
+                         "weights held outside the budget), not for normal use.", choices=SELECTORS)
+    predictor: str | None = _opt(None, "Which calibrated predictor --selector predictor uses (default: "
+                                 "lowrank if the bundle has it, else threshold).", choices=PREDICTORS)
+    sparsity: float | None = _opt(None, "Share of neurons a token skips (default: the predictor's calibrated "
+                                  "default, at most 1% perplexity cost; the oracle: 0.5).")
+    context: int = _opt(2048, "Longest prompt + generation planned for (sizes the KV cache in the budget).")
+    direct: bool = _opt(True, "Read records with direct I/O (bypassing the page cache).", cli=False)
+    read_gap: int = _opt(MAX_GAP_BYTES, "Read through gaps of up to this many bytes between wanted records "
+                         "rather than issue another request.", unit="bytes", cli=False)
+
+    def __post_init__(self):
+        for f in fields(self):
+            v, choices = getattr(self, f.name), f.metadata["choices"]
+            if choices and v is not None and v not in choices:
+                raise FlashinferError(f"{self.label(f.name)} {v} is not known (choose {', '.join(choices)})")
+        at_least_one = {"window": "token", "io_threads": "read", "context": "token", "threads": "thread"}
+        for name, unit in at_least_one.items():
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise FlashinferError(f"{self.label(name)} {v} must be at least 1 {unit}")
+        if self.dram_budget is not None and self.dram_budget <= 0:
+            raise FlashinferError(f"{self.label('dram_budget')} {self.dram_budget} must be a positive size, "
+                                  "e.g. 2GiB")
+        if self.read_gap < 0:
+            raise FlashinferError(f"read_gap {self.read_gap} must be >= 0 bytes")
+
+    @staticmethod
+    def label(name: str) -> str:
+        """How an option is named in messages (its CLI flag)."""
+        f = next(f for f in fields(EngineOptions) if f.name == name)
+        return f.metadata["flag"] or "--" + name.replace("_", "-")
+
+    @classmethod
+    def of(cls, options: EngineOptions | dict | None = None, **overrides) -> EngineOptions:
+        """Options from an EngineOptions, a dict of field values, or the defaults, with overrides."""
+        if isinstance(options, EngineOptions):
+            return replace(options, **overrides) if overrides else options
+        values = {**(options or {}), **overrides}
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+    def to_argv(self, skip: tuple[str, ...] = ()) -> list[str]:
+        """CLI arguments that reproduce these options (those that differ from the defaults)."""
+        argv = []
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if not f.metadata["cli"] or f.name in skip or v == f.default or v is None:
+                continue
+            argv += [self.label(f.name), f"{v}B" if f.metadata["unit"] == "bytes" else str(v)]
+        return argv
+
+    def describe(self) -> dict:
+        """Field values with sizes in real units (for reports)."""
+        return {f.name: (fmt_bytes(getattr(self, f.name)) if f.metadata["unit"] == "bytes"
+                         and getattr(self, f.name) is not None else getattr(self, f.name)) for f in fields(self)}
+
+
+def cli_fields():
+    """The options the CLI shows, in declaration order (``cli.options`` turns them into click options)."""
+    return [f for f in fields(EngineOptions) if f.metadata["cli"]]
+

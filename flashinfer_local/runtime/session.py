@@ -1,0 +1,162 @@
+"""A generation session: a KV cache and its position, kept across calls.
+
+``append(tokens)`` runs one forward over T tokens and returns the logits of each; ``rollback(pos)``
+forgets everything from ``pos`` on (the keys and values there are overwritten by the next append);
+``generate`` samples a continuation, reusing the cache for the part of a new prompt that matches
+what the session already holds (a chat's earlier turns are not computed again). Speculative
+decoding verifies drafted tokens with ``append`` and rolls back the rejected ones.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import torch
+
+from storage.errors import FlashinferError
+
+from flashinfer_local.runtime.rss import PeakRSS
+from flashinfer_local.runtime.sampling import GenerationStats, Sampler, SamplingParams, Step
+from flashinfer_local.runtime.tokenizer import IncrementalDecoder
+
+FIRST_CAPACITY = 256       # tokens a session's cache starts with when no capacity is given
+
+
+class StopStrings:
+    """Finds the first stop string in generated text, holding back any tail that may start one."""
+
+    def __init__(self, stops):
+        self.stops = [s for s in (stops or ()) if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """New text -> (text safe to emit, whether a stop string was reached: emit, then end)."""
+        if not self.stops:
+            return text, False
+        buf = self.pending + text
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.pending = ""
+            return buf[:min(hits)], True
+        keep = 0          # the longest tail of buf that is a prefix of some stop string
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(buf)), keep, -1):
+                if buf.endswith(s[:k]):
+                    keep = k
+                    break
+        self.pending = buf[len(buf) - keep:]
+        return buf[:len(buf) - keep], False
+
+    def flush(self) -> str:
+        p, self.pending = self.pending, ""
+        return p
+
+
+class Session:
+    """A KV cache and the tokens in it, on one engine. ``capacity`` (tokens) sizes the cache up
+    front; without it the cache starts small and doubles as needed, up to the engine's limit."""
+
+    def __init__(self, engine, capacity: int | None = None):
+        self.engine = engine
+        self.tokens: list[int] = []          # what the cache holds, in order
+        first = capacity if capacity is not None else min(FIRST_CAPACITY, engine.kv_limit)
+        self.cache = engine.new_cache(first)
+
+    @property
+    def pos(self) -> int:
+        return len(self.tokens)
+
+    def reserve(self, n: int) -> None:
+        """Make room for ``n`` tokens in all (a clear error past the engine's context)."""
+        if n <= self.cache.capacity:
+            return
+        grown = self.engine.new_cache(min(max(n, 2 * self.cache.capacity), self.engine.kv_limit)
+                                      if n <= self.engine.kv_limit else n)
+        grown.copy_from(self.cache, self.pos)
+        self.cache = grown
+
+    def append(self, tokens, last_only: bool = False) -> torch.Tensor:
+        """Run ``tokens`` [T] after what the session holds -> logits [T, vocab] (``last_only``: [1, vocab])."""
+        ids = [int(t) for t in tokens]
+        if not ids:
+            raise FlashinferError("append needs at least one token")
+        self.reserve(self.pos + len(ids))
+        logits = self.engine.forward(torch.tensor(ids), self.pos, self.cache, last_only)
+        self.tokens += ids
+        return logits
+
+    def rollback(self, pos: int) -> None:
+        """Forget the tokens from position ``pos`` on."""
+        if not 0 <= pos <= self.pos:
+            raise FlashinferError(f"rollback to {pos}: the session holds {self.pos} tokens")
+        del self.tokens[pos:]
+
+    def prefill(self, ids: list[int]) -> torch.Tensor:
+        """Make the session hold exactly ``ids``, computing only what differs from what it holds
+        -> the logits [vocab] after the last id."""
+        common = 0
+        for a, b in zip(self.tokens, ids):
+            if a != b:
+                break
+            common += 1
+        self.rollback(min(common, len(ids) - 1))        # the last id is always run: its logits
+        return self.append(ids[self.pos:], last_only=True)[-1]
+
+    def generate(self, prompt, max_tokens: int = 128, sampling: SamplingParams | None = None,
+                 stop_at_eos: bool = True, stop=(), chat: bool = False) -> Iterator[Step]:
+        """Prefill ``prompt`` (text, chat messages or ids) then sample up to ``max_tokens``; yields
+        a :class:`Step` per token. Ends at a stop string (its text is not emitted), at an
+        end-of-sequence token, or at ``max_tokens`` (``stats.finish_reason``: stop, eos, length).
+        Text still held back when an end-of-sequence token ends it comes in one last step that
+        carries that token."""
+        eng = self.engine
+        ids = eng.encode_prompt(prompt, chat)
+        if not ids:
+            raise FlashinferError("the prompt is empty: give some text")
+        if max_tokens < 0:
+            raise FlashinferError(f"max_tokens {max_tokens} must be at least 0")
+        self.reserve(len(ids) + max_tokens)                      # refuse before any work
+        sampler = Sampler(sampling or SamplingParams())
+        eos = eng.tokenizer.eos_token_ids if stop_at_eos else frozenset()
+        detok = IncrementalDecoder(eng.tokenizer) if eng.tokenizer.available else None
+        stops = StopStrings(stop)
+        st = GenerationStats(prompt_tokens=len(ids))
+        with PeakRSS() as peak, torch.inference_mode():
+            t0 = time.perf_counter()
+            logits = self.prefill(ids)
+            st.prefill_s = time.perf_counter() - t0
+            after_prefill = eng.counters()
+            for n in range(max_tokens):
+                if n:
+                    t = time.perf_counter()
+                    logits = self.append([tok], last_only=True)[-1]
+                    st.decode_s += time.perf_counter() - t
+                    st.decode_steps += 1
+                sample = sampler(logits)
+                tok = sample.token
+                if tok in eos:
+                    st.finish_reason = "eos"
+                    rest = (detok.flush() if detok else "") + stops.flush()
+                    if rest:
+                        yield self._step(tok, rest, st, peak, after_prefill, sample, "eos")
+                    return
+                st.token_ids.append(tok)
+                st.generated_tokens = len(st.token_ids)
+                text, hit = stops.feed(detok.add(tok) if detok else "")
+                if not hit and n == max_tokens - 1:                       # the last token: flush
+                    tail, hit = stops.feed(detok.flush() if detok else "")
+                    text += tail if hit else tail + stops.flush()
+                    st.finish_reason = "length"
+                if hit:
+                    st.finish_reason = "stop"
+                yield self._step(tok, text, st, peak, after_prefill, sample, st.finish_reason)
+                if hit:
+                    return
+        if st.finish_reason is None:
+            st.finish_reason = "length"                                 # max_tokens == 0
+
+    def _step(self, tok, text, st, peak, after_prefill, sample, finish) -> Step:
+        peak.sample()
+        st.peak_rss_bytes = peak.peak
+        st.extra = self.engine.stats(after_prefill, self.engine.counters(), st.decode_steps, self.cache.nbytes)
+        return Step(tok, text, st, finish, sample)
