@@ -118,3 +118,40 @@ def test_missing_gguf_tensor_is_one_line_error(tmp_path):
     r = cli("convert", path, tmp_path / "out")
     one_line_error(r, "ffn_up")
     assert not (tmp_path / "out").exists()
+
+
+def test_engine_options_are_declared_once():
+    """Every CLI engine option comes from EngineOptions, and a run's options survive the trip
+    through to_argv (how --sweep passes them to its child processes) and back through click."""
+    import click
+
+    from flashinfer_local.cli.options import engine_options, take_engine_options
+    from flashinfer_local.runtime.options import EngineOptions, cli_fields
+    got = {}
+
+    @click.command()
+    @engine_options
+    def probe(**kw):
+        got["opts"] = take_engine_options(kw)
+
+    names = {p.name for p in probe.params}
+    assert names == {f.name for f in cli_fields()}
+    for cmd in ("run", "profile"):
+        assert names <= {p.name for p in main.commands[cmd].params}, cmd
+    opts = EngineOptions(threads=2, dram_budget=3 << 30, offload="window", window=2, io_threads=4,
+                         evict="frequency", selector="oracle", sparsity=0.25, context=512)
+    r = CliRunner().invoke(probe, opts.to_argv())
+    assert r.exit_code == 0, r.output
+    assert got["opts"] == opts
+    r = CliRunner().invoke(probe, [])
+    assert got["opts"] == EngineOptions()
+
+
+def test_bad_counts_and_unwritable_paths_are_one_line_errors(tiny_bundle, tmp_path):
+    path = tiny_bundle("llama", "f32")
+    r = cli("run", path, "-p", "hi", "-n", "-3")
+    assert r.exit_code == 2 and "-3" in r.output and "Traceback" not in r.output, r.output
+    r = cli("run", path, "-p", "hi", "-n", "2", "--stats-json", tmp_path / "missing" / "s.json")
+    one_line_error(r, "cannot write", "missing")                # refused before generating
+    one_line_error(cli("run", path, "-p", "hi", "--window", "0"), "--window 0 must be at least 1")
+    one_line_error(cli("run", path, "-p", "hi", "--dram-budget", "12 apples"))

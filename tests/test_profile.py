@@ -186,3 +186,17 @@ def test_owner_arrays_cover_what_the_backends_report(tiny_bundle):
     assert sum(a.nbytes for a in _arrays(w)) == w.nbytes
     k = RecordKernel(b.layout, "f16", b.config.d_model)
     assert sum(a.nbytes for a in _arrays(k)) == k.nbytes
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_quantized_all_in_dram_attribution(smollm_bundle, dtype):
+    """int8/int4 records in DRAM: the records, the int8 down matrices and their scratch are all
+    attributed (an owner the profile missed would land in "other", past the tolerance)."""
+    path = smollm_bundle(dtype)
+    d = _profile(path, n=3, offload="none")
+    _check_attribution(d)
+    last, f = d["snapshots"][-1], d["facts"]
+    assert f["offload"] == "none"
+    assert last["owners"]["ffn_dram"] == f["planned"]["ffn_dram_bytes"] == f["plan"]["ffn_dram_bytes"]
+    assert last["owners"]["buffers"] <= f["planned"]["buffer_bytes"] == f["plan"]["buffer_bytes"]
+    assert last["owners"]["window"] == 0

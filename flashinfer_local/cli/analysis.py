@@ -9,7 +9,7 @@ import click
 
 from storage.errors import FlashinferError
 
-from flashinfer_local.cli.app import _write, main
+from flashinfer_local.cli.app import _writable, _write, main
 from flashinfer_local.cli.options import engine_options, prompt_options, sampling_options, take_engine_options
 from flashinfer_local.units import fmt_bytes
 
@@ -144,6 +144,7 @@ def estimate(model, context, dram_budget, as_json):
 def calibrate(bundle, corpus, tokens, target_sparsity, predictor, rank, recall_target, max_ppl_increase, seed,
               threads, json_out):
     """Fit a sparsity predictor for BUNDLE on real text and store it in the bundle (atomically)."""
+    _writable(json_out)
     from flashinfer_local.workflows.calibrate import calibrate as do_calibrate
     rep = do_calibrate(bundle, predictor, list(corpus) or None, tokens, target_sparsity, rank, recall_target,
                        seed, max_ppl_increase, progress=sys.stderr.isatty(), threads=threads)
@@ -191,6 +192,8 @@ def _calibrate_lines(rep: dict) -> list[str]:
 def eval_cmd(bundle, corpus, tokens, sparsities, predictor, gen_tokens, threads, json_out, plot):
     """Measure what a calibrated predictor costs in quality: perplexity on held-out text and greedy
     agreement with the exact model, per sparsity setting."""
+    _writable(json_out)
+    _writable(plot)
     from flashinfer_local.measure.evaluate import evaluate, held_out_ids
     from flashinfer_local.runtime.engine import Engine
     eng = Engine(bundle, threads=threads, offload="none", selector="predictor", predictor=predictor)

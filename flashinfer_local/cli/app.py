@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -161,6 +162,7 @@ def run(model, prompt, max_tokens, temperature, top_p, top_k, seed, stop, chat, 
 
     opts = take_engine_options(engine)
     sampling = SamplingParams(temperature, top_p, top_k, seed)
+    _writable(stats_json)
     path = resolve_model(model, dtype=dtype, progress=sys.stderr.isatty())
     with PeakRSS() as peak:
         eng = Engine(path, opts)
@@ -201,6 +203,16 @@ def _stats_lines(st, baseline: int, budget: int | None) -> list[str]:
                      f"ms/token: I/O wait {ms['io_wait']:.1f}, bookkeeping {ms['bookkeeping']:.1f}, "
                      f"compute {ms['compute']:.1f}, selection {ms['selection']:.1f}")
     return lines
+
+
+def _writable(path: Path | None) -> None:
+    """Refuse an output file that cannot be written before any work is done."""
+    if path is None:
+        return
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir() or not os.access(parent, os.W_OK) or path.is_dir():
+        why = "is a folder" if path.is_dir() else f"its folder {parent} does not exist or is not writable"
+        raise FlashinferError(f"cannot write {path}: {why}; choose another path")
 
 
 def _write(path: Path, text: str) -> None:

@@ -197,9 +197,12 @@ def predictor_bytes(bundle: Bundle, kind: str | None) -> int:
     """DRAM a PredictorSelector of this bundle will hold, known before it is loaded."""
     cfg = bundle.config
     kind = kind or default_predictor(bundle.path)
-    if kind == "threshold":        # int8 codes + f16 scales per 32, else f16 (+ f32 bias for ReLU models)
-        row = cfg.d_model + cfg.d_model // 16 if cfg.d_model % 32 == 0 else 2 * cfg.d_model
-        return cfg.n_layers * cfg.d_ff * (row + (0 if cfg.gated else 4))
+    if kind == "threshold":        # int8 codes + f16 scales per 32 (and the matrix's decode scratch),
+        if cfg.d_model % 32 == 0:  # else f16; + an f32 bias for ReLU models
+            layer = cfg.d_ff * (cfg.d_model + cfg.d_model // 16) + QuantMatrix.scratch_bytes(cfg.d_ff, cfg.d_model)
+        else:
+            layer = cfg.d_ff * 2 * cfg.d_model
+        return cfg.n_layers * (layer + (0 if cfg.gated else 4 * cfg.d_ff))
     return store.file_tensor_bytes(bundle.path, kind) if store.predictor_path(bundle.path, kind).exists() else 0
 
 
