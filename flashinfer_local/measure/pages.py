@@ -69,6 +69,17 @@ class PageMap:
         return self.resident(a.__array_interface__["data"][0], a.nbytes)
 
 
+def release_freed_memory() -> None:
+    """Collect garbage and hand freed heap memory back to the OS (glibc ``malloc_trim``), so that
+    memory earlier work freed is not still counted in a baseline RSS and returned mid-measurement."""
+    import gc
+    gc.collect()
+    try:
+        _c().malloc_trim(0)
+    except AttributeError:           # not glibc
+        pass
+
+
 def resident_bytes(addr: int, nbytes: int) -> int:
     """Bytes of this process's memory [addr, addr + nbytes) that are resident (see PageMap)."""
     with PageMap() as pm:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from flashinfer_local.measure.pages import PageMap, page_cache_bytes
+from flashinfer_local.measure.pages import PageMap, page_cache_bytes, release_freed_memory
 from flashinfer_local.runtime.rss import PeakRSS
 from flashinfer_local.units import fmt_bytes
 
@@ -154,6 +154,7 @@ def profile_generation(path: Path, engine_options: dict, prompt: str, max_tokens
     prof = Profile(model=str(path), options={**opts.describe(), "prompt": prompt, "max_tokens": max_tokens,
                                              "chat": chat})
     prof.page_cache["before"] = bundle_page_cache(path)
+    release_freed_memory()     # what earlier work freed must not be returned inside the run
     snaps = []
     with RSSRecorder(period, probe_period) as rec:
         t_load = rec.now()
