@@ -27,8 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flashinfer_local.runtime.engine import Engine  # noqa: E402
-from flashinfer_local.workflows.fetch import models_dir  # noqa: E402
 from flashinfer_local.runtime.sampling import SamplingParams  # noqa: E402
+from flashinfer_local.workflows.fetch import models_dir  # noqa: E402
 from storage.convert import convert  # noqa: E402
 
 FILES = {"smollm2-135m": "SmolLM2-135M-Instruct.Q4_1.gguf",
