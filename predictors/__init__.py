@@ -1,2 +1,3 @@
-"""Sparsity predictors (which FFN neurons a token needs) and their training. Filled by later work;
-imports nothing from ``flashinfer_local``."""
+"""Sparsity predictors (which FFN neurons a token needs) and their training: calibration
+statistics, the low-rank predictor, and the predictor files stored in a bundle. Imports nothing
+from ``flashinfer_local``."""

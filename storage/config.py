@@ -75,9 +75,14 @@ class ModelConfig:
         """OPT's learned position table starts at index 2 (a quirk of its training code)."""
         return 2 if self.arch == "opt" else 0
 
+    def kv_layer_bytes_per_token(self, itemsize: int = 4) -> list[int]:
+        """Bytes of key+value cache one token costs in each layer (by that layer's key/value heads):
+        the one formula the KV cache's size is computed from."""
+        return [2 * kv * self.head_dim * itemsize for kv in self.n_kv_heads]
+
     def kv_bytes_per_token(self, itemsize: int = 4) -> int:
         """Bytes of key+value cache one token costs across all layers."""
-        return sum(2 * kv * self.head_dim * itemsize for kv in self.n_kv_heads)
+        return sum(self.kv_layer_bytes_per_token(itemsize))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -1,4 +1,5 @@
-"""The bundle format, version 1: the one place that says what is on disk.
+"""The bundle format, version 2 (``FORMAT_VERSION``; version 1 is still read): the one place that
+says what is on disk.
 
 A bundle is a directory::
 

@@ -1,6 +1,5 @@
 """Each architecture, tiny and random, against transformers on the same checkpoint."""
 import pytest
-import torch
 
 from flashinfer_local.runtime.engine import Engine
 from flashinfer_local.runtime.sampling import SamplingParams

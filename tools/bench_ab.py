@@ -63,7 +63,8 @@ def main():
         med = {s: statistics.median(v["tps"] for v in res[s][row]) for s in res if row in res[s]}
         byt = {s: statistics.median(v["bytes"] for v in res[s][row]) for s in res
                if row in res[s] and "bytes" in res[s][row][0]}
-        rows.append({"row": row, "median_tps": med, "median_bytes_per_token": byt, "runs": {s: res[s].get(row) for s in res}})
+        rows.append({"row": row, "median_tps": med, "median_bytes_per_token": byt,
+                     "runs": {s: res[s].get(row) for s in res}})
         ratio = med["new"] / med["old"] if med.get("old") else float("nan")
         b = [f"{byt[s] / 2**20:.1f} MiB" if s in byt else "-" for s in ("old", "new")]
         print(f"| {row} | {med.get('old', float('nan')):.2f} | {med['new']:.2f} | {ratio:.3f} | {b[0]} | {b[1]} |")

@@ -10,18 +10,13 @@ import click
 from storage.errors import FlashinferError
 
 from flashinfer_local.cli.app import _writable, _write, main
-from flashinfer_local.cli.options import engine_options, prompt_options, sampling_options, take_engine_options
+from flashinfer_local.cli.options import engine_options, generation_options, prompt_options, take_engine_options
 from flashinfer_local.units import fmt_bytes
 
 
 @main.command()
 @click.argument("model", required=False)
-@click.option("-p", "--prompt", required=True, help="Prompt text.")
-@click.option("-n", "--max-tokens", type=click.IntRange(min=0), default=64, show_default=True,
-              help="Tokens to generate at most.")
-@sampling_options
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Random seed (fixed by default, so sweep rows generate the same tokens).")
+@generation_options(64, 0, "Random seed (fixed by default, so sweep rows generate the same tokens).")
 @prompt_options
 @engine_options
 @click.option("--out", type=click.Path(path_type=Path), default=None,
@@ -130,10 +125,12 @@ def estimate(model, context, dram_budget, as_json):
 @click.option("--target-sparsity", default=0.5, show_default=True,
               help="Share of neurons counted inactive when training and reporting recall.")
 @click.option("--predictor", type=click.Choice(["lowrank", "threshold"]), default="lowrank", show_default=True,
-              help="lowrank: trained sigma(B(A x)) per layer, small; threshold: exact gate from gate rows "
-              "held in DRAM (a third of the FFN) and a calibrated cutoff.")
+              help="lowrank: a rank-r stand-in B(A x) for the gate per layer (data-aware SVD, then "
+              "fine-tuned), small; threshold: the exact gate from gate rows held in DRAM (a third of the "
+              "FFN). Both keep the neurons whose |silu(gate)| passes a calibrated cutoff.")
 @click.option("--rank", type=int, default=None, help="lowrank: fixed rank for every layer (default: per "
-              "layer, the smallest of 16..512 reaching --recall).")
+              "layer, the smallest of 32, 64, 128, 256, 512 reaching --recall, capped where the factors "
+              "would take a quarter of the gate rows' bytes).")
 @click.option("--recall", "recall_target", default=0.95, show_default=True,
               help="lowrank: share of the active neurons' activation mass the predictor must keep.")
 @click.option("--max-ppl-increase", default=0.01, show_default=True,

@@ -12,7 +12,7 @@ import click
 
 from storage.errors import FlashinferError
 
-from flashinfer_local.cli.options import engine_options, prompt_options, sampling_options, take_engine_options
+from flashinfer_local.cli.options import engine_options, generation_options, prompt_options, take_engine_options
 from flashinfer_local.units import fmt_bytes
 
 
@@ -142,11 +142,7 @@ def _predictor_lines(b) -> list[str]:
 
 @main.command()
 @click.argument("model", required=False)
-@click.option("-p", "--prompt", required=True, help="Prompt text.")
-@click.option("-n", "--max-tokens", type=click.IntRange(min=0), default=128, show_default=True,
-              help="Tokens to generate at most.")
-@sampling_options
-@click.option("--seed", type=int, default=None, help="Random seed for sampling.")
+@generation_options(128, None, "Random seed for sampling.")
 @click.option("--stop", multiple=True, help="Stop when the text reaches this string (repeatable; not printed).")
 @prompt_options
 @engine_options

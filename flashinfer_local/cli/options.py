@@ -49,3 +49,14 @@ def prompt_options(fn):
     fn = click.option("--dtype", type=click.Choice(["f32", "f16", "int8", "int4"]), default="f16",
                       show_default=True, help="Precision used when MODEL is a checkpoint converted on first use.")(fn)
     return click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")(fn)
+
+
+def generation_options(max_tokens: int, seed: int | None, seed_help: str):
+    """-p/--prompt, -n/--max-tokens, the sampling options and --seed (defaults differ per command)."""
+    def apply(fn):
+        fn = click.option("--seed", type=int, default=seed, show_default=seed is not None, help=seed_help)(fn)
+        fn = sampling_options(fn)
+        fn = click.option("-n", "--max-tokens", type=click.IntRange(min=0), default=max_tokens, show_default=True,
+                          help="Tokens to generate at most.")(fn)
+        return click.option("-p", "--prompt", required=True, help="Prompt text.")(fn)
+    return apply

@@ -3,8 +3,8 @@
 Per bundle precision: the files ``convert`` would write (their exact sizes: the safetensors
 headers are computed from the same specs the converter declares), the dense part, the FFN record
 size, and the smallest ``--dram-budget`` that runs: the functions of ``runtime.budget`` the engine's
-plan calls, given sizes computed from the config (``budget.Sizes``). The KV cache per token and at ``context`` tokens follows each layer's
-own key/value heads (variable GQA). Given a budget, says whether the model runs all in DRAM,
+plan calls, given sizes computed from the config (``budget.Sizes``). The KV cache per token and at
+``context`` tokens follows each layer's own key/value heads (variable GQA). Given a budget, says whether the model runs all in DRAM,
 streams (and what share of the FFN the window cache holds), or does not fit.
 """
 from __future__ import annotations
@@ -75,7 +75,7 @@ def kv_cache(cfg: ModelConfig, tokens: int) -> dict:
             "rope_tables_bytes": budget_mod.rope_table_bytes(cfg, tokens)}
 
 
-def minimum_budget(cfg: ModelConfig, sizes: dict, context: int) -> dict:
+def budget_parts(cfg: ModelConfig, sizes: dict, context: int) -> dict:
     """The smallest --dram-budget that runs, and its parts as ``budget.plan_budget`` counts them:
     the streaming minimum or, for a model smaller than the streaming buffers, the all-in-DRAM size."""
     plan = budget_mod.plan_budget(_sizes(cfg, sizes), None, context, "naive")
@@ -118,7 +118,7 @@ def estimate(cfg: ModelConfig, context: int = 2048, budget: int | None = None,
             sizes = bundle_bytes(cfg, dtype, tokenizer_bytes)
         except ValueError:            # int8/int4 need d_model divisible by the group size
             continue
-        minimum = {**minimum_budget(cfg, sizes, context), "context": context}
+        minimum = {**budget_parts(cfg, sizes, context), "context": context}
         r = {**{k: v for k, v in sizes.items() if k not in ("layout", "dtype")}, "minimum_budget": minimum}
         if budget is not None:
             r["verdict"] = verdict(cfg, sizes, minimum, budget)

@@ -100,7 +100,7 @@ class BudgetPlan:
 def kv_layer_bytes(cfg: ModelConfig, tokens: int) -> list[int]:
     """Keys + values of each layer at ``tokens`` tokens (f32, by that layer's key/value heads):
     what ``models.common.KVCache`` allocates."""
-    return [tokens * 2 * kv * cfg.head_dim * 4 for kv in cfg.n_kv_heads]
+    return [tokens * b for b in cfg.kv_layer_bytes_per_token(4)]
 
 
 def rope_table_bytes(cfg: ModelConfig, tokens: int) -> int:

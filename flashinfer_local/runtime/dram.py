@@ -102,7 +102,23 @@ class RecordCompute:
             out.addmm_(h, f["down"])
 
 
-class RecordFFN:
+class _InDRAM:
+    """What the all-in-DRAM backends share: no reads, no cache, nothing to close."""
+
+    def counters(self) -> FFNCounters:
+        return FFNCounters()
+
+    def cache_rows(self) -> list[int]:
+        return []
+
+    def start_token(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class RecordFFN(_InDRAM):
     """Every record of every layer held in DRAM as records (the all-in-memory mode for int8/int4
     bundles: computing on the quantized records is what makes them fast and small).
 
@@ -134,18 +150,6 @@ class RecordFFN:
         qm = [a for m in self.down for a in (m.codes, m.scales16)]
         scratch = [a for m in self.down for a in m.scratch_arrays()]
         return {"ffn_dram": self.records + qm, "buffers": self.compute.arrays() + [self.h] + scratch}
-
-    def counters(self) -> FFNCounters:
-        return FFNCounters()
-
-    def cache_rows(self) -> list[int]:
-        return []
-
-    def start_token(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
     def __call__(self, layer: int, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         # x [T, d] -> [T, d]; mask [T, d_ff] or None
@@ -188,7 +192,7 @@ def make_dram_ffn(bundle: Bundle):
     return (DenseFFN if bundle.ffn_dtype in fmt.DTYPES else RecordFFN)(bundle)
 
 
-class DenseFFN:
+class DenseFFN(_InDRAM):
     """Every record of every layer held in DRAM, in the bundle's precision (the all-in-memory mode).
 
     Records are split once at load into contiguous per-field matrices in the orientation BLAS
@@ -214,18 +218,6 @@ class DenseFFN:
 
     def resident(self) -> dict[str, list]:
         return {"ffn_dram": self.gate + self.up + self.down + self.up_bias, "buffers": []}
-
-    def counters(self) -> FFNCounters:
-        return FFNCounters()
-
-    def cache_rows(self) -> list[int]:
-        return []
-
-    def start_token(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
     def __call__(self, layer: int, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         # x [T, d] -> [T, d]; mask [T, d_ff] or None

@@ -126,6 +126,7 @@ class Session:
             logits = self.prefill(ids)
             st.prefill_s = time.perf_counter() - t0
             after_prefill = eng.counters()
+            tok = None                          # the token sampled last: run at the next step
             for n in range(max_tokens):
                 if n:
                     t = time.perf_counter()
