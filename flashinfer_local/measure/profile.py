@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -151,7 +151,7 @@ def profile_generation(path: Path, engine_options: dict, prompt: str, max_tokens
     from flashinfer_local.runtime.engine import Engine
     from flashinfer_local.runtime.options import EngineOptions
     opts = EngineOptions.of(engine_options)
-    prof = Profile(model=str(path), options={**opts.describe(), "prompt": prompt, "max_tokens": max_tokens,
+    prof = Profile(model=str(path), options={**asdict(opts), "prompt": prompt, "max_tokens": max_tokens,
                                              "chat": chat})
     prof.page_cache["before"] = bundle_page_cache(path)
     release_freed_memory()     # what earlier work freed must not be returned inside the run

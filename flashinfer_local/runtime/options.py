@@ -12,7 +12,6 @@ from storage.window_cache import EVICT
 
 from flashinfer_local.runtime.budget import OFFLOAD_MODES
 from flashinfer_local.runtime.streaming import MAX_GAP_BYTES
-from flashinfer_local.units import fmt_bytes
 
 SELECTORS = ("all", "oracle", "predictor")
 PREDICTORS = ("lowrank", "threshold")
@@ -92,11 +91,6 @@ class EngineOptions:
                 continue
             argv += [self.label(f.name), f"{v}B" if f.metadata["unit"] == "bytes" else str(v)]
         return argv
-
-    def describe(self) -> dict:
-        """Field values with sizes in real units (for reports)."""
-        return {f.name: (fmt_bytes(getattr(self, f.name)) if f.metadata["unit"] == "bytes"
-                         and getattr(self, f.name) is not None else getattr(self, f.name)) for f in fields(self)}
 
 
 def cli_fields():

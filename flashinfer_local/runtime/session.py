@@ -136,10 +136,11 @@ class Session:
                 sample = sampler(logits)
                 tok = sample.token
                 if tok in eos:
-                    st.finish_reason = "eos"
-                    rest = (detok.flush() if detok else "") + stops.flush()
+                    tail, hit = stops.feed(detok.flush() if detok else "")
+                    st.finish_reason = "stop" if hit else "eos"
+                    rest = tail if hit else tail + stops.flush()
                     if rest:
-                        yield self._step(tok, rest, st, peak, after_prefill, sample, "eos")
+                        yield self._step(tok, rest, st, peak, after_prefill, sample, st.finish_reason)
                     return
                 st.token_ids.append(tok)
                 st.generated_tokens = len(st.token_ids)
