@@ -3,13 +3,15 @@
 A sampler thread records this process's RSS every few ms while the engine loads, prefills and
 decodes (the three phases, marked by timing around ``Engine(...)`` and the first yielded token).
 At the end of loading and after every token a snapshot attributes the RSS to owners, each measured
-as the pages it really has resident (``memory.resident_bytes``, /proc/self/pagemap), not as planned:
+as the pages it really has resident (``measure.pages.PageMap``, /proc/self/pagemap), not as planned,
+over the arrays the engine itself reports (``Engine.resident_arrays``):
 
     runtime     RSS before the model was opened (interpreter, torch, numba): ``runtime_baseline_bytes``
     dense       the memory-mapped dense.safetensors (copy-on-write map; pages load on first use)
-    ffn_dram    every FFN record in DRAM (offload none)
+    ffn_dram    every FFN record in DRAM (offload none; int8/int4: the records' gate/up part and the
+                int8 down matrices)
     window      the window caches' record rows and bookkeeping arrays (rows load as they fill)
-    buffers     read scratch and the decode kernel's per-thread scratch
+    buffers     the backend's read and compute scratch
     kv_cache    the KV cache as allocated (per layer, by its key/value heads) and the rotary tables
     selector    the selector's own weights (oracle); counted whole
     other       measured RSS minus all of the above: tokenizer, activations, allocator slack
@@ -140,10 +142,11 @@ def _counters(eng) -> dict:
     return {"flash_bytes_read": c.flash_bytes_read, "read_ops": c.read_ops, "hits": c.hits, "lookups": c.lookups}
 
 
-def profile_generation(path: Path, engine_options: dict, prompt: str, max_tokens: int, sampling=None,
+def profile_generation(path: Path, engine_options, prompt: str, max_tokens: int, sampling=None,
                        chat: bool = False, on_text=None, period: float = 0.005,
                        probe_period: float = 0.1) -> Profile:
-    """Load the bundle at ``path`` with ``Engine(path, **engine_options)``, generate, and record.
+    """Load the bundle at ``path`` with ``Engine(path, engine_options)`` (an EngineOptions or a
+    dict of its fields), generate, and record.
 
     RSS is sampled every ``period`` s; owners are measured after loading, after every token and
     every ``probe_period`` s in between. ``on_text(str)`` receives the text as it is generated.
