@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from storage.config import ModelConfig
-from storage.errors import BundleError, FlashinferError
+from storage.errors import BundleError, FlashinferError, OptionError
 
 FORMAT_VERSION = 1
 KINDS = ("threshold", "lowrank")
@@ -39,7 +39,7 @@ def grid_index(sparsity: float) -> int:
 
 def predictor_path(bundle_dir: Path, kind: str) -> Path:
     if kind not in KINDS:
-        raise FlashinferError(f"--predictor {kind} is not known (choose {' or '.join(KINDS)})")
+        raise OptionError("predictor", f"{kind} is not known (choose {' or '.join(KINDS)})")
     return Path(bundle_dir) / f"predictor-{kind}.safetensors"
 
 

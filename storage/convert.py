@@ -20,7 +20,7 @@ import numpy as np
 from . import format as fmt
 from . import quant
 from .config import ModelConfig
-from .errors import CheckpointError, FlashinferError
+from .errors import CheckpointError, FlashinferError, OptionError
 from .source import Source, open_source
 from .st_writer import SafetensorsWriter
 
@@ -215,7 +215,7 @@ def convert(src_path: str | Path | Source, out: str | Path, dtype: str = "f16", 
     """Convert a checkpoint (HF folder or GGUF file, or an open :class:`Source`) into a bundle
     directory at ``out``."""
     if dtype not in fmt.FFN_DTYPES:
-        raise FlashinferError(f"--dtype {dtype} is not supported (choose one of: {', '.join(fmt.FFN_DTYPES)})")
+        raise OptionError("dtype", f"{dtype} is not supported (choose one of: {', '.join(fmt.FFN_DTYPES)})")
     out = Path(out).absolute()
     if out.exists() and not force:
         raise FlashinferError(f"{out} already exists; pass --force to replace it")

@@ -154,4 +154,17 @@ def test_bad_counts_and_unwritable_paths_are_one_line_errors(tiny_bundle, tmp_pa
     r = cli("run", path, "-p", "hi", "-n", "2", "--stats-json", tmp_path / "missing" / "s.json")
     one_line_error(r, "cannot write", "missing")                # refused before generating
     one_line_error(cli("run", path, "-p", "hi", "--window", "0"), "--window 0 must be at least 1")
+    # the library's error speaks of arguments, the CLI's of flags
+    one_line_error(cli("run", path, "-p", "hi", "-n", "100", "--context", "16", "--dram-budget", "1GiB"),
+                   "--max-tokens", "raise --context")
+    from flashinfer_local.runtime.engine import Engine
+    from storage.errors import FlashinferError
+    with pytest.raises(FlashinferError, match="generate fewer tokens") as e:
+        list(Engine(path, context=16, dram_budget=1 << 30).generate("hi", 100))
+    assert "--" not in str(e.value)
+    from flashinfer_local.runtime.sampling import SamplingParams
+    with pytest.raises(FlashinferError) as e:
+        SamplingParams(temperature=-1)
+    assert str(e.value).startswith("temperature -1") and e.value.cli_message.startswith("--temperature -1")
+    one_line_error(cli("run", path, "-p", "hi", "--temperature", "-1"), "--temperature -1 must be >= 0")
     one_line_error(cli("run", path, "-p", "hi", "--dram-budget", "12 apples"))

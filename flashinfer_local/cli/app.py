@@ -23,7 +23,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except FlashinferError as e:
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(e.cli_message) from None
 
 
 @click.group(cls=_Group)

@@ -29,7 +29,8 @@ HELD_OUT_MODULES = ("textwrap", "fractions", "heapq", "calendar", "statistics", 
 def _stdlib_file(module: str) -> Path:
     p = Path(sysconfig.get_paths()["stdlib"]) / f"{module}.py"
     if not p.exists():
-        raise FlashinferError(f"the standard library file {p} is missing; pass --corpus FILE instead")
+        raise FlashinferError(f"the standard library file {p} is missing; give text files to score instead",
+                              cli=f"the standard library file {p} is missing; pass --corpus FILE instead")
     return p
 
 

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from storage.errors import FlashinferError
+from storage.errors import OptionError
 
 from flashinfer_local.units import fmt_bytes, parse_size
 
@@ -26,14 +26,14 @@ def parse_budgets(text: str, bundle_bytes: int) -> list[tuple[str, int]]:
             try:
                 share = float(part[:-1]) / 100
             except ValueError:
-                raise FlashinferError(f"--sweep: '{part}' is not a percentage; write it like 25%") from None
+                raise OptionError("sweep", f"'{part}' is not a percentage; write it like 25%") from None
             if share <= 0:
-                raise FlashinferError(f"--sweep: '{part}' must be above 0%")
+                raise OptionError("sweep", f"'{part}' must be above 0%")
             out.append((part, int(share * bundle_bytes)))
         else:
             out.append((part, parse_size(part)))
     if not out:
-        raise FlashinferError("--sweep needs budgets, e.g. --sweep 25%,50%,75%,100% or 300MiB,500MiB")
+        raise OptionError("sweep", "needs budgets, e.g. 25%,50%,75%,100% or 300MiB,500MiB")
     return sorted(out, key=lambda lb: lb[1])
 
 

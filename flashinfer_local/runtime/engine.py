@@ -143,10 +143,13 @@ class Engine:
     # ---------------------------------------------------------------- caches and prompts
     def new_cache(self, capacity: int) -> KVCache:
         if capacity > self.kv_limit:
-            raise FlashinferError(f"prompt + --max-tokens = {capacity} tokens exceeds the "
-                                  f"{'planned' if self.kv_limit == self.context else 'model'} context of "
-                                  f"{self.kv_limit}; shorten the prompt or lower --max-tokens"
-                                  + (", or raise --context" if self.kv_limit < self.config.max_position else ""))
+            what = f"{'planned' if self.kv_limit == self.context else 'model'} context of {self.kv_limit}"
+            longer = self.kv_limit < self.config.max_position
+            raise FlashinferError(
+                f"the prompt and the tokens to generate ({capacity}) exceed the {what}; shorten the prompt "
+                "or generate fewer tokens" + (", or open the engine with a longer context" if longer else ""),
+                cli=f"prompt + --max-tokens = {capacity} tokens exceeds the {what}; shorten the prompt or "
+                    "lower --max-tokens" + (", or raise --context" if longer else ""))
         return KVCache(self.config, capacity)
 
     def session(self, capacity: int | None = None):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 
-from storage.errors import FlashinferError
+from storage.errors import OptionError
 from storage.window_cache import EVICT
 
 from flashinfer_local.runtime.budget import OFFLOAD_MODES
@@ -53,17 +53,17 @@ class EngineOptions:
         for f in fields(self):
             v, choices = getattr(self, f.name), f.metadata["choices"]
             if choices and v is not None and v not in choices:
-                raise FlashinferError(f"{self.label(f.name)} {v} is not known (choose {', '.join(choices)})")
+                raise OptionError(f.name, f"{v} is not known (choose {', '.join(choices)})", self.label(f.name))
         at_least_one = {"window": "token", "io_threads": "read", "context": "token", "threads": "thread"}
         for name, unit in at_least_one.items():
             v = getattr(self, name)
             if v is not None and v < 1:
-                raise FlashinferError(f"{self.label(name)} {v} must be at least 1 {unit}")
+                raise OptionError(name, f"{v} must be at least 1 {unit}", self.label(name))
         if self.dram_budget is not None and self.dram_budget <= 0:
-            raise FlashinferError(f"{self.label('dram_budget')} {self.dram_budget} must be a positive size, "
-                                  "e.g. 2GiB")
+            raise OptionError("dram_budget", f"{self.dram_budget} must be a positive size, e.g. 2GiB",
+                              self.label("dram_budget"))
         if self.read_gap < 0:
-            raise FlashinferError(f"read_gap {self.read_gap} must be >= 0 bytes")
+            raise OptionError("read_gap", f"{self.read_gap} must be >= 0 bytes")
 
     @staticmethod
     def label(name: str) -> str:

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from storage.errors import FlashinferError
+from storage.errors import OptionError
 
 
 @dataclass(frozen=True)
@@ -17,11 +17,11 @@ class SamplingParams:
 
     def __post_init__(self):
         if self.temperature < 0:
-            raise FlashinferError(f"--temperature {self.temperature} must be >= 0 (0 is greedy)")
+            raise OptionError("temperature", f"{self.temperature} must be >= 0 (0 is greedy)")
         if not 0 < self.top_p <= 1:
-            raise FlashinferError(f"--top-p {self.top_p} must be in (0, 1]")
+            raise OptionError("top_p", f"{self.top_p} must be in (0, 1]")
         if self.top_k < 0:
-            raise FlashinferError(f"--top-k {self.top_k} must be >= 0 (0 turns it off)")
+            raise OptionError("top_k", f"{self.top_k} must be >= 0 (0 turns it off)")
 
 
 class Sampler:

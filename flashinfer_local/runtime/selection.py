@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from predictors import store
 from storage.convert import quantize_rows_q8
-from storage.errors import FlashinferError
+from storage.errors import FlashinferError, OptionError
 from storage.reader import Bundle
 
 from flashinfer_local.kernels import QuantMatrix
@@ -46,7 +46,7 @@ class OracleSelector:
 
     def __init__(self, bundle: Bundle, sparsity: float):
         if not 0 <= sparsity < 1:
-            raise FlashinferError(f"--sparsity {sparsity} must be in [0, 1)")
+            raise OptionError("sparsity", f"{sparsity} must be in [0, 1)")
         cfg = bundle.config
         self.keep = max(1, round(cfg.d_ff * (1 - sparsity)))
         self.gated = cfg.gated
@@ -144,4 +144,4 @@ def make_selector(name: str, bundle: Bundle, sparsity: float | None = None, pred
         return OracleSelector(bundle, 0.5 if sparsity is None else sparsity)
     if name == "predictor":
         return PredictorSelector(bundle, predictor, sparsity)
-    raise FlashinferError(f"--selector {name} is not known (choose {', '.join(SELECTORS)})")
+    raise OptionError("selector", f"{name} is not known (choose {', '.join(SELECTORS)})")

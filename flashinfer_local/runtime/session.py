@@ -112,7 +112,8 @@ class Session:
         eng = self.engine
         ids = eng.encode_prompt(prompt, chat)
         if not ids:
-            raise FlashinferError("the prompt is empty: give some text")
+            raise FlashinferError("the prompt is empty: give some text or token ids",
+                                  cli="the prompt is empty: give some text with -p")
         if max_tokens < 0:
             raise FlashinferError(f"max_tokens {max_tokens} must be at least 0")
         self.reserve(len(ids) + max_tokens)                      # refuse before any work

@@ -48,7 +48,8 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Render the checkpoint's chat template (jinja2) and tokenize it."""
         if not self.chat_template:
-            raise FlashinferError("this model has no chat template; run without --chat")
+            raise FlashinferError("this model has no chat template; give plain text or token ids",
+                                  cli="this model has no chat template; run without --chat")
         from jinja2.sandbox import ImmutableSandboxedEnvironment
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
 

@@ -22,7 +22,7 @@ import torch
 
 from predictors import calibration as cal
 from predictors import lowrank, store
-from storage.errors import FlashinferError
+from storage.errors import FlashinferError, OptionError
 
 from flashinfer_local.runtime.engine import Engine
 from flashinfer_local.measure.evaluate import CALIBRATION_MODULES, perplexity, perplexity_parts, text_ids
@@ -99,11 +99,11 @@ def calibrate(bundle_path: str | Path, kind: str = "lowrank", corpus: list[Path]
     """Calibrate ``kind`` for the bundle and store it; returns the report (also stored in the file)."""
     store.predictor_path(Path(bundle_path), kind)                       # validates kind
     if not 0 < target_sparsity < 1:
-        raise FlashinferError(f"--target-sparsity {target_sparsity} must be between 0 and 1")
+        raise OptionError("target_sparsity", f"{target_sparsity} must be between 0 and 1")
     if not 0 < recall_target <= 1:
-        raise FlashinferError(f"--recall {recall_target} must be in (0, 1]")
+        raise OptionError("recall_target", f"{recall_target} must be in (0, 1]", flag="--recall")
     if rank is not None and rank < 1:
-        raise FlashinferError(f"--rank {rank} must be at least 1")
+        raise OptionError("rank", f"{rank} must be at least 1")
     torch.manual_seed(seed)
     t_start = time.perf_counter()
     eng = Engine(bundle_path, threads=threads, offload="none")
