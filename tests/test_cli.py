@@ -166,5 +166,5 @@ def test_bad_counts_and_unwritable_paths_are_one_line_errors(tiny_bundle, tmp_pa
     with pytest.raises(FlashinferError) as e:
         SamplingParams(temperature=-1)
     assert str(e.value).startswith("temperature -1") and e.value.cli_message.startswith("--temperature -1")
-    one_line_error(cli("run", path, "-p", "hi", "--temperature", "-1"), "--temperature -1 must be >= 0")
+    one_line_error(cli("run", path, "-p", "hi", "--temperature", "-1"), "--temperature -1.0 must be >= 0")
     one_line_error(cli("run", path, "-p", "hi", "--dram-budget", "12 apples"))
