@@ -154,6 +154,9 @@ def test_bad_counts_and_unwritable_paths_are_one_line_errors(tiny_bundle, tmp_pa
     r = cli("run", path, "-p", "hi", "-n", "2", "--stats-json", tmp_path / "missing" / "s.json")
     one_line_error(r, "cannot write", "missing")                # refused before generating
     one_line_error(cli("run", path, "-p", "hi", "--window", "0"), "--window 0 must be at least 1")
+    one_line_error(cli("run", path, "-p", "hi", "--system", "be brief"), "--system needs --chat")
+    r = cli("run", path, "-p", "hi", "--chat", "--system", "be brief", "-n", "3", "--temperature", "0")
+    assert r.exit_code == 0, r.output
     # the library's error speaks of arguments, the CLI's of flags
     one_line_error(cli("run", path, "-p", "hi", "-n", "100", "--context", "16", "--dram-budget", "1GiB"),
                    "--max-tokens", "raise --context")

@@ -144,12 +144,13 @@ def _predictor_lines(b) -> list[str]:
 @click.argument("model", required=False)
 @generation_options(128, None, "Random seed for sampling.")
 @click.option("--stop", multiple=True, help="Stop when the text reaches this string (repeatable; not printed).")
+@click.option("--system", default=None, help="With --chat: a system message before the prompt.")
 @prompt_options
 @engine_options
 @click.option("--stats", is_flag=True, help="Print speed and memory figures to stderr at the end.")
 @click.option("--stats-json", type=click.Path(path_type=Path), help="Write the figures as JSON.")
-def run(model, prompt, max_tokens, temperature, top_p, top_k, seed, stop, chat, dtype, stats, stats_json,
-        **engine):
+def run(model, prompt, max_tokens, temperature, top_p, top_k, seed, stop, system, chat, dtype, stats,
+        stats_json, **engine):
     """Generate text from MODEL (a bundle, an HF folder, a GGUF file; default: SmolLM2-135M-Instruct)."""
     from flashinfer_local.runtime.engine import Engine
     from flashinfer_local.runtime.rss import PeakRSS
@@ -158,6 +159,10 @@ def run(model, prompt, max_tokens, temperature, top_p, top_k, seed, stop, chat, 
 
     opts = take_engine_options(engine)
     sampling = SamplingParams(temperature, top_p, top_k, seed)
+    if system is not None and not chat:
+        raise FlashinferError("--system needs --chat (a system message is part of the chat template)")
+    if system is not None:
+        prompt = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
     _writable(stats_json)
     path = resolve_model(model, dtype=dtype, progress=sys.stderr.isatty())
     with PeakRSS() as peak:
