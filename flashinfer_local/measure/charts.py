@@ -30,6 +30,12 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def _title(d: dict) -> str:
     f = d["facts"]
     b = f.get("dram_budget_bytes")
@@ -82,9 +88,7 @@ def memory_chart(d: dict, path: Path) -> None:
     ax.set_ylim(0, None)
     ax.set_title(_title(d), pad=16, fontsize=10)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def cache_rows_chart(d: dict, path: Path) -> None:
@@ -104,9 +108,7 @@ def cache_rows_chart(d: dict, path: Path) -> None:
         ax.set_xlabel("token (0 = prefill)")
         ax.set_ylabel("layer")
     ax.set_title(f"window cache rows per layer -- {_title(d)}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def bytes_per_token_chart(d: dict, path: Path) -> None:
@@ -134,9 +136,7 @@ def bytes_per_token_chart(d: dict, path: Path) -> None:
     ax.set_ylim(0, None)
     ax.legend(loc="upper center", fontsize=8)
     ax.set_title(f"bytes read per token -- {_title(d)}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def write_profile_charts(d: dict, out: Path) -> list[Path]:
@@ -185,9 +185,7 @@ def sweep_chart(sweep: dict, path: Path) -> None:
     a1.set_title("speed and SSD traffic", fontsize=10)
     a2.set_title("peak memory against the budget", fontsize=10)
     fig.suptitle(f"budget sweep: {Path(sweep['model']).name}", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def quality_chart(res: dict, path: Path) -> None:
@@ -213,6 +211,4 @@ def quality_chart(res: dict, path: Path) -> None:
     h2, l2 = tw.get_legend_handles_labels()
     a1.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper left")
     fig.suptitle(f"{res['predictor']} predictor: {Path(res.get('bundle', '')).name}", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(plt, fig, path)
