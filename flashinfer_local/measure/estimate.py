@@ -4,8 +4,9 @@ Per bundle precision: the files ``convert`` would write (their exact sizes: the 
 headers are computed from the same specs the converter declares), the dense part, the FFN record
 size, and the smallest ``--dram-budget`` that runs: the functions of ``runtime.budget`` the engine's
 plan calls, given sizes computed from the config (``budget.Sizes``). The KV cache per token and at
-``context`` tokens follows each layer's own key/value heads (variable GQA). Given a budget, says whether the model runs all in DRAM,
-streams (and what share of the FFN the window cache holds), or does not fit.
+``context`` tokens follows each layer's own key/value heads (variable GQA). Given a budget, says
+whether the model runs all in DRAM, streams (and what share of the FFN the window cache holds), or
+does not fit.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from storage.convert import dense_dtype, dense_specs, ffn_specs
 from storage.st_writer import encode_header
 
 from flashinfer_local.runtime import budget as budget_mod
-from flashinfer_local.runtime.budget import SLACK_BYTES, Sizes
+from flashinfer_local.runtime.budget import Sizes
 from flashinfer_local.units import fmt_bytes
 
 # Bundle precisions (convert --dtype): the FFN records' dtype; the dense part is
@@ -77,12 +78,12 @@ def kv_cache(cfg: ModelConfig, tokens: int) -> dict:
 
 def budget_parts(cfg: ModelConfig, sizes: dict, context: int) -> dict:
     """The smallest --dram-budget that runs, and its parts as ``budget.plan_budget`` counts them:
-    the streaming minimum or, for a model smaller than the streaming buffers, the all-in-DRAM size."""
+    the streaming minimum (a plan without window rows) or, for a model smaller than the streaming
+    buffers, the all-in-DRAM size."""
     plan = budget_mod.plan_budget(_sizes(cfg, sizes), None, context, "naive")
-    streaming = budget_mod.minimum_budget(_sizes(cfg, sizes), context, "window")
-    in_dram = in_dram_bytes(cfg, sizes, context)
+    streaming, in_dram = plan.total_bytes, in_dram_bytes(cfg, sizes, context)
     return {"dense_bytes": plan.dense_bytes, "kv_bytes": plan.kv_bytes, "buffer_bytes": plan.buffer_bytes,
-            "tokenizer_bytes": plan.tokenizer_bytes, "slack_bytes": SLACK_BYTES,
+            "tokenizer_bytes": plan.tokenizer_bytes, "slack_bytes": plan.slack_bytes,
             "streaming_bytes": streaming, "in_dram_bytes": in_dram, "minimum_bytes": min(streaming, in_dram)}
 
 

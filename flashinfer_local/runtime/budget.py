@@ -20,7 +20,7 @@ is refused with the minimum that would work.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numba
@@ -213,52 +213,48 @@ def selector_bytes(name: str, bundle: Bundle, predictor: str | None) -> int:
 
 # ---------------------------------------------------------------- the plan
 
-def _common(s: Sizes, context: int) -> tuple[int, int, int]:
+def _fixed_plan(s: Sizes, context: int, mode: str, selector: int) -> BudgetPlan:
+    """The plan of ``mode`` before the window gets anything: every owner the mode holds whatever
+    the budget (its total is the mode's minimum budget)."""
     dense = dense_resident_bytes(s.cfg, s.dense_file_bytes, s.embed_bytes, context)
-    return dense, kv_cache_bytes(s.cfg, context), tokenizer_bytes(s.tokenizer_file_bytes)
+    records, buffers = dram_ffn_bytes(s) if mode == "none" else (0, stream_buffer_bytes(s))
+    return BudgetPlan(mode, None, context, dense, records, 0, 0, buffers, kv_cache_bytes(s.cfg, context),
+                      selector, tokenizer_bytes(s.tokenizer_file_bytes), SLACK_BYTES)
 
 
 def minimum_budget(src: Bundle | Sizes, context: int, offload: str = "window", selector: int = 0) -> int:
     """The smallest budget that runs ``offload``: for window/naive the fixed part with no cache
     rows, for none everything in DRAM."""
-    s = Sizes.of(src)
-    dense, kv, tok = _common(s, context)
-    base = dense + kv + tok + selector + SLACK_BYTES
-    if offload == "none":
-        return base + sum(dram_ffn_bytes(s))
-    return base + stream_buffer_bytes(s)
+    return _fixed_plan(Sizes.of(src), context, offload, selector).total_bytes
 
 
 def plan_budget(src: Bundle | Sizes, budget: int | None, context: int, offload: str | None = None,
                 selector: int = 0, evict: str = "recency") -> BudgetPlan:
     """Split ``budget`` bytes (None: no limit) between owners. ``offload`` None chooses: none when
     everything fits the budget (or there is none), else window."""
-    if offload not in (None, *OFFLOAD_MODES):
-        raise FlashinferError(f"offload mode '{offload}' is not known (choose {', '.join(OFFLOAD_MODES)})")
+    assert offload in (None, *OFFLOAD_MODES), offload          # EngineOptions validates user input
     s = Sizes.of(src)
-    cfg, lay = s.cfg, s.layout
-    dense, kv, tok = _common(s, context)
-    in_dram = minimum_budget(s, context, "none", selector)
+    cfg = s.cfg
     if offload is None:
-        offload = "none" if budget is None or budget >= in_dram else "window"
-    if offload == "none":
-        if budget is not None and budget < in_dram:
-            raise FlashinferError(f"--dram-budget {fmt_bytes(budget)} cannot hold this model in DRAM "
-                                  f"(needs about {fmt_bytes(in_dram)}); use --offload window")
-        records, scratch = dram_ffn_bytes(s)
-        return BudgetPlan("none", budget, context, dense, records, 0, 0, scratch, kv, selector, tok, SLACK_BYTES)
-    buffers = stream_buffer_bytes(s)
-    fixed = minimum_budget(s, context, offload, selector)
+        offload = "none" if budget is None or budget >= minimum_budget(s, context, "none", selector) else "window"
+    plan = _fixed_plan(s, context, offload, selector)
+    fixed = plan.total_bytes
     if budget is not None and budget < fixed:
+        if offload == "none":
+            raise FlashinferError(f"--dram-budget {fmt_bytes(budget)} cannot hold this model in DRAM "
+                                  f"(needs about {fmt_bytes(fixed)}); use --offload window")
         pred = f", predictor ({fmt_bytes(selector)})" if selector else ""
         raise FlashinferError(
             f"--dram-budget {fmt_bytes(budget)} is too small for this model: the dense part "
-            f"({fmt_bytes(dense)}), KV cache at {context} tokens ({fmt_bytes(kv)}), tokenizer "
-            f"({fmt_bytes(tok)}){pred} and buffers ({fmt_bytes(buffers + SLACK_BYTES)}) need at least "
-            f"{fmt_bytes(fixed)}; raise the budget or lower --context"
+            f"({fmt_bytes(plan.dense_bytes)}), KV cache at {context} tokens ({fmt_bytes(plan.kv_bytes)}), "
+            f"tokenizer ({fmt_bytes(plan.tokenizer_bytes)}){pred} and buffers "
+            f"({fmt_bytes(plan.buffer_bytes + SLACK_BYTES)}) need at least {fmt_bytes(fixed)}; raise the "
+            "budget or lower --context"
             + ("; the threshold predictor holds the gate rows, --predictor lowrank does not"
                if selector and selector >= cfg.n_layers * cfg.d_ff * cfg.d_model else ""))
-    free = (UNLIMITED if budget is None else budget) - fixed
-    rows = window_rows(cfg, lay.record_bytes, free, evict) if offload == "window" else 0
-    cache = window_cache_bytes(cfg, lay.record_bytes, rows, evict)
-    return BudgetPlan(offload, budget, context, dense, 0, rows, cache, buffers, kv, selector, tok, SLACK_BYTES)
+    plan = replace(plan, budget_bytes=budget)
+    if offload != "window":
+        return plan
+    rows = window_rows(cfg, s.layout.record_bytes, (UNLIMITED if budget is None else budget) - fixed, evict)
+    return replace(plan, cache_rows_per_layer=rows,
+                   cache_bytes=window_cache_bytes(cfg, s.layout.record_bytes, rows, evict))
