@@ -77,10 +77,12 @@ def test_sampling_returns_the_token_and_its_probabilities():
 
 def test_steps_carry_probabilities_and_finish_reasons(tiny_bundle):
     eng = Engine(tiny_bundle("qwen2", "f32"))
-    steps = list(eng.generate(IDS, 5, GREEDY, stop_at_eos=False))
+    steps = list(eng.generate(IDS, 5, GREEDY, stop_at_eos=False, logprobs=True))
     assert [x.finish_reason for x in steps] == [None] * 4 + ["length"]
     assert steps[-1].stats.finish_reason == "length"
     assert all(x.sample.probs[x.token_id] == 1 for x in steps)
+    # without logprobs a step holds no vocabulary-sized tensor (a caller may keep every step)
+    assert all(x.sample is None for x in eng.generate(IDS, 3, GREEDY, stop_at_eos=False))
     # treat the second greedy token as end-of-sequence: the generation ends before it
     eos_tok = steps[1].token_id
     eng.tokenizer.eos_token_ids = frozenset({eos_tok})

@@ -37,7 +37,7 @@ from flashinfer_local.runtime.budget import plan_budget, selector_bytes
 from flashinfer_local.runtime.dram import make_dram_ffn
 from flashinfer_local.runtime.options import EngineOptions
 from flashinfer_local.runtime.rss import rss_bytes
-from flashinfer_local.runtime.selection import make_selector
+from flashinfer_local.runtime.selection import AllSelector, make_selector
 from flashinfer_local.runtime.streaming import StreamingFFN
 from flashinfer_local.runtime.tokenizer import Tokenizer
 
@@ -133,7 +133,6 @@ class Engine:
     @contextlib.contextmanager
     def selecting(self, selector):
         """Within the block, ``selector`` (None: every neuron) chooses each token's neurons."""
-        from flashinfer_local.runtime.selection import AllSelector
         saved, self.selector = self.selector, selector if selector is not None else AllSelector()
         try:
             yield
@@ -191,16 +190,20 @@ class Engine:
     def counters(self) -> FFNCounters:
         return replace(self.ffn.counters(), selection_s=self._selection_s)
 
-    def stats(self, since: FFNCounters, now: FFNCounters, decode_steps: int, kv_bytes: int) -> dict:
-        """The engine's facts for a generation: memory by owner, and I/O, cache and time per decode
-        token between ``since`` (after the prefill) and ``now``."""
+    def memory_facts(self) -> dict:
+        """What the engine holds for the model (fixed once it is open): mode, budget, runtime
+        baseline, bytes by owner, the selector and the window's rows per layer."""
+        return {"offload": self.offload, "dram_budget_bytes": self.dram_budget,
+                "runtime_baseline_bytes": self.runtime_baseline_bytes, **self.resident(),
+                "selector": self.selector.name, "cache_rows_per_layer": self.plan.cache_rows_per_layer}
+
+    @staticmethod
+    def io_stats(since: FFNCounters, now: FFNCounters, decode_steps: int) -> dict:
+        """SSD reads, cache hits and time per decode token between ``since`` (after the prefill)
+        and ``now``."""
         n = max(decode_steps, 1)
         d = now - since
-        return {"offload": self.offload, "dram_budget_bytes": self.dram_budget,
-                "runtime_baseline_bytes": self.runtime_baseline_bytes, "kv_cache_bytes": kv_bytes,
-                **self.resident(), "selector": self.selector.name,
-                "cache_rows_per_layer": self.plan.cache_rows_per_layer,
-                "flash_bytes_read": now.flash_bytes_read, "read_ops": now.read_ops,
+        return {"flash_bytes_read": now.flash_bytes_read, "read_ops": now.read_ops,
                 "mean_read_bytes": now.flash_bytes_read / now.read_ops if now.read_ops else 0,
                 "flash_bytes_per_token": d.flash_bytes_read / n,
                 "gap_bytes_per_token": d.gap_bytes_read / n,     # part of the above read through gaps
@@ -210,12 +213,14 @@ class Engine:
 
     # ---------------------------------------------------------------- generation
     def generate(self, prompt: str | list, max_tokens: int = 128, sampling=None, chat: bool = False,
-                 stop_at_eos: bool = True, stop: list[str] | tuple = ()) -> Iterator:
+                 stop_at_eos: bool = True, stop: list[str] | tuple = (), logprobs: bool = False) -> Iterator:
         """Yield generated tokens one by one (each a :class:`~flashinfer_local.runtime.sampling.Step`
-        with its text and live stats), from a fresh session sized for this call."""
+        with its text and live stats), from a fresh session sized for this call (see
+        ``Session.generate``)."""
         ids = self.encode_prompt(prompt, chat)
         s = self.session(len(ids) + max(max_tokens, 0))
-        return s.generate(ids, max_tokens=max_tokens, sampling=sampling, stop_at_eos=stop_at_eos, stop=stop)
+        return s.generate(ids, max_tokens=max_tokens, sampling=sampling, stop_at_eos=stop_at_eos, stop=stop,
+                          logprobs=logprobs)
 
     def close(self) -> None:
         self.ffn.close()

@@ -113,4 +113,4 @@ class Step:
                                # stop string may be starting)
     stats: GenerationStats
     finish_reason: str | None = None   # set on the last step: stop, length or eos
-    sample: Sample | None = None       # the token's probabilities (``sample.probs``, ``sample.logprob``)
+    sample: Sample | None = None       # with logprobs=True: ``sample.probs``, ``sample.logprob``

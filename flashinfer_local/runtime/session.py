@@ -52,6 +52,23 @@ class StopStrings:
         return p
 
 
+class TextStream:
+    """Generated tokens -> the text to emit: incremental detokenization, then the stop strings."""
+
+    def __init__(self, tokenizer, stops):
+        self.detok = IncrementalDecoder(tokenizer) if tokenizer.available else None
+        self.stops = StopStrings(stops)
+
+    def add(self, token: int) -> tuple[str, bool]:
+        """(text this token completes, whether a stop string was reached)."""
+        return self.stops.feed(self.detok.add(token) if self.detok else "")
+
+    def finish(self) -> tuple[str, bool]:
+        """Everything still held back (a stop string can still complete in it)."""
+        text, hit = self.stops.feed(self.detok.flush() if self.detok else "")
+        return (text, True) if hit else (text + self.stops.flush(), False)
+
+
 class Session:
     """A KV cache and the tokens in it, on one engine. ``capacity`` (tokens) sizes the cache up
     front; without it the cache starts small and doubles as needed, up to the engine's limit."""
@@ -70,8 +87,8 @@ class Session:
         """Make room for ``n`` tokens in all (a clear error past the engine's context)."""
         if n <= self.cache.capacity:
             return
-        grown = self.engine.new_cache(min(max(n, 2 * self.cache.capacity), self.engine.kv_limit)
-                                      if n <= self.engine.kv_limit else n)
+        # doubling, capped at the limit; past it new_cache refuses with the context error
+        grown = self.engine.new_cache(max(n, min(2 * self.cache.capacity, self.engine.kv_limit)))
         grown.copy_from(self.cache, self.pos)
         self.cache = grown
 
@@ -103,12 +120,13 @@ class Session:
         return self.append(ids[self.pos:], last_only=True)[-1]
 
     def generate(self, prompt, max_tokens: int = 128, sampling: SamplingParams | None = None,
-                 stop_at_eos: bool = True, stop=(), chat: bool = False) -> Iterator[Step]:
+                 stop_at_eos: bool = True, stop=(), chat: bool = False, logprobs: bool = False) -> Iterator[Step]:
         """Prefill ``prompt`` (text, chat messages or ids) then sample up to ``max_tokens``; yields
         a :class:`Step` per token. Ends at a stop string (its text is not emitted), at an
         end-of-sequence token, or at ``max_tokens`` (``stats.finish_reason``: stop, eos, length).
         Text still held back when an end-of-sequence token ends it comes in one last step that
-        carries that token."""
+        carries that token. ``logprobs``: each step keeps its :class:`Sample` (the distribution
+        over the vocabulary, so a caller keeping every step keeps one such tensor per token)."""
         eng = self.engine
         ids = eng.encode_prompt(prompt, chat)
         if not ids:
@@ -119,14 +137,21 @@ class Session:
         self.reserve(len(ids) + max_tokens)                      # refuse before any work
         sampler = Sampler(sampling or SamplingParams())
         eos = eng.tokenizer.eos_token_ids if stop_at_eos else frozenset()
-        detok = IncrementalDecoder(eng.tokenizer) if eng.tokenizer.available else None
-        stops = StopStrings(stop)
+        text_out = TextStream(eng.tokenizer, stop)
         st = GenerationStats(prompt_tokens=len(ids))
         with PeakRSS() as peak, torch.inference_mode():
             t0 = time.perf_counter()
             logits = self.prefill(ids)
             st.prefill_s = time.perf_counter() - t0
-            after_prefill = eng.counters()
+            after_prefill, memory = eng.counters(), eng.memory_facts()    # the arrays are fixed
+
+            def step(tok, text, sample):
+                peak.sample()
+                st.peak_rss_bytes = peak.peak
+                st.extra = {**memory, "kv_cache_bytes": self.cache.nbytes,
+                            **eng.io_stats(after_prefill, eng.counters(), st.decode_steps)}
+                return Step(tok, text, st, st.finish_reason, sample if logprobs else None)
+
             tok = None                          # the token sampled last: run at the next step
             for n in range(max_tokens):
                 if n:
@@ -137,29 +162,22 @@ class Session:
                 sample = sampler(logits)
                 tok = sample.token
                 if tok in eos:
-                    tail, hit = stops.feed(detok.flush() if detok else "")
+                    rest, hit = text_out.finish()
                     st.finish_reason = "stop" if hit else "eos"
-                    rest = tail if hit else tail + stops.flush()
                     if rest:
-                        yield self._step(tok, rest, st, peak, after_prefill, sample, st.finish_reason)
+                        yield step(tok, rest, sample)
                     return
                 st.token_ids.append(tok)
                 st.generated_tokens = len(st.token_ids)
-                text, hit = stops.feed(detok.add(tok) if detok else "")
+                text, hit = text_out.add(tok)
                 if not hit and n == max_tokens - 1:                       # the last token: flush
-                    tail, hit = stops.feed(detok.flush() if detok else "")
-                    text += tail if hit else tail + stops.flush()
+                    tail, hit = text_out.finish()
+                    text += tail
                     st.finish_reason = "length"
                 if hit:
                     st.finish_reason = "stop"
-                yield self._step(tok, text, st, peak, after_prefill, sample, st.finish_reason)
+                yield step(tok, text, sample)
                 if hit:
                     return
         if st.finish_reason is None:
             st.finish_reason = "length"                                 # max_tokens == 0
-
-    def _step(self, tok, text, st, peak, after_prefill, sample, finish) -> Step:
-        peak.sample()
-        st.peak_rss_bytes = peak.peak
-        st.extra = self.engine.stats(after_prefill, self.engine.counters(), st.decode_steps, self.cache.nbytes)
-        return Step(tok, text, st, finish, sample)
