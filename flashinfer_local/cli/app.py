@@ -217,10 +217,15 @@ def _writable(path: Path | None) -> None:
 
 
 def _write(path: Path, text: str) -> None:
-    """Write a report file, turning an unwritable path into a one-line error."""
+    """Write a report file whole or not at all (a temporary beside it, renamed), turning an
+    unwritable path or a full disk into a one-line error."""
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
-        path.write_text(text)
+        tmp.write_text(text)
+        os.replace(tmp, path)
     except OSError as e:
         raise FlashinferError(f"cannot write {path}: {e.strerror or e}; choose another path") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 

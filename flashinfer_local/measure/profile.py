@@ -30,10 +30,11 @@ import numpy as np
 import psutil
 
 from flashinfer_local.measure.pages import PageMap, page_cache_bytes, release_freed_memory
+from flashinfer_local.runtime.backend import BACKEND_OWNERS
 from flashinfer_local.runtime.rss import PeakRSS
 from flashinfer_local.units import fmt_bytes
 
-OWNERS = ("runtime", "dense", "ffn_dram", "window", "buffers", "kv_cache", "selector")
+OWNERS = ("runtime", "dense", *BACKEND_OWNERS, "kv_cache", "selector")
 PHASES = ("load", "prefill", "decode")
 
 # The attribution check: |other| at the end of the run is at most this much. What "other" holds

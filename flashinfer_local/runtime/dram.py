@@ -55,10 +55,6 @@ class RecordCompute:
                     {n: np.empty((CHUNK_ROWS, cfg.d_model), np.float32) for n in self.vectors})
         self.out = torch.zeros(1, cfg.d_model)      # a decode token's output, reused by the backends
 
-    @property
-    def nbytes(self) -> int:
-        return self.kernel.nbytes + sum(b.nbytes for b in self.buf.values()) + 4 * self.out.numel()
-
     def arrays(self) -> list[np.ndarray]:
         """Its scratch: the kernel's accumulators and int8 x, the prefill chunk's f32 matrices."""
         return arrays_of(self.kernel) + list(self.buf.values()) + [self.out]

@@ -19,9 +19,9 @@ from storage.errors import FlashinferError, OptionError
 from storage.reader import Bundle
 
 from flashinfer_local.kernels import QuantMatrix
+from flashinfer_local.models.common import linear
 from flashinfer_local.runtime.budget import default_predictor
 from flashinfer_local.runtime.options import SELECTORS
-from flashinfer_local.models.common import linear
 
 
 class AllSelector:
@@ -39,7 +39,7 @@ class AllSelector:
 class OracleSelector:
     """MEASURING TOOL, not for users: computes each neuron's true activation from the dense FFN
     weights and keeps, per token, the (1 - sparsity) share of neurons with the largest |activation|
-    (union over the tokens of a prefill). It holds its own copy of the gate/up weights (f16), which
+    (a multi-token pass reads the union and computes each token's own). It holds its own copy of the gate/up weights (f16), which
     is reported as ``nbytes`` and is not part of the engine's DRAM budget; its time counts as
     selection time. A baseline for what a perfect predictor would buy."""
     name = "oracle"
