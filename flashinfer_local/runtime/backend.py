@@ -36,9 +36,6 @@ class FFNCounters:
     def __sub__(self, other: FFNCounters) -> FFNCounters:
         return FFNCounters(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self)})
 
-    def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
 
 class FFNBackend(Protocol):
     """An FFN backend: owns the neuron records it computes from.
