@@ -184,7 +184,7 @@ def test_owner_arrays_cover_what_the_backends_report(tiny_bundle):
     b = Bundle(tiny_bundle("llama", "f16"))
     w = LayerWindow(b.config.d_ff, b.layout.record_bytes, 50, 4)
     assert sum(a.nbytes for a in _arrays(w)) == w.nbytes
-    k = RecordKernel(b.layout, "f16", b.config.d_model)
+    k = RecordKernel(b.layout, "f16", b.config.d_model, b.config.d_ff)
     assert sum(a.nbytes for a in _arrays(k)) == k.nbytes
 
 

@@ -91,7 +91,7 @@ def test_record_kernel_matches_numpy_on_the_same_quantized_weights(gated, dtype)
         h = np.maximum(dot("up") + field_values(rec[rows], lay, "up_bias")[:, 0], 0)
     want = h @ f["down"]
     out = np.zeros(d, np.float32)
-    RecordKernel(lay, dtype, d)(rec, rows, x, out)
+    RecordKernel(lay, dtype, d, n)(rec, rows, x, out)
     np.testing.assert_allclose(out, want, atol=1e-5 * np.abs(want).max())
 
 
@@ -119,7 +119,7 @@ def test_float_record_kernel_matches_numpy(gated, dtype, d):
     else:
         h = np.maximum(f["up"] @ x + f["up_bias"][:, 0], 0)
     out = np.zeros(d, np.float32)
-    RecordKernel(lay, dtype, d)(rec, rows, x, out)
+    RecordKernel(lay, dtype, d, n)(rec, rows, x, out)
     np.testing.assert_allclose(out, h @ f["down"], atol=1e-5 * np.abs(h @ f["down"]).max())
 
 
@@ -139,7 +139,7 @@ def test_int8_matvec_matches_numpy_and_the_portable_path():
     np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
     m = QuantMatrix(q, s)
     from flashinfer_local.kernels import quantize_x
-    quantize_x(x, m.xq, m.xd, m.xs)
+    quantize_x(x, m.xq[0], m.xd[0], m.xs[0])
     p, s4, mn = quant.quantize_q4(w)
     rec4 = np.concatenate([p, s4.view(np.uint8), mn.view(np.uint8)], axis=1)   # [50, 80 + 10 + 10]
 
@@ -147,8 +147,8 @@ def test_int8_matvec_matches_numpy_and_the_portable_path():
         @numba.njit
         def both(q, s16, rec4, rec16, xq, xd, xs, y8, y4):
             for r in range(q.shape[0]):
-                y8[r] = vecdot.qdot_q8(q, s16, U(r), U(0), U(0), xq, xd, 5)
-                y4[r] = vecdot.qdot_q4(rec4, rec16, U(r), U(0), U(40), U(45), xq, xd, xs, 5)
+                y8[r] = vecdot.qdot_q8(q, s16, U(r), U(0), U(0), xq, xd, U(0), 5)
+                y4[r] = vecdot.qdot_q4(rec4, rec16, U(r), U(0), U(40), U(45), xq, xd, xs, U(0), 5)
         y8, y4 = np.zeros(50, np.float32), np.zeros(50, np.float32)
         both(q, m.scales16, rec4, rec4.view(np.uint16), m.xq, m.xd, m.xs, y8, y4)
         return y8, y4
@@ -177,19 +177,23 @@ def test_quantized_bundle_runs_in_every_mode(arch, dtype, tiny_bundle, monkeypat
     monkeypatch.undo()
     assert split.ffn.down and not ref.ffn.down
     want = [s.token_id for s in ref.generate(IDS, 16, GREEDY, stop_at_eos=False)]
-    want_logits = ref.logits(IDS)
+    long = IDS * 3                             # past SMALL_T tokens: the prefill's f32 h, as measured below
+    want_logits = ref.logits(long)
     scale = want_logits.abs().max()
     # the down matrix rounds the down weights once more and multiplies an int8 copy of h: a smaller
     # change than int8 itself (measured: 0.8% / 1.6% of the logit scale on the tiny OPT / Llama,
     # against 2% / 9% from f32 to int8 records); free-running greedy text of these random models
     # has near-ties, so the check is on teacher-forced logits and their argmax
-    got = split.logits(IDS)
+    got = split.logits(long)
     assert (got - want_logits).abs().max() < 0.03 * scale
-    assert torch.equal(got.argmax(-1), want_logits.argmax(-1))
+    top2 = want_logits.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * (got - want_logits).abs().max()   # no near-tie there
+    assert clear.sum() >= len(long) // 2
+    assert torch.equal(got.argmax(-1)[clear], want_logits.argmax(-1)[clear])
     for mode in ("window", "naive"):
         eng = Engine(path, offload=mode, context=64)
         assert [s.token_id for s in eng.generate(IDS, 16, GREEDY, stop_at_eos=False)] == want, mode
-        assert (eng.logits(IDS) - want_logits).abs().max() < 1e-4 * scale
+        assert (eng.logits(long) - want_logits).abs().max() < 1e-4 * scale
     # (quality against the exact model is checked by perplexity on SmolLM2 below: the random tiny
     # models' logits are too small and peaky for a per-logit bound to mean much)
     # and smaller than f32 records

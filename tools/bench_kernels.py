@@ -54,7 +54,7 @@ def main():
     for dt in ("f16", "int8", "int4"):
         lay = record_layout(cfg, dt)
         recs = [build_records(cfg, lay, w) for w in ws]
-        k, out = RecordKernel(lay, dt, d), np.zeros(d, np.float32)
+        k, out = RecordKernel(lay, dt, d, n), np.zeros(d, np.float32)
         variants[f"FFN records {dt} (numba)"] = [lambda r=r, k=k, out=out: k(r, rows, x, out) for r in recs]
         nbytes[f"FFN records {dt} (numba)"] = recs[0].nbytes
     for name, tdt in (("FFN dense f16 (torch)", torch.float16), ("FFN dense f32 (torch)", torch.float32)):

@@ -1,13 +1,18 @@
-"""Hot path: the FFN of gathered neuron records for one token, and the int8 matrix-vector product
-(numba, parallel over the selected records / rows, GIL released).
+"""Hot path: the FFN of gathered neuron records for up to SMALL_T tokens, and the int8 matrix
+product (numba, parallel over the selected records / rows, GIL released).
 
-HOT: called once per layer (and per quantized matrix) per decode token. No I/O; the only scratch
-(per-thread accumulators, the int8 copy of x) is preallocated by :class:`RecordKernel` and
-:class:`QuantMatrix`.
+HOT: called once per layer (and per quantized matrix) per decode token or verification pass. No
+I/O; the only scratch (activations, per-block accumulators, the int8 copy of x) is preallocated by
+:class:`RecordKernel` and :class:`QuantMatrix`.
 
 A record holds a neuron's fields in the bundle's layout (``storage.format``): for gated models gate
-row, up row, down column; for OPT up row, down column, up bias. The kernel reads each selected
-record once: out[d] += act(gate . x, up . x) * down, each thread into its own accumulator.
+row, up row, down column; for OPT up row, down column, up bias. The kernel computes each selected
+neuron's activation act(gate . x, up . x) per token, then adds activation * down into one
+accumulator per block of BLOCK neurons, each block in ascending neuron order, and sums the blocks in
+order: what a token gets depends only on x and its neurons, never on which records were resident,
+how a streamed layer was split into reads, the thread count, or which other tokens shared the pass
+(speculative verification relies on that: several tokens computed together equal each computed
+alone).
 
 What makes these loops fast, each measured on a Qwen-1.5B-sized layer:
 - the dot products and the quantized axpy are LLVM vector code (``vecdot``): int8/int4 codes are
@@ -15,8 +20,8 @@ What makes these loops fast, each measured on a Qwen-1.5B-sized layer:
   accumulators stay in registers, and lanes are summed once per vector;
 - offsets into a record are unsigned (``U``): with signed runtime offsets numba must wrap negative
   indices, which keeps LLVM from vectorizing the plain loops (6-9x slower);
-- each thread's accumulator row is indexed in place (``acc[t, j]``), never taken as a view per
-  record: a view touches the array's reference count, shared by all threads (several times slower);
+- accumulator rows are indexed in place (``acc[t, j]``), never taken as a view per record: a view
+  touches the array's reference count, shared by all threads (several times slower);
 - f16 values are converted by LLVM's half-to-float conversion (``vecdot.f16``: vcvtph2ps with F16C), since
   numba has no float16 type on the CPU.
 """
@@ -35,6 +40,8 @@ from .vecdot import axpy_q4 as _axpy_q4, axpy_q8 as _axpy_q8, dot_f16, f16 as _f
 
 U = np.uint64     # record offsets are cast to unsigned: see the module docstring
 AHEAD = 2         # the record this many ahead is prefetched (measured: 7% faster than none)
+SMALL_T = 16      # up to this many tokens a forward computes each token exactly as decode does
+BLOCK = 256       # neurons per block of the FFN's down accumulation (the order of its sums)
 
 
 def _f32(v):
@@ -53,25 +60,25 @@ def _silu_mul(g, u):
     return g / (np.float32(1) + np.exp(-g)) * u
 
 
-def _dot(rec, r, off, x, d):
-    """rec[r, off:off + d] (f16 bits or f32) . x [d]."""
+def _dot(rec, r, off, x, t, d):
+    """rec[r, off:off + d] (f16 bits or f32) . x[t] (x [T, d])."""
 
 
 @overload(_dot, fastmath=True)
-def _dot_impl(rec, r, off, x, d):
+def _dot_impl(rec, r, off, x, t, d):
     if rec.dtype == types.uint16:
-        def f16(rec, r, off, x, d):      # vectorized over the first multiple of 32, then the tail
+        def f16(rec, r, off, x, t, d):      # vectorized over the first multiple of 32, then the tail
             n32 = d - d % 32
             tail = np.float32(0)
             for j in range(n32, d):
-                tail += _f16(rec[r, off + U(j)]) * x[j]
-            return dot_f16(rec, r, U(2) * off, x, U(n32)) + tail
+                tail += _f16(rec[r, off + U(j)]) * x[t, j]
+            return dot_f16(rec, r, U(2) * off, x, U(t), U(n32)) + tail
         return f16
 
-    def f32(rec, r, off, x, d):          # f32 bundles: a plain loop, which LLVM vectorizes
+    def f32(rec, r, off, x, t, d):          # f32 bundles: a plain loop, which LLVM vectorizes
         tot = np.float32(0)
         for j in range(d):
-            tot = tot + rec[r, off + U(j)] * x[j]
+            tot = tot + rec[r, off + U(j)] * x[t, j]
         return tot
     return f32
 
@@ -101,81 +108,116 @@ def quantize_x(x, xq, xd, xs):
 
 
 @njit(inline="always")
-def _sum_threads(acc, out):
-    # out [d] += the per-thread accumulators acc [nt, d]
-    for t in range(acc.shape[0]):
-        for j in range(out.shape[0]):
-            out[j] += acc[t, j]
+def _wanted(sel, t, k):
+    # whether token t needs record k (sel [0, 0]: every token needs every record)
+    return sel.shape[0] == 0 or sel[t, k]
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def _ffn_float(rec, rows, x, gate, up, down, bias, d, acc, out):
-    # rec [n, R] f16 bits (uint16) or f32; gate/up/down/bias element offsets in a record, -1 if absent
-    acc[:] = 0
-    m = rows.shape[0]
+def _act_float(rec, rows, ids, x, sel, gate, up, bias, d, h):
+    # h[t, ids[k]] = activation of record rows[k] of rec for each token t that wants it; rec [n, R]
+    # f16 bits (uint16) or f32, gate/up/bias element offsets in a record (-1 if absent), x [T, d]
+    m, T = rows.shape[0], x.shape[0]
     for k in prange(m):
         if k + AHEAD < m:
             prefetch_row(rec, U(rows[k + AHEAD]), U(rec.shape[1] * rec.itemsize))
         r = U(rows[k])
-        u = _dot(rec, r, U(up), x, d)
-        if gate < 0:
-            u += _f32(rec[r, U(bias)])
-            hv = u if u > 0 else np.float32(0)
-        else:
-            hv = _silu_mul(_dot(rec, r, U(gate), x, d), u)
-        if hv != 0:
-            _axpy(acc, numba.get_thread_id(), hv, rec, r, U(down), d)
-    _sum_threads(acc, out)
+        for t in range(T):
+            if not _wanted(sel, t, k):
+                continue
+            u = _dot(rec, r, U(up), x, t, d)
+            if gate < 0:
+                u += _f32(rec[r, U(bias)])
+                h[t, ids[k]] = u if u > 0 else np.float32(0)
+            else:
+                h[t, ids[k]] = _silu_mul(_dot(rec, r, U(gate), x, t, d), u)
 
 
 @njit(inline="always", fastmath=True)
-def _act_quant(p, q, s16, f32, r, xq, xd, xs, gq, uq, gs, us, gm, um, bias, ng):
-    # one neuron's activation from quantized gate/up rows (q4 where a minimum offset is given, else q8)
+def _act_quant(p, q, s16, f32, r, xq, xd, xs, t, gq, uq, gs, us, gm, um, bias, ng):
+    # one neuron's activation for token t from quantized gate/up rows (q4 where a minimum offset is
+    # given, else q8)
     if um >= 0:
-        u = qdot_q4(p, s16, r, U(uq), U(us), U(um), xq, xd, xs, ng)
+        u = qdot_q4(p, s16, r, U(uq), U(us), U(um), xq, xd, xs, U(t), ng)
     else:
-        u = qdot_q8(q, s16, r, U(uq), U(us), xq, xd, ng)
+        u = qdot_q8(q, s16, r, U(uq), U(us), xq, xd, U(t), ng)
     if gq < 0:
         u += f32[r, U(bias)]
         return u if u > 0 else np.float32(0)
     if gm >= 0:
-        g = qdot_q4(p, s16, r, U(gq), U(gs), U(gm), xq, xd, xs, ng)
+        g = qdot_q4(p, s16, r, U(gq), U(gs), U(gm), xq, xd, xs, U(t), ng)
     else:
-        g = qdot_q8(q, s16, r, U(gq), U(gs), xq, xd, ng)
+        g = qdot_q8(q, s16, r, U(gq), U(gs), xq, xd, U(t), ng)
     return _silu_mul(g, u)
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def _ffn_quant(p, q, s16, f32, rows, xq, xd, xs, gq, uq, dq, gs, us, ds, gm, um, dm, bias, ng, acc, out):
-    # p [n, R] uint8 / q int8 / s16 [n, R/2] uint16 / f32 [n, R/4]: views of the same records. Code
-    # offsets in bytes, scale/minimum offsets in u16 elements (minimum -1: that vector is q8), bias
-    # in f32 elements (-1: gated). x as int8 (xq, xd) and its group sums xs.
-    acc[:] = 0
+def _act_quant_rows(p, q, s16, f32, rows, ids, sel, T, xq, xd, xs, gq, uq, gs, us, gm, um, bias, ng, h):
+    # h[t, ids[k]] = activation of record rows[k] for each token t < T that wants it. p [n, R] uint8,
+    # q int8, s16 uint16, f32: views of the same records; code offsets in bytes, scale/minimum offsets
+    # in u16 elements (minimum -1: that vector is q8), bias in f32 elements (-1: gated); x as int8
+    # (xq, xd [T, ...]) and its group sums xs
     m = rows.shape[0]
     for k in prange(m):
         if k + AHEAD < m:
             prefetch_row(p, U(rows[k + AHEAD]), U(p.shape[1]))
         r = U(rows[k])
-        hv = _act_quant(p, q, s16, f32, r, xq, xd, xs, gq, uq, gs, us, gm, um, bias, ng)
-        if hv == 0:
-            continue
-        t = numba.get_thread_id()
-        if dm < 0:
-            _axpy_q8(acc, t, hv, q, s16, r, U(dq), U(ds), ng)
-        else:
-            _axpy_q4(acc, t, hv, p, s16, r, U(dq), U(ds), U(dm), ng)
-    _sum_threads(acc, out)
+        for t in range(T):
+            if _wanted(sel, t, k):
+                h[t, ids[k]] = _act_quant(p, q, s16, f32, r, xq, xd, xs, t, gq, uq, gs, us, gm, um, bias, ng)
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def _act_quant_rows(p, q, s16, f32, rows, xq, xd, xs, gq, uq, gs, us, gm, um, bias, ng, h):
-    # h[rows[k]] = activation of record rows[k] (gate/up only: the down product is done elsewhere)
-    m = rows.shape[0]
-    for k in prange(m):
-        if k + AHEAD < m:
-            prefetch_row(p, U(rows[k + AHEAD]), U(p.shape[1]))
-        r = U(rows[k])
-        h[r] = _act_quant(p, q, s16, f32, r, xq, xd, xs, gq, uq, gs, us, gm, um, bias, ng)
+def _down_float(ra, rb, rows, ids, starts, h, T, down, d, nb, part):
+    # part[t * nb + block] += h[t, n] * down column of record n, block by block (``starts``: where
+    # each block's run of ``ids`` begins), each block's records in id order; rows[k] >= 0: a row
+    # of ra, else row -rows[k] - 1 of rb
+    for g in prange(starts.shape[0] - 1):
+        a, b = starts[g], starts[g + 1]
+        blk = ids[a] // BLOCK
+        for k in range(a, b):
+            rk = rows[k]
+            for t in range(T):
+                hv = h[t, ids[k]]
+                if hv == 0:
+                    continue
+                if rk >= 0:
+                    _axpy(part, t * nb + blk, hv, ra, U(rk), U(down), d)
+                else:
+                    _axpy(part, t * nb + blk, hv, rb, U(-rk - 1), U(down), d)
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _down_quant(pa, qa, sa, pb, qb, sb, rows, ids, starts, h, T, dq, ds, dm, ng, nb, part):
+    # _down_float for q8 (dm < 0) or q4 down columns: records as uint8 / int8 / uint16 views
+    for g in prange(starts.shape[0] - 1):
+        a, b = starts[g], starts[g + 1]
+        blk = ids[a] // BLOCK
+        for k in range(a, b):
+            rk = rows[k]
+            for t in range(T):
+                hv = h[t, ids[k]]
+                if hv == 0:
+                    continue
+                row = t * nb + blk
+                if rk >= 0:
+                    if dm < 0:
+                        _axpy_q8(part, row, hv, qa, sa, U(rk), U(dq), U(ds), ng)
+                    else:
+                        _axpy_q4(part, row, hv, pa, sa, U(rk), U(dq), U(ds), U(dm), ng)
+                elif dm < 0:
+                    _axpy_q8(part, row, hv, qb, sb, U(-rk - 1), U(dq), U(ds), ng)
+                else:
+                    _axpy_q4(part, row, hv, pb, sb, U(-rk - 1), U(dq), U(ds), U(dm), ng)
+
+
+@njit(cache=True, nogil=True)
+def _sum_blocks(part, T, nb, out):
+    # out[t] += part[t * nb + b] for b in order (no fastmath: the order is the point)
+    for t in range(T):
+        for b in range(nb):
+            for j in range(out.shape[1]):
+                out[t, j] += part[t * nb + b, j]
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
@@ -197,64 +239,135 @@ def _dequantize_field(p, q, s16, off, so, mo, ng, out):
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def _matvec_q8(q, s16, xq, xd, y):
-    # q [n, k] int8 codes, s16 [n, k / 32] f16 bits; y [n] = dequantized q @ (x as int8: xq, xd)
+def _matmat_q8(q, s16, xq, xd, T, y):
+    # q [n, k] int8 codes, s16 [n, k / 32] f16 bits; y[t] = dequantized q @ (x[t] as int8: xq, xd)
+    # for t < T, each row read once for all T
     ng = q.shape[1] // 32
     for r in prange(q.shape[0]):
-        y[r] = qdot_q8(q, s16, U(r), U(0), U(0), xq, xd, ng)
+        for t in range(T):
+            y[t, r] = qdot_q8(q, s16, U(r), U(0), U(0), xq, xd, U(t), ng)
+
+
+def quantize_rows(x: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray) -> None:
+    """quantize_x of each row of x [T, 32 ng] into rows of xq, xd, xs."""
+    for t in range(x.shape[0]):
+        quantize_x(x[t], xq[t], xd[t], xs[t])
+
+
+def block_starts(ids: np.ndarray) -> np.ndarray:
+    """Where each BLOCK of neuron ids begins in ``ids`` (ascending), and len(ids) at the end."""
+    blk = ids // BLOCK
+    return np.concatenate([[0], np.flatnonzero(blk[1:] != blk[:-1]) + 1, [len(ids)]]).astype(np.int64)
 
 
 class RecordKernel:
-    """The decode FFN over one bundle's records: field offsets from its layout, per-thread
-    accumulators preallocated."""
+    """The FFN over one bundle's records for up to SMALL_T tokens, in an order that does not depend
+    on where the records sit or how they are split into calls: a token's output is a function of x
+    and the set of neurons it computes, so decode, a streamed decode and a speculative verification
+    of several tokens agree bit for bit.
 
-    def __init__(self, layout, dtype: str, d_model: int):
-        self.d, self.dtype = d_model, dtype
-        # one accumulator per thread numba may run (numba.get_thread_id() indexes them)
-        self.acc = np.zeros((numba.config.NUMBA_NUM_THREADS, d_model), np.float32)
+    A layer is ``begin(x)``, then any number of ``activations`` (gate/up: one value per neuron and
+    token, into h) and ``down`` calls (each neuron's down column scaled by its activation, into
+    per-block accumulators of BLOCK neurons, each block's records in ascending id order), then
+    ``finish(out)``, which adds the blocks in order. A block's records may come in several ``down``
+    calls as long as the calls go in ascending id order.
+    """
+
+    def __init__(self, layout, dtype: str, d_model: int, d_ff: int):
+        self.d, self.dtype, self.T = d_model, dtype, 0
+        self.nb = -(-d_ff // BLOCK)
+        self.h = np.zeros((SMALL_T, d_ff), np.float32)                   # activations per token
+        self.part = np.zeros((SMALL_T * self.nb, d_model), np.float32)     # per token and block
         f = {x.name: x for x in layout.fields}
         if dtype in ("f16", "f32"):
             item = 2 if dtype == "f16" else 4
             off = {x.name: x.offset // item for x in layout.fields}
-            self.gate, self.up, self.down = off.get("gate", -1), off["up"], off["down"]
+            self.gate, self.up, self.down_off = off.get("gate", -1), off["up"], off["down"]
             self.bias = off.get("up_bias", -1)
+            self.x = np.zeros((SMALL_T, d_model), np.float32)
         else:
             # codes: byte offsets; scales/minimums: u16 offsets; the OPT up bias: f32 offset
             self.bias = f["up_bias"].offset // 4 if "up_bias" in f else -1
             self.q = {v: f[v].offset if v in f else -1 for v in ("gate", "up", "down")}
             self.s = {v: f[v + ".scale"].offset // 2 if v + ".scale" in f else -1 for v in ("gate", "up", "down")}
             self.m = {v: f[v + ".min"].offset // 2 if v + ".min" in f else -1 for v in ("gate", "up", "down")}
-            self.xq = np.zeros(d_model, np.int8)                 # x as int8 codes, scales, sums
-            self.xd = np.zeros(d_model // 32, np.float32)
-            self.xs = np.zeros(d_model // 32, np.float32)
+            self.xq = np.zeros((SMALL_T, d_model), np.int8)                # x as int8 codes, scales, sums
+            self.xd = np.zeros((SMALL_T, d_model // 32), np.float32)
+            self.xs = np.zeros((SMALL_T, d_model // 32), np.float32)
+        self.all_sel = np.zeros((0, 0), np.bool_)
 
     @property
     def nbytes(self) -> int:
-        return self.acc.nbytes + sum(getattr(self, n, self.acc[:0]).nbytes for n in ("xq", "xd", "xs"))
+        return sum(a.nbytes for a in self.scratch_arrays())
 
-    def __call__(self, recs: np.ndarray, rows: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
-        """out [d] += FFN over records ``recs[rows]``; recs [n, record_bytes] uint8, x [d] f32."""
+    def scratch_arrays(self) -> list:
+        names = ("h", "part", "x") if self.dtype in ("f16", "f32") else ("h", "part", "xq", "xd", "xs")
+        return [getattr(self, n) for n in names]
+
+    @staticmethod
+    def scratch_bytes(layout, dtype: str, d_model: int, d_ff: int) -> int:
+        nb = -(-d_ff // BLOCK)
+        x = 4 * d_model if dtype in ("f16", "f32") else d_model + 8 * (d_model // 32)
+        return SMALL_T * (4 * d_ff + 4 * nb * d_model + x)
+
+    def begin(self, x: np.ndarray) -> None:
+        """Start a layer for x [T, d] f32 (T <= SMALL_T): no activations, empty blocks."""
+        T = self.T = x.shape[0]
+        self.h[:T] = 0
+        self.part[:T * self.nb] = 0
+        if self.dtype in ("f16", "f32"):
+            self.x[:T] = x
+        else:
+            quantize_rows(x, self.xq, self.xd, self.xs)
+
+    def activations(self, recs: np.ndarray, rows: np.ndarray, ids: np.ndarray, sel: np.ndarray | None = None,
+                    h: np.ndarray | None = None) -> None:
+        """h[t, ids[k]] = the activation of record ``recs[rows[k]]`` (neuron ids[k]) for each token t
+        with sel[t, k] (sel None: every token); recs [n, record_bytes] uint8, possibly ending before
+        the down column. ``h`` defaults to the kernel's own [SMALL_T, d_ff]."""
         if len(rows) == 0:
             return
+        h = self.h if h is None else h
+        sel = self.all_sel if sel is None else sel
         if self.dtype in ("f16", "f32"):
-            _ffn_float(recs.view(np.uint16 if self.dtype == "f16" else np.float32), rows, x, self.gate,
-                       self.up, self.down, self.bias, self.d, self.acc, out)
+            _act_float(recs.view(np.uint16 if self.dtype == "f16" else np.float32), rows, ids, self.x[:self.T], sel,
+                       self.gate, self.up, self.bias, self.d, h)
             return
-        q, s, m, ng = self.q, self.s, self.m, self.d // 32
-        quantize_x(x, self.xq, self.xd, self.xs)
-        _ffn_quant(recs, recs.view(np.int8), recs.view(np.uint16), recs.view(np.float32), rows, self.xq,
-                   self.xd, self.xs, q["gate"], q["up"], q["down"], s["gate"], s["up"], s["down"], m["gate"],
-                   m["up"], m["down"], self.bias, ng, self.acc, out)
-
-
-    def activations(self, recs: np.ndarray, rows: np.ndarray, x: np.ndarray, h: np.ndarray) -> None:
-        """h[rows] = the activations of quantized records ``recs[rows]`` (gate and up only; recs
-        may end before the down column), x [d] f32; other entries of h are left as they are."""
         q, s, m = self.q, self.s, self.m
-        quantize_x(x, self.xq, self.xd, self.xs)
-        _act_quant_rows(recs, recs.view(np.int8), recs.view(np.uint16), recs.view(np.float32), rows, self.xq,
-                        self.xd, self.xs, q["gate"], q["up"], s["gate"], s["up"], m["gate"], m["up"], self.bias,
-                        self.d // 32, h)
+        _act_quant_rows(recs, recs.view(np.int8), recs.view(np.uint16), recs.view(np.float32), rows, ids, sel,
+                        self.T, self.xq, self.xd, self.xs, q["gate"], q["up"], s["gate"], s["up"], m["gate"],
+                        m["up"], self.bias, self.d // 32, h)
+
+    def down(self, ra: np.ndarray, rows: np.ndarray, ids: np.ndarray, rb: np.ndarray | None = None) -> None:
+        """Add each record's down column times its activations: record k is ``ra[rows[k]]``, or
+        ``rb[-rows[k] - 1]`` where rows[k] < 0; ids ascending, and above every id of earlier calls
+        in the same block."""
+        if len(rows) == 0:
+            return
+        rb = ra[:0] if rb is None else rb
+        starts = block_starts(ids)
+        if self.dtype in ("f16", "f32"):
+            v = np.uint16 if self.dtype == "f16" else np.float32
+            _down_float(ra.view(v), rb.view(v), rows, ids, starts, self.h, self.T, self.down_off, self.d,
+                        self.nb, self.part)
+            return
+        _down_quant(ra, ra.view(np.int8), ra.view(np.uint16), rb, rb.view(np.int8), rb.view(np.uint16), rows, ids,
+                    starts, self.h, self.T, self.q["down"], self.s["down"], self.m["down"], self.d // 32, self.nb,
+                    self.part)
+
+    def finish(self, out: np.ndarray) -> None:
+        """out [T, d] += the layer's blocks, in order."""
+        _sum_blocks(self.part, self.T, self.nb, out)
+
+    def __call__(self, recs: np.ndarray, rows: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+        """out [d] += FFN over records ``recs[rows]`` (rows ascending: neuron ids), x [d] f32."""
+        if len(rows) == 0:
+            return
+        rows = np.sort(np.asarray(rows, np.int64))
+        self.begin(x[None])
+        self.activations(recs, rows, rows)
+        self.down(recs, rows, rows)
+        self.finish(out[None])
 
     def dequantize(self, part: np.ndarray, name: str, out: np.ndarray) -> np.ndarray:
         """Vector ``name`` (gate/up/down) of quantized records part [c, record_bytes] as f32 into
@@ -270,8 +383,9 @@ class QuantMatrix:
     (``storage.format.quantized_dense``); ``matmul`` is what ``models.common.linear`` calls, and
     ``rows`` what an embedding lookup calls.
 
-    One token (decode) runs the parallel numba matrix-vector kernel on the codes; several tokens
-    (prefill) dequantize UPCAST_BYTES of f32 rows at a time for BLAS.
+    Up to SMALL_T tokens run the parallel numba kernel on the codes (each row read once for all of
+    them, each token's values exactly those of a one-token call); more tokens (a prefill) dequantize
+    UPCAST_BYTES of f32 rows at a time for BLAS.
     """
 
     UPCAST_BYTES = 16 << 20
@@ -279,14 +393,15 @@ class QuantMatrix:
     def __init__(self, codes: np.ndarray, scales: np.ndarray):
         self.codes, self.scales16 = codes, scales.view(np.uint16)    # [out, in] int8, [out, in/32]
         self.shape = codes.shape
-        n, k = codes.shape                 # decode scratch: x as int8 codes, group scales and sums
-        self.xq, self.xd, self.xs = np.empty(k, np.int8), np.empty(k // 32, np.float32), np.empty(k // 32, np.float32)
+        n, k = codes.shape                 # scratch: x as int8 codes, group scales and sums per token
+        self.xq = np.empty((SMALL_T, k), np.int8)
+        self.xd, self.xs = np.empty((SMALL_T, k // 32), np.float32), np.empty((SMALL_T, k // 32), np.float32)
         self.y = torch.empty(1, n)         # the decode output [1, out], reused: valid until the next call
 
     @staticmethod
     def scratch_bytes(n: int, k: int) -> int:
-        """Decode scratch of an [n, k] matrix: int8 x, its group scales and sums, the output row."""
-        return k + 2 * 4 * (k // 32) + 4 * n
+        """Scratch of an [n, k] matrix: int8 x, its group scales and sums per token, the output row."""
+        return SMALL_T * (k + 2 * 4 * (k // 32)) + 4 * n
 
     def scratch_arrays(self) -> list:
         return [self.xq, self.xd, self.xs, self.y]
@@ -303,10 +418,12 @@ class QuantMatrix:
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, in] f32 -> [T, out] f32. For one token the result is this matrix's reused output
         row: valid until its next call (callers that keep it, like the head's logits, copy it)."""
-        if x.shape[0] == 1:
-            quantize_x(np.ascontiguousarray(x[0].numpy()), self.xq, self.xd, self.xs)
-            _matvec_q8(self.codes, self.scales16, self.xq, self.xd, self.y[0].numpy())
-            return self.y
+        T = x.shape[0]
+        if T <= SMALL_T:
+            quantize_rows(np.ascontiguousarray(x.numpy()), self.xq, self.xd, self.xs)
+            y = self.y if T == 1 else torch.empty(T, self.shape[0])
+            _matmat_q8(self.codes, self.scales16, self.xq, self.xd, T, y.numpy())
+            return y
         rows = max(1, self.UPCAST_BYTES // (4 * self.shape[1]))
         s = self.scales16.view(np.float16)
         return torch.cat([F.linear(x, torch.from_numpy(dequantize_q8(self.codes[a:a + rows], s[a:a + rows])))
@@ -324,7 +441,11 @@ def warm_up() -> None:
                           activation="silu" if gated else "relu")
         for dtype in ("f16", "f32", "int8", "int4"):
             lay = record_layout(cfg, dtype)
-            k = RecordKernel(lay, dtype, 32)
-            k(np.zeros((2, lay.record_bytes), np.uint8), np.arange(2), np.ones(32, np.float32),
-              np.zeros(32, np.float32))
+            k = RecordKernel(lay, dtype, 32, 2)
+            recs = np.zeros((2, lay.record_bytes), np.uint8)
+            k(recs, np.arange(2), np.ones(32, np.float32), np.zeros(32, np.float32))
+            k.begin(np.ones((2, 32), np.float32))
+            k.activations(recs, np.arange(2), np.arange(2), np.ones((2, 2), np.bool_))
+            k.down(recs, np.array([0, -1]), np.arange(2), recs)
     QuantMatrix(np.zeros((2, 32), np.int8), np.zeros((2, 1), np.float16)).matmul(torch.ones(1, 32))
+    QuantMatrix(np.zeros((2, 32), np.int8), np.zeros((2, 1), np.float16)).matmul(torch.ones(2, 32))

@@ -90,15 +90,15 @@ def _group_loop(context, builder, ng, body):
 
 
 @intrinsic
-def dot_f16(typingctx, h, r, off, x, n32):
-    """f16 values at byte ``off`` of row r dotted with x, over the first n32 values (a multiple of
-    32; the caller adds the tail)."""
-    sig = types.float32(h, r, off, x, n32)
+def dot_f16(typingctx, h, r, off, x, t, n32):
+    """f16 values at byte ``off`` of row r dotted with row t of x [T, d], over the first n32 values
+    (a multiple of 32; the caller adds the tail)."""
+    sig = types.float32(h, r, off, x, t, n32)
 
     def codegen(context, builder, signature, args):
-        h_, r_, off_, x_, n_ = args
+        h_, r_, off_, x_, t_, n_ = args
         row = _at(builder, _row_ptr(context, builder, signature.args[0], h_, r_), off_)
-        xp = builder.ptrtoint(context.make_array(signature.args[3])(context, builder, x_).data, _I64)
+        xp = _row_ptr(context, builder, signature.args[3], x_, t_)
         v8h = ir.VectorType(_F16, 8)
 
         def body(g, acc):
@@ -231,14 +231,14 @@ def _qdot_codegen(kind):
     do not wait on each other), then an odd last group."""
     def codegen(context, builder, signature, args):
         if kind == "q8":
-            w_, s_, r_, off_, so_, xq_, xd_, ng_ = args
+            w_, s_, r_, off_, so_, xq_, xd_, t_, ng_ = args
             nx = 5
         else:
-            w_, s_, r_, off_, so_, mo_, xq_, xd_, xs_, ng_ = args
+            w_, s_, r_, off_, so_, mo_, xq_, xd_, xs_, t_, ng_ = args
             nx = 6
 
-        def data(i, v):
-            return builder.ptrtoint(context.make_array(signature.args[i])(context, builder, v).data, _I64)
+        def data(i, v):          # row t of an x array [T, ...]
+            return _row_ptr(context, builder, signature.args[i], v, t_)
         row = _row_ptr(context, builder, signature.args[0], w_, r_)
         srow = _row_ptr(context, builder, signature.args[1], s_, r_)
         xqp, xdp = data(nx, xq_), data(nx + 1, xd_)
@@ -280,15 +280,16 @@ def _qdot_codegen(kind):
 
 
 @intrinsic
-def qdot_q8(typingctx, q, s16, r, off, so, xq, xd, ng):
+def qdot_q8(typingctx, q, s16, r, off, so, xq, xd, t, ng):
     """Row r of q8 codes q (int8, from byte ``off``) with f16 scales (s16 from element ``so``), dotted
-    with x quantized to int8 (xq, group scales xd) over ``ng`` groups of 32 -> float32."""
-    return types.float32(q, s16, r, off, so, xq, xd, ng), _qdot_codegen("q8")
+    with row t of x quantized to int8 (xq [T, d], group scales xd [T, d / 32]) over ``ng`` groups
+    of 32 -> float32."""
+    return types.float32(q, s16, r, off, so, xq, xd, t, ng), _qdot_codegen("q8")
 
 
 @intrinsic
-def qdot_q4(typingctx, p, s16, r, off, so, mo, xq, xd, xs, ng):
+def qdot_q4(typingctx, p, s16, r, off, so, mo, xq, xd, xs, t, ng):
     """Row r of q4 codes p (two per byte, from byte ``off``) with f16 scales and minimums (s16 from
-    elements ``so`` and ``mo``), dotted with x quantized to int8 (xq, xd) over ``ng`` groups of 32;
-    xs holds the float sums of x per group (for the minimums' term) -> float32."""
-    return types.float32(p, s16, r, off, so, mo, xq, xd, xs, ng), _qdot_codegen("q4")
+    elements ``so`` and ``mo``), dotted with row t of x quantized to int8 (xq, xd) over ``ng``
+    groups of 32; xs [T, d / 32] holds the float sums of x per group (for the minimums' term)."""
+    return types.float32(p, s16, r, off, so, mo, xq, xd, xs, t, ng), _qdot_codegen("q4")

@@ -12,10 +12,24 @@ import torch.nn.functional as F
 
 from storage.config import ModelConfig
 
-from flashinfer_local.kernels import QuantMatrix
+from flashinfer_local.kernels import SMALL_T, QuantMatrix
 
 
 UPCAST_BYTES = 16 << 20     # f32 weight scratch of one prefill matmul step (counted in the budget's slack)
+
+
+def by_token(T: int) -> bool:
+    """Whether a forward of T tokens runs each token as a one-token forward would: 2..SMALL_T tokens
+    (a speculative verification, a short prompt). Reductions, transcendental functions and
+    matrix products are then computed row by row or by kernels that treat each row alone, so the
+    values do not depend on the batch (BLAS and vectorized torch kernels pick their summation
+    order and vector tails by shape)."""
+    return 1 < T <= SMALL_T
+
+
+def per_row(fn, x: torch.Tensor) -> torch.Tensor:
+    """fn applied to each row x[t:t + 1] of x [T, ...] separately -> the rows stacked."""
+    return torch.cat([fn(x[t:t + 1]) for t in range(x.shape[0])])
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -30,6 +44,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     if isinstance(w, QuantMatrix):            # int8 codes + group scales (int8/int4 bundles)
         y = w.matmul(x)
         return y if b is None else y + b
+    if by_token(x.shape[0]):
+        return per_row(lambda r: linear(r, w, b), x)
     if w.dtype == x.dtype:
         return F.linear(x, w, b)
     if x.shape[0] == 1:
@@ -57,10 +73,14 @@ def embed_rows(table, tokens: torch.Tensor) -> torch.Tensor:
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     # x [T, d], w [d]
+    if by_token(x.shape[0]):
+        return per_row(lambda r: rms_norm(r, w, eps), x)
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
 def layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
+    if by_token(x.shape[0]):
+        return per_row(lambda r: layer_norm(r, w, b, eps), x)
     return F.layer_norm(x, (x.shape[-1],), w, b, eps)
 
 
@@ -124,6 +144,11 @@ def attention(cfg: ModelConfig, w: dict, p: str, layer: int, h: torch.Tensor, po
               cache: KVCache) -> torch.Tensor:
     """Self-attention of T new tokens at positions [pos, pos+T) against the cache. h [T, d] -> [T, d]."""
     T = h.shape[0]
+    if by_token(T):       # token t attends as a decode step at pos + t would
+        out = torch.empty(T, cfg.d_model)
+        for t in range(T):    # each copied out at once: a quantized o projection reuses its output row
+            out[t] = attention(cfg, w, p, layer, h[t:t + 1], pos + t, cache)[0]
+        return out
     H, KV, hd = cfg.n_heads, cfg.n_kv_heads[layer], cfg.head_dim
     q = linear(h, w[p + "q.weight"], w.get(p + "q.bias")).view(T, H, hd).transpose(0, 1)
     k = linear(h, w[p + "k.weight"], w.get(p + "k.bias")).view(T, KV, hd).transpose(0, 1)

@@ -23,7 +23,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numba
 import numpy as np
 
 from predictors import store
@@ -33,7 +32,7 @@ from storage.config import ModelConfig
 from storage.errors import FlashinferError
 from storage.reader import Bundle
 
-from flashinfer_local.kernels import QuantMatrix
+from flashinfer_local.kernels import QuantMatrix, RecordKernel
 from flashinfer_local.runtime.dram import CHUNK_ROWS, splits_down
 from flashinfer_local.units import fmt_bytes
 
@@ -127,14 +126,14 @@ def tokenizer_bytes(tokenizer_file_bytes: int) -> int:
 
 
 def compute_scratch_bytes(s: Sizes) -> int:
-    """What ``dram.RecordCompute`` allocates: the decode kernel's per-thread accumulators (one per
-    thread numba may run), the decode output row, the int8 copy of x, and for quantized records the
-    f32 field matrices of one prefill chunk."""
+    """What ``dram.RecordCompute`` allocates: the kernel's activations, per-block accumulators and
+    copy of x for up to SMALL_T tokens (``kernels.RecordKernel``), the decode output row, and for
+    quantized records the f32 field matrices of one prefill chunk."""
     d = s.cfg.d_model
-    acc = numba.config.NUMBA_NUM_THREADS * d * 4 + 4 * d          # + the reused decode output row
+    kernel = RecordKernel.scratch_bytes(s.layout, s.ffn_dtype, d, s.cfg.d_ff) + 4 * d
     if s.ffn_dtype in fmt.DTYPES:
-        return acc
-    return acc + d + 2 * 4 * (d // 32) + len(fmt.weight_fields(s.cfg)) * CHUNK_ROWS * d * 4
+        return kernel
+    return kernel + len(fmt.weight_fields(s.cfg)) * CHUNK_ROWS * d * 4
 
 
 def dram_ffn_bytes(s: Sizes) -> tuple[int, int]:
@@ -147,7 +146,7 @@ def dram_ffn_bytes(s: Sizes) -> tuple[int, int]:
         item = np.dtype(fmt.DTYPES[s.ffn_dtype]).itemsize
         per_layer = ff * d * item * (3 if cfg.gated else 2) + (0 if cfg.gated else 4 * ff)
         return n * per_layer, 0
-    scratch = compute_scratch_bytes(s) + 4 * ff                        # + the activations h [d_ff]
+    scratch = compute_scratch_bytes(s)
     if not splits_down(cfg, lay):
         return n * ff * lay.record_bytes, scratch
     down = lay.field("down")

@@ -15,7 +15,7 @@ from storage import format as fmt
 from storage.quant import quantize_q8
 from storage.reader import Bundle
 
-from flashinfer_local.kernels import QuantMatrix, RecordKernel
+from flashinfer_local.kernels import SMALL_T, QuantMatrix, RecordKernel
 from flashinfer_local.models.common import linear
 from flashinfer_local.runtime.backend import FFNCounters, arrays_of
 
@@ -32,18 +32,25 @@ def splits_down(cfg, layout: fmt.RecordLayout) -> bool:
     return SPLIT_DOWN and layout.field("down").dtype == "q8" and cfg.d_ff % 32 == 0
 
 
+def token_selection(mask: torch.Tensor | None, ids: np.ndarray) -> np.ndarray | None:
+    """Which tokens need each of neurons ``ids``: mask [T, d_ff] -> [T, len(ids)] bool (None: all)."""
+    return None if mask is None else np.ascontiguousarray(mask.numpy()[:, ids])
+
+
 class RecordCompute:
     """The FFN of a set of records [m, record_bytes] (u8), accumulated into out [T, d].
 
-    Decode (T = 1) runs the fused numba kernel over the records in place; a prefill (T > 1) turns
-    CHUNK_ROWS records at a time into f32 field matrices (a view for f16/f32, dequantization for
-    int8/int4) and uses BLAS, so its scratch stays bounded whatever the number of records.
+    Up to SMALL_T tokens (decode, speculative verification) run the numba kernel in place, one
+    layer as ``begin`` / ``activations`` / ``down`` / ``finish`` (``kernels.RecordKernel``: each
+    token's values exactly what it would get alone). A prefill turns CHUNK_ROWS records at a time
+    into f32 field matrices (a view for f16/f32, dequantization for int8/int4) and uses BLAS
+    (``__call__``), so its scratch stays bounded whatever the number of records.
     """
 
     def __init__(self, bundle: Bundle):
         cfg, lay = bundle.config, bundle.layout
         self.gated, self.layout = cfg.gated, lay
-        self.kernel = RecordKernel(lay, bundle.ffn_dtype, cfg.d_model)
+        self.kernel = RecordKernel(lay, bundle.ffn_dtype, cfg.d_model, cfg.d_ff)
         self.tdt = TORCH_DT.get(bundle.ffn_dtype)             # None: quantized records
         if self.tdt is not None:
             item = np.dtype(fmt.DTYPES[bundle.ffn_dtype]).itemsize
@@ -56,8 +63,12 @@ class RecordCompute:
         self.out = torch.zeros(1, cfg.d_model)      # a decode token's output, reused by the backends
 
     def arrays(self) -> list[np.ndarray]:
-        """Its scratch: the kernel's accumulators and int8 x, the prefill chunk's f32 matrices."""
-        return arrays_of(self.kernel) + list(self.buf.values()) + [self.out]
+        """Its scratch: the kernel's, the prefill chunk's f32 matrices, the decode output row."""
+        return self.kernel.scratch_arrays() + list(self.buf.values()) + [self.out]
+
+    def output(self, T: int) -> torch.Tensor:
+        """A zeroed output [T, d] (one token: the reused row)."""
+        return self.out.zero_() if T == 1 else torch.zeros(T, self.out.shape[1])
 
     def _fields(self, part: np.ndarray, down: bool = True) -> dict[str, torch.Tensor]:
         """Records part [c, ...] as f32 field matrices (``down``: with the down columns; without,
@@ -72,7 +83,7 @@ class RecordCompute:
         return f
 
     def activations(self, x: torch.Tensor, part: np.ndarray | None = None, f: dict | None = None) -> torch.Tensor:
-        """x [T, d] -> the activations [T, c] of records part [c, ...] (or of its fields ``f``)."""
+        """x [T, d] -> the activations [T, c] of records part [c, ...] (or of its fields ``f``), by BLAS."""
         f = f if f is not None else self._fields(part, down=False)
         if self.gated:
             return F.silu(F.linear(x, f["gate"])) * F.linear(x, f["up"])
@@ -80,14 +91,8 @@ class RecordCompute:
 
     def __call__(self, x: torch.Tensor, recs: np.ndarray, out: torch.Tensor,
                  rows: np.ndarray | None = None, mask: torch.Tensor | None = None) -> None:
-        """out += FFN of ``recs`` (or ``recs[rows]``, gathered a chunk at a time); ``mask`` [T, m]
-        (with all records, rows None) zeroes each token's unselected neurons."""
-        if mask is not None and x.shape[0] == 1:
-            rows, mask = np.flatnonzero(mask[0].numpy()), None
-        if x.shape[0] == 1:       # decode: the fused kernel reads each record once, in place
-            self.kernel(recs, np.arange(recs.shape[0]) if rows is None else rows, x[0].numpy(),
-                        out[0].numpy())
-            return
+        """A prefill's out [T, d] += FFN of ``recs`` (or ``recs[rows]``, gathered a chunk at a
+        time); ``mask`` [T, m] zeroes each token's unselected neurons."""
         n = recs.shape[0] if rows is None else len(rows)
         for a in range(0, n, CHUNK_ROWS):
             part = recs[a:a + CHUNK_ROWS] if rows is None else recs[rows[a:a + CHUNK_ROWS]]
@@ -96,6 +101,23 @@ class RecordCompute:
             if mask is not None:
                 h = h * mask[:, a:a + CHUNK_ROWS]
             out.addmm_(h, f["down"])
+
+    def whole(self, x: torch.Tensor, recs: np.ndarray, mask: torch.Tensor | None) -> torch.Tensor:
+        """The FFN of one layer's records recs [d_ff, ...] for x [T, d] -> [T, d]."""
+        T = x.shape[0]
+        out = self.output(T)
+        if T > SMALL_T:
+            self(x, recs, out, mask=mask)
+            return out
+        k = self.kernel
+        ids = (np.arange(recs.shape[0]) if mask is None else
+               np.flatnonzero((mask[0] if T == 1 else mask.any(0)).numpy()))
+        sel = token_selection(mask, ids) if T > 1 else None
+        k.begin(x.numpy())
+        k.activations(recs, ids, ids, sel)
+        k.down(recs, ids, ids)
+        k.finish(out.numpy())
+        return out
 
 
 class _InDRAM:
@@ -140,31 +162,27 @@ class RecordFFN(_InDRAM):
                 rec = np.ascontiguousarray(rec[:, :down.offset])            # the gate/up part
             self.records.append(rec)
         self.all_rows = np.arange(cfg.d_ff)
-        self.h = np.zeros(cfg.d_ff, np.float32)
 
     def resident(self) -> dict[str, list]:
         qm = [a for m in self.down for a in (m.codes, m.scales16)]
         scratch = [a for m in self.down for a in m.scratch_arrays()]
-        return {"ffn_dram": self.records + qm, "buffers": self.compute.arrays() + [self.h] + scratch}
+        return {"ffn_dram": self.records + qm, "buffers": self.compute.arrays() + scratch}
 
     def __call__(self, layer: int, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         # x [T, d] -> [T, d]; mask [T, d_ff] or None
+        rec = self.records[layer]
         if not self.down:
-            out = self.compute.out.zero_() if x.shape[0] == 1 else torch.zeros(x.shape[0], x.shape[1])
-            self.compute(x, self.records[layer], out, mask=mask)
-            return out
-        rec, down = self.records[layer], self.down[layer]
-        if x.shape[0] == 1:
-            if mask is None:
-                rows = self.all_rows
-            else:                                  # unselected neurons contribute h = 0
-                rows = np.flatnonzero(mask[0].numpy())
-                self.h[:] = 0
-            self.compute.kernel.activations(rec, rows, x[0].numpy(), self.h)
-            return down.matmul(torch.from_numpy(self.h)[None])
-        h = torch.cat([self.compute.activations(x, rec[a:a + CHUNK_ROWS])
-                       for a in range(0, rec.shape[0], CHUNK_ROWS)], dim=1)        # [T, d_ff]
-        return down.matmul(h if mask is None else h * mask)
+            return self.compute.whole(x, rec, mask)
+        down, T = self.down[layer], x.shape[0]
+        if T > SMALL_T:
+            h = torch.cat([self.compute.activations(x, rec[a:a + CHUNK_ROWS])
+                           for a in range(0, rec.shape[0], CHUNK_ROWS)], dim=1)        # [T, d_ff]
+            return down.matmul(h if mask is None else h * mask)
+        k = self.compute.kernel                    # unselected neurons keep h = 0
+        rows = self.all_rows if mask is None else np.flatnonzero((mask[0] if T == 1 else mask.any(0)).numpy())
+        k.begin(x.numpy())
+        k.activations(rec, rows, rows, token_selection(mask, rows) if T > 1 else None)
+        return down.matmul(torch.from_numpy(k.h[:T]))
 
 
 def _down_matrix(rec: np.ndarray, lay: fmt.RecordLayout, block: int = 256) -> QuantMatrix:
@@ -217,6 +235,9 @@ class DenseFFN(_InDRAM):
 
     def __call__(self, layer: int, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         # x [T, d] -> [T, d]; mask [T, d_ff] or None
+        T = x.shape[0]
+        if 1 < T <= SMALL_T:           # each token exactly as decode computes it
+            return torch.cat([self(layer, x[t:t + 1], None if mask is None else mask[t:t + 1]) for t in range(T)])
         if self.gated:
             h = F.silu(linear(x, self.gate[layer])) * linear(x, self.up[layer])   # [T, d_ff]
         else:

@@ -19,7 +19,7 @@ from storage.errors import FlashinferError, OptionError
 from storage.reader import Bundle
 
 from flashinfer_local.kernels import QuantMatrix
-from flashinfer_local.models.common import linear
+from flashinfer_local.models.common import by_token, linear, per_row
 from flashinfer_local.runtime.budget import default_predictor
 from flashinfer_local.runtime.options import SELECTORS
 
@@ -59,6 +59,8 @@ class OracleSelector:
         self.nbytes = sum(t.numel() * t.element_size() for ws in self.w for t in ws if t is not None)
 
     def _top(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        if by_token(x.shape[0]):
+            return per_row(lambda r: self._top(layer, r), x)
         gate, up, bias = self.w[layer]
         u = linear(x, up, bias)
         act = F.silu(linear(x, gate)) * u if self.gated else F.relu(u)              # [T, d_ff]
@@ -118,13 +120,15 @@ class PredictorSelector:
         self.cut = [float(np.interp(sparsity, store.GRID, c)) for c in self.cutoff_table]
 
     def scores(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        # x [T, d] f32 -> [T, d_ff] f32
+        # x [T, d] f32 -> [T, d_ff] f32 (a few tokens: each row as alone, see models.common.by_token)
         if self.kind == "lowrank":
             A, B, bias = self.w[layer]
             g = linear(linear(x, A), B) + bias
-            return F.silu(g).abs() if self.gated else F.relu(g)
-        rows, bias = self.w[layer]
-        return F.silu(linear(x, rows)).abs() if self.gated else F.relu(linear(x, rows, bias))
+        else:
+            rows, bias = self.w[layer]
+            g = linear(x, rows) if self.gated else linear(x, rows, bias)
+        act = (lambda r: F.silu(r).abs()) if self.gated else F.relu
+        return per_row(act, g) if by_token(x.shape[0]) else act(g)
 
     def mask(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()

@@ -23,7 +23,8 @@ from storage.window_cache import LayerWindow
 
 from flashinfer_local.runtime.backend import FFNCounters, arrays_of
 from flashinfer_local.runtime.budget import SCRATCH_BUFFERS, BudgetPlan
-from flashinfer_local.runtime.dram import CHUNK_ROWS, RecordCompute
+from flashinfer_local.kernels import SMALL_T
+from flashinfer_local.runtime.dram import CHUNK_ROWS, RecordCompute, token_selection
 
 # Read through gaps of up to this many bytes of unwanted records rather than issue another request:
 # on this project's reference disk (tools/bench_stream.py; 9 KiB records of Qwen-1.5B f16, 8 reader
@@ -72,11 +73,11 @@ class StreamingFFN:
     def start_token(self) -> None:
         self.token += 1
 
-    # ---- compute (records [m, record_bytes] u8 -> accumulate into out [T, d])
+    # ---- a prefill (T > SMALL_T): BLAS on each part as it becomes available
     def _compute(self, x: torch.Tensor, recs: np.ndarray, out: torch.Tensor, rows: np.ndarray | None = None,
                  mask: torch.Tensor | None = None, ids: np.ndarray | None = None) -> None:
         """out += FFN of ``recs`` (or ``recs[rows]``), which hold neurons ``ids``; with a mask [T, d_ff]
-        each token computes only its own selection (several tokens: its columns ``ids``)."""
+        each token computes only its own selection (its columns ``ids``)."""
         t0 = time.perf_counter()
         self.compute(x, recs, out, rows, None if mask is None else mask[:, torch.from_numpy(ids)])
         self.t["compute_s"] += time.perf_counter() - t0
@@ -86,8 +87,9 @@ class StreamingFFN:
         batch.wait()
         self.t["io_wait_s"] += time.perf_counter() - t0
 
-    def _stream(self, layer: int, x: torch.Tensor, ids: np.ndarray, out: torch.Tensor, mask) -> None:
-        """Read ``ids`` in chunks through the two scratch buffers, computing one while reading the next."""
+    def _chunks(self, layer: int, ids: np.ndarray):
+        """Yield (chunk ids, their records in a scratch buffer), reading the next chunk while the
+        caller computes on the current one."""
         chunks = [ids[a:a + CHUNK_ROWS] for a in range(0, len(ids), CHUNK_ROWS)]
         if not chunks:
             return
@@ -97,7 +99,84 @@ class StreamingFFN:
             if j + 1 < len(chunks):
                 nxt = chunks[j + 1]
                 pending = self.reader.submit(layer, nxt, self.scratch[(j + 1) % 2][:len(nxt)])
-            self._compute(x, self.scratch[j % 2][:len(ch)], out, mask=mask, ids=ch)
+            yield ch, self.scratch[j % 2][:len(ch)]
+
+    def _prefill(self, layer: int, x: torch.Tensor, ids: np.ndarray, mask) -> torch.Tensor:
+        out = torch.zeros(x.shape[0], self.cfg.d_model)
+        if not self.windows:
+            for ch, recs in self._chunks(layer, ids):
+                self._compute(x, recs, out, mask=mask, ids=ch)
+            return out
+        win, plan, batch = self._plan(layer, ids)
+        if len(plan.hit_rows):                    # overlap: resident part while reads are in flight
+            order = np.argsort(plan.hit_rows)
+            self._compute(x, win.rows, out, plan.hit_rows[order].astype(np.int64), mask, plan.hit_ids[order])
+        if batch is not None:
+            self._wait(batch)
+            self._compute(x, win.rows[plan.new_rows], out, mask=mask, ids=plan.new_ids)
+        for ch, recs in self._chunks(layer, plan.overflow_ids):
+            self._compute(x, recs, out, mask=mask, ids=ch)
+        return out
+
+    # ---- decode and verification (T <= SMALL_T): each token exactly as it would be alone
+    def _act(self, recs: np.ndarray, rows: np.ndarray, ids: np.ndarray, mask) -> None:
+        t0 = time.perf_counter()
+        self.compute.kernel.activations(recs, rows, ids, token_selection(mask, ids))
+        self.t["compute_s"] += time.perf_counter() - t0
+
+    def _down(self, ra: np.ndarray, rows: np.ndarray, ids: np.ndarray, rb: np.ndarray | None = None) -> None:
+        t0 = time.perf_counter()
+        order = np.argsort(ids, kind="stable")
+        self.compute.kernel.down(ra, rows[order], ids[order], rb)
+        self.t["compute_s"] += time.perf_counter() - t0
+
+    def _small(self, layer: int, x: torch.Tensor, ids: np.ndarray, mask) -> torch.Tensor:
+        """Activations of resident records while reads are in flight, then the down pass in neuron
+        order: resident records merged with each streamed chunk as it arrives."""
+        T = x.shape[0]
+        k = self.compute.kernel
+        k.begin(x.numpy())
+        res_ids = res_rows = ids[:0]
+        rows_of = None
+        if self.windows:
+            win, plan, batch = self._plan(layer, ids)
+            rows_of = win.rows
+            self._act(win.rows, plan.hit_rows.astype(np.int64), plan.hit_ids, mask)
+            new_rows = np.arange(plan.new_rows.start, plan.new_rows.stop, dtype=np.int64)
+            if batch is not None:
+                self._wait(batch)
+                self._act(win.rows, new_rows, plan.new_ids, mask)
+            res_ids = np.concatenate([plan.hit_ids, plan.new_ids])
+            res_rows = np.concatenate([plan.hit_rows.astype(np.int64), new_rows])
+            order = np.argsort(res_ids)
+            res_ids, res_rows = res_ids[order], res_rows[order]
+            ids = plan.overflow_ids
+        done = 0                                  # resident records already in a down pass
+        for ch, recs in self._chunks(layer, ids):
+            self._act(recs, np.arange(len(ch)), ch, mask)
+            upto = int(np.searchsorted(res_ids, ch[-1], side="right"))
+            self._down(recs if rows_of is None else rows_of,
+                       np.concatenate([res_rows[done:upto], -1 - np.arange(len(ch))]),
+                       np.concatenate([res_ids[done:upto], ch]), rb=recs)
+            done = upto
+        if done < len(res_ids):
+            self._down(rows_of, res_rows[done:], res_ids[done:])
+        out = self.compute.output(T)
+        k.finish(out.numpy())
+        return out
+
+    def _plan(self, layer: int, ids: np.ndarray):
+        """The window's plan for ``ids`` and the submitted reads of its new records."""
+        win = self.windows[layer]
+        t0 = time.perf_counter()
+        plan = win.plan(self.token, ids)
+        self.t["bookkeeping_s"] += time.perf_counter() - t0
+        self.hits += len(plan.hit_ids)
+        self.moved += plan.moved
+        batch = None
+        if len(plan.new_ids):
+            batch = self.reader.submit(layer, plan.new_ids, win.rows[plan.new_rows])
+        return win, plan, batch
 
     def __call__(self, layer: int, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         # x [T, d] (f32) -> [T, d]; mask [T, d_ff] or None (all neurons)
@@ -108,30 +187,10 @@ class StreamingFFN:
             ids = np.flatnonzero((mask[0] if T == 1 else mask.any(0)).numpy())
         if T == 1:
             mask = None                           # ids are the token's selection
-            out = self.compute.out.zero_()        # HOT: reused, no allocation per layer
-        else:
-            out = torch.zeros(T, self.cfg.d_model)
         self.lookups += len(ids)
-        if not self.windows:                      # naive: everything from the SSD, nothing kept
-            self._stream(layer, x, ids, out, mask)
-            return out
-        win = self.windows[layer]
-        t0 = time.perf_counter()
-        plan = win.plan(self.token, ids)
-        self.t["bookkeeping_s"] += time.perf_counter() - t0
-        self.hits += len(plan.hit_ids)
-        self.moved += plan.moved
-        batch = None
-        if len(plan.new_ids):
-            batch = self.reader.submit(layer, plan.new_ids, win.rows[plan.new_rows])
-        if len(plan.hit_rows):                    # overlap: resident part while reads are in flight
-            order = np.argsort(plan.hit_rows)
-            self._compute(x, win.rows, out, plan.hit_rows[order].astype(np.int64), mask, plan.hit_ids[order])
-        if batch is not None:
-            self._wait(batch)
-            self._compute(x, win.rows[plan.new_rows], out, mask=mask, ids=plan.new_ids)
-        self._stream(layer, x, plan.overflow_ids, out, mask)
-        return out
+        if T <= SMALL_T:
+            return self._small(layer, x, ids, mask)
+        return self._prefill(layer, x, ids, mask)
 
     def close(self) -> None:
         self.reader.close()
