@@ -171,3 +171,28 @@ def test_bad_counts_and_unwritable_paths_are_one_line_errors(tiny_bundle, tmp_pa
     assert str(e.value).startswith("temperature -1") and e.value.cli_message.startswith("--temperature -1")
     one_line_error(cli("run", path, "-p", "hi", "--temperature", "-1"), "--temperature -1.0 must be >= 0")
     one_line_error(cli("run", path, "-p", "hi", "--dram-budget", "12 apples"))
+
+
+def test_run_with_a_draft(tiny_bundle, tiny_ckpt, tmp_path, monkeypatch):
+    """--draft lookup/self/a model: the same greedy text, the speculation line in --stats; bad drafts
+    are one-line errors."""
+    monkeypatch.setenv("FLASHINFER_HOME", str(tmp_path / "cache"))
+    path = tiny_bundle("llama", "f32")
+    base = ["run", path, "-p", "hello hello hello", "-n", "12", "--temperature", "0"]
+    want = cli(*base)
+    assert want.exit_code == 0, want.output
+    draft = tiny_bundle("qwen2", "int8")
+    for extra in (["--draft", "lookup"], ["--draft", draft, "--draft-tokens", "3"],
+                  ["--draft", "self", "--offload", "window", "--context", "64"]):
+        r = cli(*base, *extra, "--stats", "--stats-json", tmp_path / "s.json")
+        assert r.exit_code == 0, r.output
+        assert r.output.splitlines()[0] == want.output.splitlines()[0]
+        assert "drafted tokens accepted" in r.output and "tokens per forward" in r.output
+        sp = json.loads((tmp_path / "s.json").read_text())["speculation"]
+        assert sp["draft"] and 0 <= sp["acceptance_rate"] <= 1
+    one_line_error(cli(*base, "--draft", "lookup", "--draft-tokens", "0"), "--draft-tokens 0 must be auto")
+    one_line_error(cli(*base, "--draft", "self"), "--offload none; use --offload window")
+    one_line_error(cli(*base, "--draft", tmp_path / "nope"), "--draft", "not found")
+    r = cli(*base, "--draft", tiny_ckpt("qwen2"))            # a checkpoint converts (int4) on first use
+    assert r.exit_code == 0 and r.output.splitlines()[0] == want.output.splitlines()[0], r.output
+    assert [p.name.split("-")[1] for p in (tmp_path / "cache" / "bundles").iterdir()] == ["int4"]

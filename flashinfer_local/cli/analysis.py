@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -33,7 +34,7 @@ def profile(model, prompt, max_tokens, temperature, top_p, top_k, seed, chat, dt
     SSD bytes read per token and the window cache; writes profile.json and PNG charts to --out.
     With --sweep, compares budgets instead (tokens/s, bytes/token, peak RSS; sweep.json, sweep.png)."""
     from flashinfer_local.runtime.sampling import SamplingParams
-    from flashinfer_local.workflows.resolve import resolve_model
+    from flashinfer_local.workflows.resolve import resolve_draft, resolve_model
 
     opts = take_engine_options(engine)
     sampling = SamplingParams(temperature, top_p, top_k, seed)
@@ -42,6 +43,7 @@ def profile(model, prompt, max_tokens, temperature, top_p, top_k, seed, chat, dt
     if sweep is not None and opts.dram_budget is not None:
         raise FlashinferError("--sweep sets the budgets itself; drop --dram-budget")
     path = resolve_model(model, dtype=dtype, progress=sys.stderr.isatty() and not json_only)
+    opts = replace(opts, draft=resolve_draft(opts.draft, progress=sys.stderr.isatty() and not json_only))
     out = out or Path(f"profile-{path.name}")
     _make_dir(out)
     if sweep is not None:
@@ -97,17 +99,26 @@ def _profile_sweep(path: Path, budgets: str, target_tps, out: Path, child_args: 
 @click.argument("model", required=False)
 @click.option("--context", default=2048, show_default=True, help="Tokens the KV cache is sized for.")
 @click.option("--dram-budget", default=None, help="Say how a run with this budget would go, e.g. 1.5GiB.")
+@click.option("--draft", default=None, help="A speculative draft model (bundle, HF folder or GGUF; a checkpoint "
+              "counts as the int4 bundle it would convert to): its DRAM joins every budget.")
 @click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
-def estimate(model, context, dram_budget, as_json):
+def estimate(model, context, dram_budget, draft, as_json):
     """Estimate from MODEL's config alone (bundle, HF folder or GGUF; nothing is converted or loaded):
     bundle size per precision, dense part, KV cache per token and at --context tokens, the minimum
     --dram-budget, and with --dram-budget whether it runs in DRAM, streams, or does not fit."""
     from flashinfer_local.measure.estimate import estimate as do_estimate
     from flashinfer_local.measure.estimate import load_config, report_lines
     from flashinfer_local.units import parse_size
+    from flashinfer_local.measure.estimate import draft_bytes
+    from flashinfer_local.workflows.resolve import DRAFT_DTYPE
     cfg, facts = load_config(model)
+    extra = 0
+    if draft is not None:
+        dcfg, dfacts = load_config(draft)
+        extra = draft_bytes(dcfg, dfacts.get("dtype") or DRAFT_DTYPE, dfacts["tokenizer_bytes"],
+                            min(context, cfg.max_position))
     e = do_estimate(cfg, context, parse_size(dram_budget) if dram_budget is not None else None,
-                    facts["tokenizer_bytes"])
+                    facts["tokenizer_bytes"], extra)
     if as_json:
         click.echo(json.dumps({"source": {k: v for k, v in facts.items() if k != "bundle"}, **e}, indent=1))
         return

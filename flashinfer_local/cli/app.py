@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -155,7 +156,7 @@ def run(model, prompt, max_tokens, temperature, top_p, top_k, seed, stop, system
     from flashinfer_local.runtime.engine import Engine
     from flashinfer_local.runtime.rss import PeakRSS
     from flashinfer_local.runtime.sampling import GenerationStats, SamplingParams
-    from flashinfer_local.workflows.resolve import resolve_model
+    from flashinfer_local.workflows.resolve import resolve_draft, resolve_model
 
     opts = take_engine_options(engine)
     sampling = SamplingParams(temperature, top_p, top_k, seed)
@@ -165,6 +166,7 @@ def run(model, prompt, max_tokens, temperature, top_p, top_k, seed, stop, system
         prompt = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
     _writable(stats_json)
     path = resolve_model(model, dtype=dtype, progress=sys.stderr.isatty())
+    opts = replace(opts, draft=resolve_draft(opts.draft, progress=sys.stderr.isatty()))
     with PeakRSS() as peak:
         eng = Engine(path, opts)
         st, text = None, []
@@ -193,6 +195,12 @@ def _stats_lines(st, baseline: int, budget: int | None) -> list[str]:
              f"{fmt_bytes(st.peak_rss_bytes)} ({fmt_bytes(st.peak_rss_bytes - baseline)} above the "
              f"runtime's {fmt_bytes(baseline)})"]
     x = st.extra
+    if st.draft:
+        sp = st.speculation()
+        lines.append(f"draft {st.draft}: {sp['accepted_tokens']}/{sp['drafted_tokens']} drafted tokens accepted "
+                     f"({100 * sp['acceptance_rate']:.0f}%), {sp['tokens_per_forward']:.2f} tokens per forward | "
+                     f"ms/token: draft {sp['draft_ms_per_token']:.1f}, verify {sp['verify_ms_per_token']:.1f}"
+                     + (f" | draft holds {fmt_bytes(x['draft_bytes'])}" if x.get("draft_bytes") else ""))
     if x.get("offload") in ("window", "naive"):
         ms = x["ms_per_token"]
         lines.append(f"offload {x['offload']} ({x['selector']}), budget "

@@ -16,10 +16,11 @@ from flashinfer_local.measure.profile import OWNERS, PHASES
 
 MIB = 2 ** 20
 COLORS = {"runtime": "#b0b0b0", "dense": "#4c72b0", "ffn_dram": "#8172b3", "window": "#55a868",
-          "buffers": "#ccb974", "kv_cache": "#c44e52", "selector": "#937860", "other": "#e8e8e8"}
+          "buffers": "#ccb974", "kv_cache": "#c44e52", "selector": "#937860", "draft": "#da8bc3",
+          "other": "#e8e8e8"}
 LABELS = {"runtime": "runtime baseline", "dense": "dense (mapped)", "ffn_dram": "FFN in DRAM",
           "window": "window cache", "buffers": "buffers", "kv_cache": "KV cache",
-          "selector": "selector", "other": "other (RSS - owners)"}
+          "selector": "selector", "draft": "speculative draft", "other": "other (RSS - owners)"}
 PHASE_COLORS = {"load": "#fff3d6", "prefill": "#e3f0ff", "decode": "#eaf7e6"}
 
 

@@ -76,25 +76,31 @@ def kv_cache(cfg: ModelConfig, tokens: int) -> dict:
             "rope_tables_bytes": budget_mod.rope_table_bytes(cfg, tokens)}
 
 
-def budget_parts(cfg: ModelConfig, sizes: dict, context: int) -> dict:
+def draft_bytes(cfg: ModelConfig, dtype: str, tokenizer_bytes: int, context: int) -> int:
+    """What a draft model of ``cfg`` converted to ``dtype`` holds beside its target (``--draft``)."""
+    return budget_mod.draft_model_bytes(_sizes(cfg, bundle_bytes(cfg, dtype, tokenizer_bytes)), context)
+
+
+def budget_parts(cfg: ModelConfig, sizes: dict, context: int, draft: int = 0) -> dict:
     """The smallest --dram-budget that runs, and its parts as ``budget.plan_budget`` counts them:
     the streaming minimum (a plan without window rows) or, for a model smaller than the streaming
-    buffers, the all-in-DRAM size."""
-    plan = budget_mod.plan_budget(_sizes(cfg, sizes), None, context, "naive")
-    streaming, in_dram = plan.total_bytes, in_dram_bytes(cfg, sizes, context)
+    buffers, the all-in-DRAM size; ``draft``: bytes a speculative draft holds inside the budget."""
+    plan = budget_mod.plan_budget(_sizes(cfg, sizes), None, context, "naive", draft=draft)
+    streaming, in_dram = plan.total_bytes, in_dram_bytes(cfg, sizes, context, draft)
     return {"dense_bytes": plan.dense_bytes, "kv_bytes": plan.kv_bytes, "buffer_bytes": plan.buffer_bytes,
-            "tokenizer_bytes": plan.tokenizer_bytes, "slack_bytes": plan.slack_bytes,
+            "tokenizer_bytes": plan.tokenizer_bytes, "slack_bytes": plan.slack_bytes, "draft_bytes": draft,
             "streaming_bytes": streaming, "in_dram_bytes": in_dram, "minimum_bytes": min(streaming, in_dram)}
 
 
-def in_dram_bytes(cfg: ModelConfig, sizes: dict, context: int) -> int:
+def in_dram_bytes(cfg: ModelConfig, sizes: dict, context: int, draft: int = 0) -> int:
     """The budget from which the engine holds everything in DRAM (offload none)."""
-    return budget_mod.minimum_budget(_sizes(cfg, sizes), context, "none")
+    return budget_mod.minimum_budget(_sizes(cfg, sizes), context, "none", draft=draft)
 
 
 def window_rows(cfg: ModelConfig, sizes: dict, minimum: dict, budget: int) -> int:
     """Window cache rows per layer a streaming run gets from ``budget`` (the plan's own rule)."""
-    return budget_mod.plan_budget(_sizes(cfg, sizes), budget, minimum["context"], "window").cache_rows_per_layer
+    return budget_mod.plan_budget(_sizes(cfg, sizes), budget, minimum["context"], "window",
+                                  draft=minimum.get("draft_bytes", 0)).cache_rows_per_layer
 
 
 def verdict(cfg: ModelConfig, sizes: dict, minimum: dict, budget: int) -> dict:
@@ -110,8 +116,9 @@ def verdict(cfg: ModelConfig, sizes: dict, minimum: dict, budget: int) -> dict:
 
 
 def estimate(cfg: ModelConfig, context: int = 2048, budget: int | None = None,
-             tokenizer_bytes: int = 0) -> dict:
-    """Sizes per precision, KV cache, minimum budget and (given ``budget``) the verdict."""
+             tokenizer_bytes: int = 0, draft: int = 0) -> dict:
+    """Sizes per precision, KV cache, minimum budget and (given ``budget``) the verdict; ``draft``:
+    bytes a speculative draft model holds inside the budget (``draft_bytes``)."""
     context = min(context, cfg.max_position)
     rows = {}
     for dtype in PRECISIONS:
@@ -119,12 +126,12 @@ def estimate(cfg: ModelConfig, context: int = 2048, budget: int | None = None,
             sizes = bundle_bytes(cfg, dtype, tokenizer_bytes)
         except ValueError:            # int8/int4 need d_model divisible by the group size
             continue
-        minimum = {**budget_parts(cfg, sizes, context), "context": context}
+        minimum = {**budget_parts(cfg, sizes, context, draft), "context": context}
         r = {**{k: v for k, v in sizes.items() if k not in ("layout", "dtype")}, "minimum_budget": minimum}
         if budget is not None:
             r["verdict"] = verdict(cfg, sizes, minimum, budget)
         rows[dtype] = r
-    return {"context": context, "budget_bytes": budget, "precisions": rows, "kv_cache": kv_cache(cfg, context),
+    return {"context": context, "budget_bytes": budget, "draft_bytes": draft, "precisions": rows, "kv_cache": kv_cache(cfg, context),
             "model": {"arch": cfg.arch, "n_layers": cfg.n_layers, "d_model": cfg.d_model, "d_ff": cfg.d_ff,
                       "n_heads": cfg.n_heads, "n_kv_heads": list(cfg.n_kv_heads), "head_dim": cfg.head_dim,
                       "vocab_size": cfg.vocab_size, "max_position": cfg.max_position}}
@@ -159,7 +166,8 @@ def report_lines(e: dict, facts: dict) -> list[str]:
     mb = f16["minimum_budget"]
     lines.append(f"streaming minimum at {e['context']} tokens ({facts.get('dtype') or 'f16'}): dense "
                  f"{fmt_bytes(mb['dense_bytes'])} + KV {fmt_bytes(mb['kv_bytes'])} + buffers "
-                 f"{fmt_bytes(mb['buffer_bytes'])} + tokenizer {fmt_bytes(mb['tokenizer_bytes'])} + slack {fmt_bytes(mb['slack_bytes'])} = "
+                 f"{fmt_bytes(mb['buffer_bytes'])} + tokenizer {fmt_bytes(mb['tokenizer_bytes'])} + slack {fmt_bytes(mb['slack_bytes'])}"
+                 + (f" + draft {fmt_bytes(mb['draft_bytes'])}" if mb.get("draft_bytes") else "") + " = "
                  f"{fmt_bytes(mb['streaming_bytes'])}"
                  + ("" if mb["streaming_bytes"] <= mb["in_dram_bytes"] else
                     "; above the all-in-DRAM size, so the minimum is to hold it all"))

@@ -34,7 +34,7 @@ from flashinfer_local.runtime.backend import BACKEND_OWNERS
 from flashinfer_local.runtime.rss import PeakRSS
 from flashinfer_local.units import fmt_bytes
 
-OWNERS = ("runtime", "dense", *BACKEND_OWNERS, "kv_cache", "selector")
+OWNERS = ("runtime", "dense", *BACKEND_OWNERS, "kv_cache", "selector", "draft")
 PHASES = ("load", "prefill", "decode")
 
 # The attribution check: |other| at the end of the run is at most this much. What "other" holds
@@ -89,9 +89,24 @@ class RSSRecorder(PeakRSS):
                 next_probe = self.now() + self.probe_period
 
 
-def snapshot(eng, cache) -> dict:
+def _draft_resident(pm, eng, session) -> int:
+    """A speculative draft's resident bytes: a draft model's dense pages and FFN arrays, and the
+    draft session's KV cache (the self draft has only that)."""
+    n = 0
+    d = eng.draft_engine
+    if d is not None:
+        n += pm.resident(*d.bundle.dense_span()) + sum(pm.array(a) for arrays in d.resident_arrays().values()
+                                                       for a in arrays)
+    ds = getattr(getattr(session, "_draft", None), "session", None)
+    if ds is not None:
+        n += sum(pm.array(t) for t in (*ds.cache.k, *ds.cache.v, ds.cache.cos, ds.cache.sin) if t is not None)
+    return n
+
+
+def snapshot(eng, cache, session=None) -> dict:
     """Owners' resident bytes now, the KV cache per layer, window rows per layer, and RSS. Every
-    owner is measured from the arrays the engine reports (``Engine.resident_arrays``)."""
+    owner is measured from the arrays the engine reports (``Engine.resident_arrays``); ``session``
+    (when given) holds the speculative draft's state."""
     owners = dict.fromkeys(OWNERS, 0)
     owners["runtime"] = eng.runtime_baseline_bytes
     kv_layers = []
@@ -103,6 +118,7 @@ def snapshot(eng, cache) -> dict:
             kv_layers = [pm.array(k) + pm.array(v) for k, v in zip(cache.k, cache.v)]
             tables = [t for t in (cache.cos, cache.sin) if t is not None]
             owners["kv_cache"] = sum(kv_layers) + sum(pm.array(t) for t in tables)
+        owners["draft"] = _draft_resident(pm, eng, session)
     owners["selector"] = int(eng.selector.nbytes)     # its own copies, written whole at load
     mem = psutil.Process().memory_info()
     rss = mem.rss
@@ -168,15 +184,15 @@ def profile_generation(path: Path, engine_options, prompt: str, max_tokens: int,
             session = eng.session(len(ids) + max(max_tokens, 0))
             t = rec.now()
             prof.phases["load"] = [t_load, t]
-            snaps.append({"t": t, "phase": "load", "token": None, **snapshot(eng, session.cache)})
-            rec.phase, rec.probe = "prefill", lambda: snapshot(eng, session.cache)
+            snaps.append({"t": t, "phase": "load", "token": None, **snapshot(eng, session.cache, session)})
+            rec.phase, rec.probe = "prefill", lambda: snapshot(eng, session.cache, session)
             last, st, text = _counters(eng), None, []
             for i, step in enumerate(session.generate(ids, max_tokens=max_tokens, sampling=sampling)):
                 t = rec.now()
                 c = _counters(eng)
                 prof.tokens.append({"index": i, "t": t, **{k: c[k] - last[k] for k in c}})
                 last = c
-                snaps.append({"t": t, "phase": rec.phase, "token": i, **snapshot(eng, session.cache)})
+                snaps.append({"t": t, "phase": rec.phase, "token": i, **snapshot(eng, session.cache, session)})
                 if i == 0:
                     prof.phases["prefill"] = [prof.phases["load"][1], t]
                     rec.phase = "decode"
@@ -278,7 +294,7 @@ def summarize(prof: Profile) -> dict:
 
 _LABEL = {"runtime": "runtime baseline", "dense": "dense (mapped)", "ffn_dram": "FFN in DRAM",
           "window": "window cache", "buffers": "read/compute buffers", "kv_cache": "KV cache",
-          "selector": "selector/predictor", "other": "other (RSS - owners)"}
+          "selector": "selector/predictor", "draft": "speculative draft", "other": "other (RSS - owners)"}
 
 
 def report_lines(d: dict) -> list[str]:

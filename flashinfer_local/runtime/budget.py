@@ -79,12 +79,13 @@ class BudgetPlan:
     selector_bytes: int
     tokenizer_bytes: int
     slack_bytes: int
+    draft_bytes: int = 0     # a speculative draft: a draft model in DRAM, or the self draft's KV cache
 
     def owners(self) -> dict[str, int]:
         """Planned bytes by owner (the names ``measure.profile`` attributes RSS to)."""
         return {"dense": self.dense_bytes, "ffn_dram": self.ffn_dram_bytes, "window": self.cache_bytes,
                 "buffers": self.buffer_bytes, "kv_cache": self.kv_bytes, "selector": self.selector_bytes,
-                "tokenizer": self.tokenizer_bytes, "slack": self.slack_bytes}
+                "tokenizer": self.tokenizer_bytes, "slack": self.slack_bytes, "draft": self.draft_bytes}
 
     @property
     def total_bytes(self) -> int:
@@ -212,37 +213,47 @@ def selector_bytes(name: str, bundle: Bundle, predictor: str | None) -> int:
 
 # ---------------------------------------------------------------- the plan
 
-def _fixed_plan(s: Sizes, context: int, mode: str, selector: int) -> BudgetPlan:
+def _fixed_plan(s: Sizes, context: int, mode: str, selector: int, draft: int = 0) -> BudgetPlan:
     """The plan of ``mode`` before the window gets anything: every owner the mode holds whatever
     the budget (its total is the mode's minimum budget)."""
     dense = dense_resident_bytes(s.cfg, s.dense_file_bytes, s.embed_bytes, context)
     records, buffers = dram_ffn_bytes(s) if mode == "none" else (0, stream_buffer_bytes(s))
     return BudgetPlan(mode, None, context, dense, records, 0, 0, buffers, kv_cache_bytes(s.cfg, context),
-                      selector, tokenizer_bytes(s.tokenizer_file_bytes), SLACK_BYTES)
+                      selector, tokenizer_bytes(s.tokenizer_file_bytes), SLACK_BYTES, draft)
 
 
-def minimum_budget(src: Bundle | Sizes, context: int, offload: str = "window", selector: int = 0) -> int:
+def minimum_budget(src: Bundle | Sizes, context: int, offload: str = "window", selector: int = 0,
+                   draft: int = 0) -> int:
     """The smallest budget that runs ``offload``: for window/naive the fixed part with no cache
     rows, for none everything in DRAM."""
-    return _fixed_plan(Sizes.of(src), context, offload, selector).total_bytes
+    return _fixed_plan(Sizes.of(src), context, offload, selector, draft).total_bytes
+
+
+def draft_model_bytes(src: Bundle | Sizes, context: int) -> int:
+    """What a draft model holds all in DRAM beside its target: everything but the tokenizer (the
+    target's is shared) and the allocator slack (counted once, in the target's plan)."""
+    p = _fixed_plan(Sizes.of(src), context, "none", 0)
+    return p.total_bytes - p.tokenizer_bytes - p.slack_bytes
 
 
 def plan_budget(src: Bundle | Sizes, budget: int | None, context: int, offload: str | None = None,
-                selector: int = 0, evict: str = "recency") -> BudgetPlan:
+                selector: int = 0, evict: str = "recency", draft: int = 0) -> BudgetPlan:
     """Split ``budget`` bytes (None: no limit) between owners. ``offload`` None chooses: none when
     everything fits the budget (or there is none), else window."""
     assert offload in (None, *OFFLOAD_MODES), offload          # EngineOptions validates user input
     s = Sizes.of(src)
     cfg = s.cfg
     if offload is None:
-        offload = "none" if budget is None or budget >= minimum_budget(s, context, "none", selector) else "window"
-    plan = _fixed_plan(s, context, offload, selector)
+        offload = ("none" if budget is None or budget >= minimum_budget(s, context, "none", selector, draft)
+                   else "window")
+    plan = _fixed_plan(s, context, offload, selector, draft)
     fixed = plan.total_bytes
     if budget is not None and budget < fixed:
         if offload == "none":
             raise FlashinferError(f"--dram-budget {fmt_bytes(budget)} cannot hold this model in DRAM "
                                   f"(needs about {fmt_bytes(fixed)}); use --offload window")
         pred = f", predictor ({fmt_bytes(selector)})" if selector else ""
+        pred += f", draft ({fmt_bytes(draft)})" if draft else ""
         raise FlashinferError(
             f"--dram-budget {fmt_bytes(budget)} is too small for this model: the dense part "
             f"({fmt_bytes(plan.dense_bytes)}), KV cache at {context} tokens ({fmt_bytes(plan.kv_bytes)}), "

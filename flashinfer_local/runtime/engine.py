@@ -33,7 +33,7 @@ from flashinfer_local.kernels import QuantMatrix
 from flashinfer_local.models import build_model
 from flashinfer_local.models.common import KVCache
 from flashinfer_local.runtime.backend import FFNCounters, array_bytes
-from flashinfer_local.runtime.budget import plan_budget, selector_bytes
+from flashinfer_local.runtime.budget import draft_model_bytes, kv_cache_bytes, plan_budget, selector_bytes
 from flashinfer_local.runtime.dram import make_dram_ffn
 from flashinfer_local.runtime.options import EngineOptions
 from flashinfer_local.runtime.rss import rss_bytes
@@ -71,8 +71,12 @@ class Engine:
     baseline (interpreter, torch) is measured before the model is opened and reported apart.
     """
 
-    def __init__(self, path: str | Path, options: EngineOptions | dict | None = None, **overrides):
+    def __init__(self, path: str | Path, options: EngineOptions | dict | None = None, *,
+                 tokenizer: Tokenizer | None = None, **overrides):
+        # tokenizer: one to share (a draft model uses its target's)
         self.options = opts = EngineOptions.of(options, **overrides)
+        self._shared_tokenizer = tokenizer
+        self.draft_engine = None
         torch.set_num_threads(opts.threads or min(os.cpu_count() or 1, 8))
         if opts.offload != "none":
             from flashinfer_local.kernels import warm_up
@@ -82,24 +86,75 @@ class Engine:
         try:
             self._open(opts)
         except BaseException:
-            self.bundle.close()
+            self.close()
             raise
 
     def _open(self, opts: EngineOptions) -> None:
         cfg = self.config = self.bundle.config
         self.context = min(opts.context, cfg.max_position)
+        draft_path, draft_bytes = self._draft_bytes(opts)
         self.plan = plan_budget(self.bundle, opts.dram_budget, self.context, opts.offload,
-                                selector_bytes(opts.selector, self.bundle, opts.predictor), opts.evict)
+                                selector_bytes(opts.selector, self.bundle, opts.predictor), opts.evict, draft_bytes)
         self.offload, self.dram_budget = self.plan.mode, opts.dram_budget
+        if opts.draft == "self" and self.offload != "window":
+            why = "the self draft computes with the FFN neurons the window holds, and this engine runs with "
+            raise FlashinferError(why + f"offload={self.offload!r}; use offload='window', draft='lookup' or a draft model",
+                                  cli=why + f"--offload {self.offload}; use --offload window, --draft lookup or a "
+                                  "draft model")
         # longest cache a session may hold: the planned context under a budget, else the model's
         self.kv_limit = self.context if opts.dram_budget is not None else cfg.max_position
-        self.tokenizer = Tokenizer(self.bundle)
+        self.tokenizer = self._shared_tokenizer or Tokenizer(self.bundle)
+        if draft_path is not None:
+            self._open_draft_model(draft_path, opts)
         self.weights = _dense_weights(self.bundle)
         self.selector = make_selector(opts.selector, self.bundle, opts.sparsity, opts.predictor)
         self.ffn = make_backend(self.bundle, self.plan, opts)
         self._observers: list = []
         self._selection_s = 0.0
         self.model = build_model(cfg, self.weights, self._ffn_step)
+
+    # ---------------------------------------------------------------- a speculative draft
+    def _draft_bytes(self, opts: EngineOptions) -> tuple[Path | None, int]:
+        """(the draft model's bundle path or None, the bytes the draft holds in the budget)."""
+        if opts.draft in (None, "lookup"):
+            return None, 0
+        if opts.draft == "self":                   # its own KV cache; the weights are the target's
+            return None, kv_cache_bytes(self.config, self.context)
+        path = Path(opts.draft)
+        if not (path / fmt.MANIFEST).exists():
+            raise FlashinferError(f"draft {opts.draft!r} is not lookup, self or a bundle directory; convert a "
+                                  "draft checkpoint first (flashinfer-local convert), or pass lookup or self")
+        with contextlib.closing(Bundle(path)) as b:
+            return path, draft_model_bytes(b, self.context)
+
+    def _open_draft_model(self, path: Path, opts: EngineOptions) -> None:
+        """Open the draft model all in DRAM, after checking it shares this model's tokenizer."""
+        from flashinfer_local.runtime.speculative import check_same_tokenizer
+        with contextlib.closing(Bundle(path)) as b:
+            check_same_tokenizer(self, b.config, Tokenizer(b), path)
+        self.draft_engine = Engine(path, offload="none", context=self.context, threads=opts.threads,
+                                   tokenizer=self.tokenizer)               # one tokenizer in memory
+        self.draft_engine.kv_limit = min(self.draft_engine.kv_limit, self.context)
+
+    def new_draft(self):
+        """A fresh draft for one session (None: this engine does not speculate)."""
+        from flashinfer_local.runtime.session import Session
+        from flashinfer_local.runtime.speculative import LookupDraft, SessionDraft
+        d = self.options.draft
+        if d is None:
+            return None
+        if d == "lookup":
+            return LookupDraft()
+        if d == "self":
+            return SessionDraft("self", Session(self, forward=self.draft_forward))
+        return SessionDraft(self.draft_engine.bundle.path.name, self.draft_engine.session())
+
+    @torch.inference_mode()
+    def draft_forward(self, tokens: torch.Tensor, pos: int, cache: KVCache, last_only: bool = True) -> torch.Tensor:
+        """``forward`` with each FFN restricted to the neurons the window holds: reads nothing and
+        leaves the window as it is (the self draft)."""
+        with self.ffn.resident_only():
+            return self.model.forward(tokens, pos, cache, last_only)
 
     # ---------------------------------------------------------------- the per-token path
     def _ffn_step(self, layer: int, x: torch.Tensor) -> torch.Tensor:
@@ -152,7 +207,8 @@ class Engine:
         return KVCache(self.config, capacity)
 
     def session(self, capacity: int | None = None):
-        """A :class:`~flashinfer_local.runtime.session.Session`: a KV cache kept across calls."""
+        """A :class:`~flashinfer_local.runtime.session.Session`: a KV cache kept across calls (and,
+        with a draft, the draft's state)."""
         from flashinfer_local.runtime.session import Session
         return Session(self, capacity)
 
@@ -185,7 +241,8 @@ class Engine:
         return {"dense_bytes": self.plan.dense_bytes, "tokenizer_bytes": self.plan.tokenizer_bytes,
                 "ffn_dram_bytes": array_bytes(arrays.get("ffn_dram", [])),
                 "window_cache_bytes": array_bytes(arrays.get("window", [])),
-                "buffer_bytes": array_bytes(arrays.get("buffers", [])), "selector_bytes": self.selector.nbytes}
+                "buffer_bytes": array_bytes(arrays.get("buffers", [])), "selector_bytes": self.selector.nbytes,
+                "draft_bytes": self.plan.draft_bytes}
 
     def counters(self) -> FFNCounters:
         return replace(self.ffn.counters(), selection_s=self._selection_s)
@@ -213,15 +270,19 @@ class Engine:
 
     # ---------------------------------------------------------------- generation
     def generate(self, prompt: str | list, max_tokens: int = 128, sampling=None, chat: bool = False,
-                 stop_at_eos: bool = True, stop: list[str] | tuple = (), logprobs: bool = False) -> Iterator:
+                 stop_at_eos: bool = True, stop: list[str] | tuple = (), logprobs: bool = False,
+                 speculate: bool = True) -> Iterator:
         """Yield generated tokens one by one (each a :class:`~flashinfer_local.runtime.sampling.Step`
         with its text and live stats), from a fresh session sized for this call (see
         ``Session.generate``)."""
         ids = self.encode_prompt(prompt, chat)
         s = self.session(len(ids) + max(max_tokens, 0))
         return s.generate(ids, max_tokens=max_tokens, sampling=sampling, stop_at_eos=stop_at_eos, stop=stop,
-                          logprobs=logprobs)
+                          logprobs=logprobs, speculate=speculate)
 
     def close(self) -> None:
-        self.ffn.close()
+        if self.draft_engine is not None:
+            self.draft_engine.close()
+        if hasattr(self, "ffn"):
+            self.ffn.close()
         self.bundle.close()

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields, replace
 from storage.errors import OptionError
 from storage.window_cache import EVICT
 
+from flashinfer_local.kernels import SMALL_T
 from flashinfer_local.runtime.budget import OFFLOAD_MODES
 from flashinfer_local.runtime.streaming import MAX_GAP_BYTES
 
@@ -44,6 +45,13 @@ class EngineOptions:
                                  "lowrank if the bundle has it, else threshold).", choices=PREDICTORS)
     sparsity: float | None = _opt(None, "Share of neurons a token skips (default: the predictor's calibrated "
                                   "default, at most 1% perplexity cost; the oracle: 0.5).")
+    draft: str | None = _opt(None, "Speculative decoding: lookup (continue an n-gram found earlier in the "
+                             "context), self (the model restricted to the neurons its window holds: no SSD "
+                             "reads), or a smaller model with the same tokenizer (a bundle, run in DRAM inside "
+                             "--dram-budget). Greedy output is unchanged; sampling keeps the model's "
+                             "distribution.")
+    draft_tokens: str = _opt("auto", "Tokens drafted per verification, 1-15, or auto (adapts to the recent "
+                             "acceptance).")
     context: int = _opt(2048, "Longest prompt + generation planned for (sizes the KV cache in the budget).")
     direct: bool = _opt(True, "Read records with direct I/O (bypassing the page cache).", cli=False)
     read_gap: int = _opt(MAX_GAP_BYTES, "Read through gaps of up to this many bytes between wanted records "
@@ -62,6 +70,11 @@ class EngineOptions:
         if self.dram_budget is not None and self.dram_budget <= 0:
             raise OptionError("dram_budget", f"{self.dram_budget} must be a positive size, e.g. 2GiB",
                               self.label("dram_budget"))
+        if self.draft_tokens != "auto":
+            k = str(self.draft_tokens)
+            if not k.isdigit() or not 1 <= int(k) <= SMALL_T - 1:
+                raise OptionError("draft_tokens", f"{self.draft_tokens} must be auto or a whole number from 1 "
+                                  f"to {SMALL_T - 1}", self.label("draft_tokens"))
         if self.read_gap < 0:
             raise OptionError("read_gap", f"{self.read_gap} must be >= 0 bytes")
 

@@ -82,8 +82,13 @@ class GenerationStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     prefill_s: float = 0.0
-    decode_s: float = 0.0        # time of all decode steps (forwards after the prefill)
-    decode_steps: int = 0
+    decode_s: float = 0.0        # time of all decode steps (forwards after the prefill, drafting included)
+    decode_steps: int = 0        # target forwards after the prefill
+    decode_tokens: int = 0       # tokens those forwards produced (more than one each when speculating)
+    draft: str | None = None     # the speculative draft (None: none)
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    draft_s: float = 0.0         # time spent drafting (inside decode_s)
     peak_rss_bytes: int = 0
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None   # stop (a stop string), length (max_tokens), eos; None while running
@@ -95,11 +100,30 @@ class GenerationStats:
 
     @property
     def decode_tokens_per_s(self) -> float:
-        return self.decode_steps / self.decode_s if self.decode_s else 0.0
+        """Generated tokens per second of decoding (not forwards: a verification yields several)."""
+        return self.decode_tokens / self.decode_s if self.decode_s else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.decode_tokens / self.decode_steps if self.decode_steps else 0.0
+
+    def speculation(self) -> dict:
+        """Drafted and accepted tokens, acceptance, tokens per target forward, draft and verify time
+        per generated token (ms)."""
+        n = max(self.decode_tokens, 1)
+        return {"draft": self.draft, "drafted_tokens": self.drafted_tokens, "accepted_tokens": self.accepted_tokens,
+                "acceptance_rate": self.acceptance_rate, "tokens_per_forward": self.tokens_per_forward,
+                "draft_ms_per_token": 1000 * self.draft_s / n,
+                "verify_ms_per_token": 1000 * (self.decode_s - self.draft_s) / n}
 
     def to_dict(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "generated_tokens": self.generated_tokens,
                 "prefill_s": self.prefill_s, "decode_s": self.decode_s, "decode_steps": self.decode_steps,
+                "decode_tokens": self.decode_tokens, "speculation": self.speculation(),
                 "prefill_tokens_per_s": self.prefill_tokens_per_s,
                 "decode_tokens_per_s": self.decode_tokens_per_s,
                 "peak_rss_bytes": self.peak_rss_bytes, "token_ids": list(self.token_ids),

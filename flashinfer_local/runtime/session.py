@@ -16,7 +16,8 @@ import torch
 from storage.errors import FlashinferError
 
 from flashinfer_local.runtime.rss import PeakRSS
-from flashinfer_local.runtime.sampling import GenerationStats, Sampler, SamplingParams, Step
+from flashinfer_local.runtime.sampling import GenerationStats, Sample, Sampler, SamplingParams, Step
+from flashinfer_local.runtime.speculative import MAX_DRAFT, DraftLength, Proposal, verify
 from flashinfer_local.runtime.tokenizer import IncrementalDecoder
 
 FIRST_CAPACITY = 256       # tokens a session's cache starts with when no capacity is given
@@ -73,11 +74,14 @@ class Session:
     """A KV cache and the tokens in it, on one engine. ``capacity`` (tokens) sizes the cache up
     front; without it the cache starts small and doubles as needed, up to the engine's limit."""
 
-    def __init__(self, engine, capacity: int | None = None):
+    def __init__(self, engine, capacity: int | None = None, forward=None):
+        # forward: what runs the model (default engine.forward; the self draft's is restricted)
         self.engine = engine
+        self.forward = forward or engine.forward
         self.tokens: list[int] = []          # what the cache holds, in order
         first = capacity if capacity is not None else min(FIRST_CAPACITY, engine.kv_limit)
         self.cache = engine.new_cache(first)
+        self._draft = None                   # the engine's speculative draft for this session (lazy)
 
     @property
     def pos(self) -> int:
@@ -98,7 +102,7 @@ class Session:
         if not ids:
             raise FlashinferError("append needs at least one token")
         self.reserve(self.pos + len(ids))
-        logits = self.engine.forward(torch.tensor(ids), self.pos, self.cache, last_only)
+        logits = self.forward(torch.tensor(ids), self.pos, self.cache, last_only)
         self.tokens += ids
         return logits
 
@@ -120,13 +124,17 @@ class Session:
         return self.append(ids[self.pos:], last_only=True)[-1]
 
     def generate(self, prompt, max_tokens: int = 128, sampling: SamplingParams | None = None,
-                 stop_at_eos: bool = True, stop=(), chat: bool = False, logprobs: bool = False) -> Iterator[Step]:
+                 stop_at_eos: bool = True, stop=(), chat: bool = False, logprobs: bool = False,
+                 speculate: bool = True) -> Iterator[Step]:
         """Prefill ``prompt`` (text, chat messages or ids) then sample up to ``max_tokens``; yields
         a :class:`Step` per token. Ends at a stop string (its text is not emitted), at an
         end-of-sequence token, or at ``max_tokens`` (``stats.finish_reason``: stop, eos, length).
         Text still held back when an end-of-sequence token ends it comes in one last step that
         carries that token. ``logprobs``: each step keeps its :class:`Sample` (the distribution
-        over the vocabulary, so a caller keeping every step keeps one such tensor per token)."""
+        over the vocabulary, so a caller keeping every step keeps one such tensor per token).
+        With a draft (the engine's ``draft`` option) and ``speculate``, tokens come from
+        speculative verification (``runtime.speculative``): the same greedy tokens, the same
+        sampling distribution."""
         eng = self.engine
         ids = eng.encode_prompt(prompt, chat)
         if not ids:
@@ -139,6 +147,10 @@ class Session:
         eos = eng.tokenizer.eos_token_ids if stop_at_eos else frozenset()
         text_out = TextStream(eng.tokenizer, stop)
         st = GenerationStats(prompt_tokens=len(ids))
+        if speculate and self._draft is None:
+            self._draft = eng.new_draft()
+        draft = self._draft if speculate else None
+        st.draft = draft.name if draft is not None else None
         with PeakRSS() as peak, torch.inference_mode():
             t0 = time.perf_counter()
             logits = self.prefill(ids)
@@ -149,17 +161,12 @@ class Session:
                 peak.sample()
                 st.peak_rss_bytes = peak.peak
                 st.extra = {**memory, "kv_cache_bytes": self.cache.nbytes,
-                            **eng.io_stats(after_prefill, eng.counters(), st.decode_steps)}
+                            **eng.io_stats(after_prefill, eng.counters(), st.decode_tokens)}
                 return Step(tok, text, st, st.finish_reason, sample if logprobs else None)
 
-            tok = None                          # the token sampled last: run at the next step
-            for n in range(max_tokens):
-                if n:
-                    t = time.perf_counter()
-                    logits = self.append([tok], last_only=True)[-1]
-                    st.decode_s += time.perf_counter() - t
-                    st.decode_steps += 1
-                sample = sampler(logits)
+            tokens = (self._speculative(logits, sampler, max_tokens, st, draft) if draft is not None
+                      else self._plain(logits, sampler, max_tokens, st))
+            for n, sample in enumerate(tokens):
                 tok = sample.token
                 if tok in eos:
                     rest, hit = text_out.finish()
@@ -177,7 +184,51 @@ class Session:
                 if hit:
                     st.finish_reason = "stop"
                 yield step(tok, text, sample)
-                if hit:
+                if hit or n == max_tokens - 1:
                     return
         if st.finish_reason is None:
             st.finish_reason = "length"                                 # max_tokens == 0
+
+    def _plain(self, logits: torch.Tensor, sampler: Sampler, max_tokens: int, st: GenerationStats) -> Iterator:
+        """One forward per token: sample, then run the sampled token."""
+        for n in range(max_tokens):
+            if n:
+                t = time.perf_counter()
+                logits = self.append([sample.token], last_only=True)[-1]
+                st.decode_s += time.perf_counter() - t
+                st.decode_steps += 1
+                st.decode_tokens += 1
+            sample = sampler(logits)
+            yield sample
+
+    def _speculative(self, logits: torch.Tensor, sampler: Sampler, max_tokens: int, st: GenerationStats,
+                     draft) -> Iterator:
+        """Draft k tokens after the pending one, verify pending + drafts in one forward, keep the
+        accepted ones and the target's next token (which becomes pending: sampled, not yet run)."""
+        if max_tokens < 1:
+            return
+        pending = sampler(logits)
+        yield pending
+        n, length = 1, DraftLength(self.engine.options.draft_tokens)
+        while n < max_tokens:
+            t0 = time.perf_counter()
+            k = max(0, min(length.k, MAX_DRAFT, max_tokens - n - 1))
+            prop = draft.propose(self.tokens + [pending.token], k, sampler) if k else Proposal([])
+            t1 = time.perf_counter()
+            base = self.pos
+            out = self.append([pending.token] + prop.tokens)                 # [k + 1, vocab]
+            kept, nxt = verify(out, prop, sampler)
+            self.rollback(base + 1 + kept)
+            now = time.perf_counter()
+            st.draft_s += t1 - t0
+            st.decode_s += now - t0
+            st.decode_steps += 1
+            st.drafted_tokens += len(prop.tokens)
+            st.accepted_tokens += kept
+            st.decode_tokens += kept + 1
+            length.update(len(prop.tokens), kept)
+            for i in range(kept):
+                yield Sample(prop.tokens[i], out[i], sampler)
+            pending = nxt
+            yield pending
+            n += kept + 1

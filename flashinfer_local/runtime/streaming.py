@@ -12,6 +12,7 @@ Naive mode has no cache: every token reads every selected record (with ``all``: 
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
@@ -54,6 +55,7 @@ class StreamingFFN:
         self.token = -1
         self.t = {"bookkeeping_s": 0.0, "compute_s": 0.0, "io_wait_s": 0.0}
         self.lookups = self.hits = self.moved = 0
+        self.drafting = False
 
     # ---- what it holds and did
     def resident(self) -> dict[str, list]:
@@ -178,6 +180,36 @@ class StreamingFFN:
             batch = self.reader.submit(layer, plan.new_ids, win.rows[plan.new_rows])
         return win, plan, batch
 
+    # ---- the self draft: only what the window holds
+    @contextlib.contextmanager
+    def resident_only(self):
+        """Within the block each layer computes only the selected neurons its window holds: no
+        reads, no change to the window, nothing counted."""
+        self.drafting = True
+        try:
+            yield
+        finally:
+            self.drafting = False
+
+    def _resident(self, layer: int, x: torch.Tensor, ids: np.ndarray, mask) -> torch.Tensor:
+        win = self.windows[layer] if self.windows else None
+        slots = win.slot[ids] if win is not None else np.full(len(ids), -1)
+        keep = slots >= 0
+        ids, rows = ids[keep], slots[keep].astype(np.int64)
+        if x.shape[0] > SMALL_T:
+            out = torch.zeros(x.shape[0], self.cfg.d_model)
+            if len(ids):
+                self.compute(x, win.rows, out, rows, None if mask is None else mask[:, torch.from_numpy(ids)])
+            return out
+        k = self.compute.kernel
+        k.begin(x.numpy())
+        if len(ids):
+            k.activations(win.rows, rows, ids, token_selection(mask, ids))
+            k.down(win.rows, rows, ids)
+        out = self.compute.output(x.shape[0])
+        k.finish(out.numpy())
+        return out
+
     def __call__(self, layer: int, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         # x [T, d] (f32) -> [T, d]; mask [T, d_ff] or None (all neurons)
         T = x.shape[0]
@@ -187,6 +219,8 @@ class StreamingFFN:
             ids = np.flatnonzero((mask[0] if T == 1 else mask.any(0)).numpy())
         if T == 1:
             mask = None                           # ids are the token's selection
+        if self.drafting:
+            return self._resident(layer, x, ids, mask)
         self.lookups += len(ids)
         if T <= SMALL_T:
             return self._small(layer, x, ids, mask)

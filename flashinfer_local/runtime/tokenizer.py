@@ -29,6 +29,10 @@ class Tokenizer:
         """Whether text can be encoded/decoded (the bundle carries a tokenizer)."""
         return self._tok is not None
 
+    def vocabulary(self) -> dict[str, int]:
+        """Token -> id, special tokens included (a draft model must have the same)."""
+        return self._need().get_vocab(with_added_tokens=True)
+
     def _need(self):
         if self._tok is None:
             raise FlashinferError("this bundle has no tokenizer (its checkpoint had no tokenizer.json); "

@@ -1,0 +1,150 @@
+"""Speculative decoding: a draft proposes k tokens, the target verifies them in one forward of
+k + 1 tokens (in streaming modes each layer reads the union of the neurons those tokens need
+once), and the session keeps the accepted prefix plus one token of the target's own.
+
+Lossless: every token the target emits is drawn from the target's distribution at that position.
+Greedy: a drafted token is kept when it is the target's argmax, so the text is the non-speculative
+greedy text (``kernels.SMALL_T``: a forward of up to 16 tokens computes each exactly as a
+one-token forward does). Sampling: standard speculative rejection sampling (Leviathan et al.;
+Chen et al.): keep drafted token d with probability min(1, p(d) / q(d)), else draw from the
+normalized max(p - q, 0); after k kept tokens, draw from the target's next distribution.
+
+Drafts: ``lookup`` (continue an n-gram of the context found earlier in it: no model, no memory),
+``self`` (the target restricted to the FFN neurons its window already holds: no SSD reads, its own
+KV cache), or a model sharing the target's tokenizer, all in DRAM (``Engine`` opens it inside the
+target's budget).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from storage.errors import FlashinferError
+
+from flashinfer_local.kernels import SMALL_T
+from flashinfer_local.runtime.sampling import Sample, Sampler
+
+MAX_DRAFT = SMALL_T - 1     # drafted tokens per verification: k + 1 <= SMALL_T
+AUTO_START, AUTO_MAX = 4, 12
+LOOKUP_NGRAM = 3            # longest n-gram prompt lookup matches (then shorter ones)
+
+
+@dataclass
+class Proposal:
+    tokens: list[int]
+    probs: list[torch.Tensor] | None = None   # the draft's distributions q_i [vocab]; None: deterministic
+
+
+class DraftLength:
+    """How many tokens to draft: a fixed k, or ``auto``: grow after a fully accepted draft, shrink
+    after a rejection (start AUTO_START, between 1 and AUTO_MAX)."""
+
+    def __init__(self, k: int | str):
+        self.auto = k == "auto"
+        self.k = AUTO_START if self.auto else int(k)
+
+    def update(self, drafted: int, accepted: int) -> None:
+        if not self.auto or drafted == 0:
+            return
+        self.k = min(self.k + 2, AUTO_MAX) if accepted == drafted else max(1, self.k - 1)
+
+
+class LookupDraft:
+    """Prompt lookup: find the longest n-gram (n = LOOKUP_NGRAM..1) ending the context that also
+    occurs earlier in it, most recent occurrence first, and propose what followed it there."""
+    name = "lookup"
+
+    def propose(self, ctx: list[int], k: int, sampler: Sampler) -> Proposal:
+        a = np.asarray(ctx, np.int64)
+        L = len(a)
+        for n in range(min(LOOKUP_NGRAM, L - 1), 0, -1):
+            tail = a[L - n:]
+            starts = np.flatnonzero(a[:L - n] == tail[0])            # candidate starts before the tail
+            for s in starts[::-1]:
+                if s + n < L and np.array_equal(a[s:s + n], tail):
+                    cont = a[s + n:s + n + k]
+                    if len(cont):
+                        return Proposal([int(t) for t in cont])
+        return Proposal([])
+
+    def close(self) -> None:
+        pass
+
+
+class SessionDraft:
+    """A draft that runs a model in its own session (KV cache): the target restricted to its
+    resident neurons (``self``), or a smaller model with the same tokenizer."""
+
+    def __init__(self, name: str, session):
+        self.name, self.session = name, session
+
+    def propose(self, ctx: list[int], k: int, sampler: Sampler) -> Proposal:
+        s = self.session
+        try:
+            s.reserve(len(ctx) + k)
+        except FlashinferError:                 # past the draft's own context: stop drafting
+            return Proposal([])
+        logits = s.prefill(ctx)
+        tokens, probs = [], []
+        greedy = sampler.p.temperature == 0
+        for i in range(k):
+            smp = sampler(logits)
+            tokens.append(smp.token)
+            if not greedy:
+                probs.append(smp.probs)
+            if i + 1 < k:
+                logits = s.append([smp.token], last_only=True)[-1]
+        return Proposal(tokens, None if greedy else probs)
+
+    def close(self) -> None:
+        pass
+
+
+def verify(logits: torch.Tensor, prop: Proposal, sampler: Sampler) -> tuple[int, Sample]:
+    """The target's logits [k + 1, vocab] after the pending token and each drafted token ->
+    (how many drafted tokens are kept, the target's next token after them)."""
+    k = len(prop.tokens)
+    if sampler.p.temperature == 0:
+        target = torch.argmax(logits, dim=-1).tolist()
+        a = 0
+        while a < k and target[a] == prop.tokens[a]:
+            a += 1
+        return a, Sample(target[a], logits[a], sampler)
+    for i, d in enumerate(prop.tokens):
+        p = sampler.distribution(logits[i])
+        q = prop.probs[i] if prop.probs is not None else None
+        qd = 1.0 if q is None else float(q[d])
+        u = float(torch.rand((), generator=sampler.gen))
+        if qd > 0 and u < min(1.0, float(p[d]) / qd):
+            continue
+        if q is None:                            # a deterministic draft: q is all on d
+            residual = p.clone()
+            residual[d] = 0
+        else:
+            residual = (p - q).clamp_(min=0)
+        total = float(residual.sum())
+        residual = residual / total if total > 0 else p
+        tok = int(torch.multinomial(residual, 1, generator=sampler.gen))
+        return i, Sample(tok, logits[i], sampler, residual)
+    p = sampler.distribution(logits[k])
+    return k, Sample(int(torch.multinomial(p, 1, generator=sampler.gen)), logits[k], sampler, p)
+
+
+def check_same_tokenizer(target, draft_config, draft_tokenizer, draft_path) -> None:
+    """Refuse a draft whose vocabulary or special tokens differ from the target's."""
+    tt, dt = target.tokenizer, draft_tokenizer
+    why = None
+    if target.config.vocab_size != draft_config.vocab_size:
+        why = f"vocabulary sizes differ ({draft_config.vocab_size} vs the target's {target.config.vocab_size})"
+    elif tt.available != dt.available:
+        why = "only one of them has a tokenizer"
+    elif tt.available and tt.vocabulary() != dt.vocabulary():
+        why = "their vocabularies differ"
+    elif tt.eos_token_ids != dt.eos_token_ids or tt.bos_token_id != dt.bos_token_id:
+        why = "their special tokens differ"
+    if why:
+        raise FlashinferError(f"draft model {draft_path} does not share the target's tokenizer: {why}; "
+                              "use a model of the same family (e.g. Qwen2.5-Coder-0.5B for Qwen2.5-Coder-1.5B), "
+                              "or --draft lookup")
