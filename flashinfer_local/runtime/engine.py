@@ -78,7 +78,7 @@ class Engine:
         self._shared_tokenizer = tokenizer
         self.draft_engine = None
         torch.set_num_threads(opts.threads or min(os.cpu_count() or 1, 8))
-        if opts.offload != "none":
+        if opts.offload != "none" or opts.draft is not None:    # (a verification runs the T-token kernels)
             from flashinfer_local.kernels import warm_up
             warm_up()
         self.runtime_baseline_bytes = rss_bytes()
