@@ -200,3 +200,15 @@ def test_quantized_all_in_dram_attribution(smollm_bundle, dtype):
     assert last["owners"]["ffn_dram"] == f["planned"]["ffn_dram_bytes"] == f["plan"]["ffn_dram_bytes"]
     assert last["owners"]["buffers"] <= f["planned"]["buffer_bytes"] == f["plan"]["buffer_bytes"]
     assert last["owners"]["window"] == 0
+
+
+@pytest.mark.parametrize("draft", ["model", "self"])
+def test_a_draft_is_attributed(tiny_bundle, draft):
+    """The draft model's weights or the self draft's KV cache are an owner of their own."""
+    d = str(tiny_bundle("qwen2", "int8")) if draft == "model" else "self"
+    prof = _profile(tiny_bundle("llama", "f32"), n=8, offload="window", draft=d)
+    _check_attribution(prof)
+    last = prof["snapshots"][-1]
+    assert last["owners"]["draft"] > 0
+    assert prof["facts"]["plan"]["draft_bytes"] > 0
+    assert prof["stats"]["speculation"]["draft"]

@@ -140,15 +140,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rot * sin
 
 
+def _attend(q: torch.Tensor, cache: KVCache, layer: int, S: int, G: int) -> torch.Tensor:
+    """One token's attention: q [H, 1, hd] against the first S cached keys/values -> [H * hd].
+    Grouped-query attention without repeating K/V: query head h reads kv head h // G, so the G
+    heads of a group form one [G, hd] block per kv head."""
+    K, V = cache.k[layer][:, :S], cache.v[layer][:, :S]                # [KV, S, hd]
+    KV, hd = K.shape[0], K.shape[2]
+    s = torch.bmm(q.reshape(KV, G, hd), K.transpose(1, 2)) * hd ** -0.5   # [KV, G, S]
+    return torch.bmm(torch.softmax(s, dim=-1), V).reshape(-1)
+
+
 def attention(cfg: ModelConfig, w: dict, p: str, layer: int, h: torch.Tensor, pos: int,
               cache: KVCache) -> torch.Tensor:
-    """Self-attention of T new tokens at positions [pos, pos+T) against the cache. h [T, d] -> [T, d]."""
+    """Self-attention of T new tokens at positions [pos, pos+T) against the cache. h [T, d] -> [T, d].
+    Up to SMALL_T tokens (``by_token``) the projections run for all of them at once (each row as
+    alone) and each token attends exactly as a decode step at its position would."""
     T = h.shape[0]
-    if by_token(T):       # token t attends as a decode step at pos + t would
-        out = torch.empty(T, cfg.d_model)
-        for t in range(T):    # each copied out at once: a quantized o projection reuses its output row
-            out[t] = attention(cfg, w, p, layer, h[t:t + 1], pos + t, cache)[0]
-        return out
     H, KV, hd = cfg.n_heads, cfg.n_kv_heads[layer], cfg.head_dim
     q = linear(h, w[p + "q.weight"], w.get(p + "q.bias")).view(T, H, hd).transpose(0, 1)
     k = linear(h, w[p + "k.weight"], w.get(p + "k.bias")).view(T, KV, hd).transpose(0, 1)
@@ -158,13 +165,16 @@ def attention(cfg: ModelConfig, w: dict, p: str, layer: int, h: torch.Tensor, po
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     cache.k[layer][:, pos:pos + T] = k
     cache.v[layer][:, pos:pos + T] = v
-    K, V = cache.k[layer][:, :pos + T], cache.v[layer][:, :pos + T]     # [KV, S, hd]
-    # grouped-query attention without repeating K/V: query head h reads kv head h // G, so the
-    # G heads of a group and their T tokens form one [G*T, hd] block per kv head
-    G, S = H // KV, pos + T
-    s = torch.bmm(q.reshape(KV, G * T, hd), K.transpose(1, 2)) * hd ** -0.5   # [KV, G*T, S]
-    if T > 1:  # query t sees keys [0, pos + t]
-        mask = torch.ones(T, S, dtype=torch.bool).tril(diagonal=pos)
+    G = H // KV
+    if T == 1 or by_token(T):
+        o = torch.empty(T, H * hd)
+        for t in range(T):
+            o[t] = _attend(q[:, t:t + 1].contiguous(), cache, layer, pos + t + 1, G)
+    else:                 # a prefill: the G heads of a group and their T tokens in one [G*T, hd] block
+        S = pos + T
+        K, V = cache.k[layer][:, :S], cache.v[layer][:, :S]
+        s = torch.bmm(q.reshape(KV, G * T, hd), K.transpose(1, 2)) * hd ** -0.5   # [KV, G*T, S]
+        mask = torch.ones(T, S, dtype=torch.bool).tril(diagonal=pos)           # query t sees keys [0, pos + t]
         s = s.view(KV, G, T, S).masked_fill(~mask, float("-inf")).view(KV, G * T, S)
-    o = torch.bmm(torch.softmax(s, dim=-1), V).view(H, T, hd)
-    return linear(o.transpose(0, 1).reshape(T, H * hd), w[p + "o.weight"], w.get(p + "o.bias"))
+        o = torch.bmm(torch.softmax(s, dim=-1), V).view(H, T, hd).transpose(0, 1).reshape(T, H * hd)
+    return linear(o, w[p + "o.weight"], w.get(p + "o.bias"))

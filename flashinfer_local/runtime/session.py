@@ -226,7 +226,7 @@ class Session:
             st.drafted_tokens += len(prop.tokens)
             st.accepted_tokens += kept
             st.decode_tokens += kept + 1
-            length.update(len(prop.tokens), kept)
+            length.update(len(prop.tokens), kept, t1 - t0, now - t1)
             for i in range(kept):
                 yield Sample(prop.tokens[i], out[i], sampler)
             pending = nxt

@@ -9,6 +9,8 @@ one-token forward does). Sampling: standard speculative rejection sampling (Levi
 Chen et al.): keep drafted token d with probability min(1, p(d) / q(d)), else draw from the
 normalized max(p - q, 0); after k kept tokens, draw from the target's next distribution.
 
+``DraftLength`` chooses k (fixed, or ``auto`` from the measured acceptance and costs).
+
 Drafts: ``lookup`` (continue an n-gram of the context found earlier in it: no model, no memory),
 ``self`` (the target restricted to the FFN neurons its window already holds: no SSD reads, its own
 KV cache), or a model sharing the target's tokenizer, all in DRAM (``Engine`` opens it inside the
@@ -38,17 +40,56 @@ class Proposal:
 
 
 class DraftLength:
-    """How many tokens to draft: a fixed k, or ``auto``: grow after a fully accepted draft, shrink
-    after a rejection (start AUTO_START, between 1 and AUTO_MAX)."""
+    """How many tokens to draft: a fixed k, or ``auto``: the k that maximizes the expected tokens
+    per second, from what this generation measured so far. With a per-token acceptance rate a, a
+    draft of k yields 1 + a + ... + a^k tokens for (k draft steps + one verification of k + 1
+    tokens); the acceptance is an average over the recent verifications, the costs are learned
+    as a draft step's time and a verification's time as a line in its token count. A draft that
+    does not pay (low acceptance, or a verification that costs nearly k + 1 forwards, as in DRAM)
+    gets k = 0 (a plain decode step), with a short probe every PROBE_EVERY steps to notice when
+    it starts paying (e.g. code that begins to repeat)."""
+
+    DECAY = 0.7           # weight of the past in the running averages
+    PROBE_EVERY = 8
 
     def __init__(self, k: int | str):
         self.auto = k == "auto"
         self.k = AUTO_START if self.auto else int(k)
+        self.accept = None            # recent acceptance per drafted token
+        self.t_draft = None           # s per drafted token
+        self.t_one = None             # s of a one-token forward
+        self.t_extra = None           # s per further token of a verification
+        self.idle = 0                 # plain steps since the last draft
 
-    def update(self, drafted: int, accepted: int) -> None:
-        if not self.auto or drafted == 0:
+    def _avg(self, old, new):
+        return new if old is None else self.DECAY * old + (1 - self.DECAY) * new
+
+    def update(self, drafted: int, accepted: int, draft_s: float = 0.0, verify_s: float = 0.0) -> None:
+        if not self.auto:
             return
-        self.k = min(self.k + 2, AUTO_MAX) if accepted == drafted else max(1, self.k - 1)
+        if drafted == 0:
+            self.t_one = self._avg(self.t_one, verify_s)
+            self.idle += 1
+        else:
+            self.idle = 0
+            self.accept = self._avg(self.accept, accepted / drafted)
+            self.t_draft = self._avg(self.t_draft, draft_s / drafted)
+            if self.t_one is not None:
+                self.t_extra = self._avg(self.t_extra, max(verify_s - self.t_one, 0.0) / drafted)
+        self.k = self._choose()
+
+    def _choose(self) -> int:
+        if self.accept is None or self.t_one is None:       # no figures yet: start, then one plain step
+            return AUTO_START if self.accept is None else 0
+        extra = self.t_extra if self.t_extra is not None else self.t_one
+        a = min(self.accept, 0.999)
+
+        def rate(k):
+            return sum(a ** i for i in range(k + 1)) / (k * self.t_draft + self.t_one + k * extra)
+        best = max(range(AUTO_MAX + 1), key=rate)
+        if best == 0 and self.idle >= self.PROBE_EVERY:
+            return 2
+        return best
 
 
 class LookupDraft:
