@@ -42,20 +42,21 @@ class Proposal:
 class DraftLength:
     """How many tokens to draft: a fixed k, or ``auto``: the k that maximizes the expected tokens
     per second, from what this generation measured so far. With a per-token acceptance rate a, a
-    draft of k yields 1 + a + ... + a^k tokens for (k draft steps + one verification of k + 1
-    tokens); the acceptance is an average over the recent verifications, the costs are learned
-    as a draft step's time and a verification's time as a line in its token count. A draft that
-    does not pay (low acceptance, or a verification that costs nearly k + 1 forwards, as in DRAM)
-    gets k = 0 (a plain decode step), with a short probe every PROBE_EVERY steps to notice when
-    it starts paying (e.g. code that begins to repeat)."""
+    draft of k yields 1 + a + ... + a^k tokens for k draft steps and one verification of k + 1
+    tokens. a is estimated as kept / (kept + rejections) over the recent verifications (a draft
+    rejected at its fourth token saw three acceptances and one rejection); the costs as a draft
+    step's time and a verification's time as a line in its token count (the first decode step is a
+    plain one, to measure a one-token forward). A draft that does not pay (low acceptance, or a
+    verification that costs nearly k + 1 forwards, as in DRAM on few cores) gets k = 0 (a plain
+    step), with a probe of k = 2 every PROBE_EVERY plain steps to notice when it starts paying."""
 
     DECAY = 0.7           # weight of the past in the running averages
     PROBE_EVERY = 8
 
     def __init__(self, k: int | str):
         self.auto = k == "auto"
-        self.k = AUTO_START if self.auto else int(k)
-        self.accept = None            # recent acceptance per drafted token
+        self.k = 0 if self.auto else int(k)
+        self.kept = self.tried = None  # running sums behind the acceptance estimate
         self.t_draft = None           # s per drafted token
         self.t_one = None             # s of a one-token forward
         self.t_extra = None           # s per further token of a verification
@@ -72,17 +73,20 @@ class DraftLength:
             self.idle += 1
         else:
             self.idle = 0
-            self.accept = self._avg(self.accept, accepted / drafted)
+            self.kept = self._avg(self.kept, accepted)
+            self.tried = self._avg(self.tried, accepted + (accepted < drafted))
             self.t_draft = self._avg(self.t_draft, draft_s / drafted)
             if self.t_one is not None:
                 self.t_extra = self._avg(self.t_extra, max(verify_s - self.t_one, 0.0) / drafted)
         self.k = self._choose()
 
     def _choose(self) -> int:
-        if self.accept is None or self.t_one is None:       # no figures yet: start, then one plain step
-            return AUTO_START if self.accept is None else 0
-        extra = self.t_extra if self.t_extra is not None else self.t_one
-        a = min(self.accept, 0.999)
+        if self.t_one is None:
+            return 0
+        if self.tried is None:                    # nothing drafted yet
+            return AUTO_START
+        a = min(self.kept / self.tried, 0.999) if self.tried else 0.999
+        extra = self.t_extra if self.t_extra is not None else 0.0
 
         def rate(k):
             return sum(a ** i for i in range(k + 1)) / (k * self.t_draft + self.t_one + k * extra)

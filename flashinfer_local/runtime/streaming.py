@@ -8,6 +8,11 @@
 3. computes the resident part while those reads are in flight (overlap), waits (I/O wait time),
    computes the new part, then streams any overflow (a selection larger than the cache) through two
    scratch buffers, reading the next chunk while computing the current one.
+Up to SMALL_T tokens (decode, a speculative verification: one read of a neuron serves all of them)
+step 3 computes the activations as records become available and the down pass in neuron order
+(``kernels.RecordKernel``), so each token's values do not depend on what the window held; a
+prefill computes each part by BLAS as it arrives. ``resident_only`` (the self draft) computes
+with what the window holds, reading nothing.
 Naive mode has no cache: every token reads every selected record (with ``all``: the whole FFN).
 """
 from __future__ import annotations
