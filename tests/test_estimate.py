@@ -91,3 +91,22 @@ def test_cli_estimate_on_checkpoint_and_bundle(tiny_ckpt, tiny_bundle):
     assert d["precisions"]["f16"]["total_bytes"] == Bundle(tiny_bundle("deci", "f16")).sizes()["total_bytes"]
     r = CliRunner().invoke(main, ["estimate", "/nonexistent/model"])
     assert r.exit_code == 1 and r.output.startswith("Error: ") and "not found" in r.output
+
+
+def test_estimate_with_a_draft_adds_what_the_engine_plans_for_it(tiny_ckpt, tiny_bundle):
+    """--draft MODEL: a bundle counts as it is, a checkpoint as the int4 bundle it would become;
+    the figure is the one the engine's plan holds for that draft."""
+    from flashinfer_local.runtime.engine import Engine
+    target, draft = tiny_bundle("llama", "f16"), tiny_bundle("qwen2", "int4")
+    args = ["estimate", str(target), "--context", "64", "--json"]
+    plain = json.loads(CliRunner().invoke(main, args).output)
+    for d in (draft, tiny_ckpt("qwen2")):
+        r = CliRunner().invoke(main, [*args, "--draft", str(d)])
+        assert r.exit_code == 0, r.output
+        e = json.loads(r.output)
+        eng = Engine(target, offload="window", context=64, draft=str(draft))
+        assert e["draft_bytes"] == eng.plan.draft_bytes > 0
+        mb, mb0 = e["precisions"]["f16"]["minimum_budget"], plain["precisions"]["f16"]["minimum_budget"]
+        assert mb["streaming_bytes"] == mb0["streaming_bytes"] + e["draft_bytes"]
+    r = CliRunner().invoke(main, ["estimate", str(target), "--draft", str(draft)])
+    assert "+ draft" in r.output

@@ -40,15 +40,13 @@ class Proposal:
 
 
 class DraftLength:
-    """How many tokens to draft: a fixed k, or ``auto``: the k that maximizes the expected tokens
-    per second, from what this generation measured so far. With a per-token acceptance rate a, a
-    draft of k yields 1 + a + ... + a^k tokens for k draft steps and one verification of k + 1
-    tokens. a is estimated as kept / (kept + rejections) over the recent verifications (a draft
-    rejected at its fourth token saw three acceptances and one rejection); the costs as a draft
-    step's time and a verification's time as a line in its token count (the first decode step is a
-    plain one, to measure a one-token forward). A draft that does not pay (low acceptance, or a
-    verification that costs nearly k + 1 forwards, as in DRAM on few cores) gets k = 0 (a plain
-    step), with a probe of k = 2 every PROBE_EVERY plain steps to notice when it starts paying."""
+    """How many tokens to draft: a fixed k, or ``auto``: k grows by 2 after a fully accepted draft
+    (up to AUTO_MAX) and shrinks by 1 after a rejection (acceptance comes in runs: stretches of
+    code both models complete alike, then a divergence), and drafting stops (k = 0, plain steps)
+    while the measured tokens per second of speculative steps are below those of plain steps (low
+    acceptance, or a verification costing nearly k + 1 forwards, as all in DRAM on few cores),
+    with a probe every PROBE_EVERY plain steps to notice when it starts paying. The first decode
+    step is a plain one, to measure it."""
 
     DECAY = 0.7           # weight of the past in the running averages
     PROBE_EVERY = 8
@@ -56,11 +54,9 @@ class DraftLength:
     def __init__(self, k: int | str):
         self.auto = k == "auto"
         self.k = 0 if self.auto else int(k)
-        self.kept = self.tried = None  # running sums behind the acceptance estimate
-        self.t_draft = None           # s per drafted token
-        self.t_one = None             # s of a one-token forward
-        self.t_extra = None           # s per further token of a verification
-        self.idle = 0                 # plain steps since the last draft
+        self.grow = AUTO_START        # the length k takes while drafting pays
+        self.spec_rate = self.plain_rate = None    # tokens per second of either kind of step
+        self.spec_steps = self.idle = 0            # speculative steps so far; plain ones since the last
 
     def _avg(self, old, new):
         return new if old is None else self.DECAY * old + (1 - self.DECAY) * new
@@ -68,32 +64,22 @@ class DraftLength:
     def update(self, drafted: int, accepted: int, draft_s: float = 0.0, verify_s: float = 0.0) -> None:
         if not self.auto:
             return
+        seconds = max(draft_s + verify_s, 1e-9)
         if drafted == 0:
-            self.t_one = self._avg(self.t_one, verify_s)
+            self.plain_rate = self._avg(self.plain_rate, 1 / seconds)
             self.idle += 1
         else:
+            self.spec_rate = self._avg(self.spec_rate, (accepted + 1) / seconds)
+            self.spec_steps += 1
             self.idle = 0
-            self.kept = self._avg(self.kept, accepted)
-            self.tried = self._avg(self.tried, accepted + (accepted < drafted))
-            self.t_draft = self._avg(self.t_draft, draft_s / drafted)
-            if self.t_one is not None:
-                self.t_extra = self._avg(self.t_extra, max(verify_s - self.t_one, 0.0) / drafted)
+            self.grow = min(self.grow + 2, AUTO_MAX) if accepted == drafted else max(1, self.grow - 1)
         self.k = self._choose()
 
     def _choose(self) -> int:
-        if self.t_one is None:
+        if self.plain_rate is None:
             return 0
-        if self.tried is None:                    # nothing drafted yet
-            return AUTO_START
-        a = min(self.kept / self.tried, 0.999) if self.tried else 0.999
-        extra = self.t_extra if self.t_extra is not None else 0.0
-
-        def rate(k):
-            return sum(a ** i for i in range(k + 1)) / (k * self.t_draft + self.t_one + k * extra)
-        best = max(range(AUTO_MAX + 1), key=rate)
-        if best == 0 and self.idle >= self.PROBE_EVERY:
-            return 2
-        return best
+        losing = self.spec_steps >= 2 and self.spec_rate < self.plain_rate
+        return 0 if losing and self.idle < self.PROBE_EVERY else self.grow
 
 
 class LookupDraft:
