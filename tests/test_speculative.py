@@ -199,3 +199,20 @@ def test_the_budget_counts_the_draft(tiny_bundle):
     assert least == minimum_budget(eng.bundle, 64, "window") + want
     with pytest.raises(FlashinferError, match=r"draft \("):
         plan_budget(eng.bundle, least - 1, 64, "window", draft=want)
+
+
+def test_a_masked_prefill_does_not_depend_on_what_the_window_holds(tiny_bundle):
+    """A prefill (more than SMALL_T tokens) computes its chunks in id order whatever the window
+    holds, so a prompt gives the same logits before and after other tokens changed the window, and
+    at another budget (with a per-token mask, rounding differences would move neurons across it)."""
+    path = tiny_bundle("llama", "f16")
+    prompt = PROMPT * 3
+    got = []
+    for budget in (None, 1 << 30):
+        eng = Engine(path, offload="window", context=64, dram_budget=budget, selector="oracle", sparsity=0.5)
+        for _ in range(2):
+            s = eng.session()
+            got.append(s.prefill(prompt).clone())
+            s.append([1, 2, 3])
+            s.append([4])
+    assert all(torch.equal(g, got[0]) for g in got)

@@ -72,6 +72,9 @@ def engine_row(spec: dict) -> dict:
     eng = Engine(spec["bundle"], **kw)
     out = {}
     for name, text in PROMPTS.items():
+        if spec.get("check"):       # the same engine without speculating, before: the lossless check
+            plain = [s.token_id for s in eng.generate(text, spec["gen"], SamplingParams(temperature=0),
+                                                       stop_at_eos=False, speculate=False)]
         steps = list(eng.generate(text, spec["gen"], SamplingParams(temperature=0), stop_at_eos=False))
         st = steps[-1].stats
         x = st.extra
@@ -79,6 +82,8 @@ def engine_row(spec: dict) -> dict:
                      "bytes_per_token": x.get("flash_bytes_per_token", 0.0), **st.speculation(),
                      "peak_above_baseline": st.peak_rss_bytes - eng.runtime_baseline_bytes,
                      "prompt_tokens": st.prompt_tokens}
+        if spec.get("check"):
+            out[name]["same_as_plain"] = plain == st.token_ids
     out["plan"] = {"draft_bytes": eng.plan.draft_bytes, "cache_rows_per_layer": eng.plan.cache_rows_per_layer,
                    "mode": eng.plan.mode}
     eng.close()
@@ -164,6 +169,10 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rows", default=None, help="only rows whose label contains one of these (comma-separated)")
+    ap.add_argument("--check-lossless", action="store_true",
+                    help="instead of timing: each draft row's engine generates without speculating, then "
+                    "with, and the table says whether the tokens are the same (the lossless property: "
+                    "the same engine, since a different budget splits the prefill's sums differently)")
     ap.add_argument("--json", type=Path, default=Path("bench-out/speculative.json"))
     a = ap.parse_args()
     from storage.direct_io import measure_sequential_bandwidth
@@ -171,6 +180,14 @@ def main():
     rows = rows_for(a)
     if a.rows:
         rows = [r for r in rows if any(s in r[0] for s in a.rows.split(","))]
+    if a.check_lossless:
+        rows = [(label, {**spec, "check": True}) for label, spec in rows
+                if spec["kind"] == "engine" and spec["draft"] != "none"]
+        for label, spec in rows:
+            res = run_isolated(spec)
+            print(f"| {label} | " + (res["error"][:90] if "error" in res else " | ".join(
+                f"{p}: {'same' if res[p]['same_as_plain'] else 'DIFFERENT'}" for p in PROMPTS)) + " |")
+        return
     results, seqs = {}, []
     probe = a.f16 or a.int4
     for r in range(a.runs):

@@ -154,6 +154,8 @@ class Session:
         with PeakRSS() as peak, torch.inference_mode():
             t0 = time.perf_counter()
             logits = self.prefill(ids)
+            if draft is not None:
+                draft.prepare(ids)
             st.prefill_s = time.perf_counter() - t0
             after_prefill, memory = eng.counters(), eng.memory_facts()    # the arrays are fixed
 

@@ -87,6 +87,9 @@ class LookupDraft:
     occurs earlier in it, most recent occurrence first, and propose what followed it there."""
     name = "lookup"
 
+    def prepare(self, ids: list[int]) -> None:
+        pass
+
     def propose(self, ctx: list[int], k: int, sampler: Sampler) -> Proposal:
         a = np.asarray(ctx, np.int64)
         L = len(a)
@@ -110,6 +113,14 @@ class SessionDraft:
 
     def __init__(self, name: str, session):
         self.name, self.session = name, session
+
+    def prepare(self, ids: list[int]) -> None:
+        """Run the prompt through the draft (with the target's prefill, not in decode time)."""
+        try:
+            self.session.reserve(len(ids))
+            self.session.prefill(ids)
+        except FlashinferError:                 # past the draft's own context: it will not draft
+            pass
 
     def propose(self, ctx: list[int], k: int, sampler: Sampler) -> Proposal:
         s = self.session

@@ -109,20 +109,37 @@ class StreamingFFN:
             yield ch, self.scratch[j % 2][:len(ch)]
 
     def _prefill(self, layer: int, x: torch.Tensor, ids: np.ndarray, mask) -> torch.Tensor:
+        """The selected records in chunks of CHUNK_ROWS consecutive selected ids, each chunk's
+        records in id order (from the window where it holds them, else read), computed by BLAS in
+        chunk order: the result depends on the selection only, never on what the window held (a
+        masked prefill's rounding would otherwise move neurons across a predictor's cutoff). The
+        window is left as it is; the next chunk's reads are in flight while one is computed."""
         out = torch.zeros(x.shape[0], self.cfg.d_model)
         if not self.windows:
             for ch, recs in self._chunks(layer, ids):
                 self._compute(x, recs, out, mask=mask, ids=ch)
             return out
-        win, plan, batch = self._plan(layer, ids)
-        if len(plan.hit_rows):                    # overlap: resident part while reads are in flight
-            order = np.argsort(plan.hit_rows)
-            self._compute(x, win.rows, out, plan.hit_rows[order].astype(np.int64), mask, plan.hit_ids[order])
-        if batch is not None:
-            self._wait(batch)
-            self._compute(x, win.rows[plan.new_rows], out, mask=mask, ids=plan.new_ids)
-        for ch, recs in self._chunks(layer, plan.overflow_ids):
-            self._compute(x, recs, out, mask=mask, ids=ch)
+        win = self.windows[layer]
+        chunks = [ids[a:a + CHUNK_ROWS] for a in range(0, len(ids), CHUNK_ROWS)]
+
+        def submit(j):
+            slots = win.slot[chunks[j]]
+            miss = chunks[j][slots < 0]
+            self.hits += len(chunks[j]) - len(miss)
+            buf = self.scratch[j % 2][:len(miss)]
+            return slots, buf, (self.reader.submit(layer, miss, buf) if len(miss) else None)
+        pending = submit(0) if chunks else None
+        for j, ch in enumerate(chunks):
+            slots, buf, batch = pending
+            if batch is not None:
+                self._wait(batch)
+            part = np.empty((len(ch), win.rows.shape[1]), np.uint8)     # the chunk in id order
+            hit = slots >= 0
+            part[hit] = win.rows[slots[hit]]
+            part[~hit] = buf
+            if j + 1 < len(chunks):
+                pending = submit(j + 1)
+            self._compute(x, part, out, mask=mask, ids=ch)
         return out
 
     # ---- decode and verification (T <= SMALL_T): each token exactly as it would be alone
