@@ -27,7 +27,6 @@ What makes these loops fast, each measured on a Qwen-1.5B-sized layer:
 """
 from __future__ import annotations
 
-import numba
 import numpy as np
 import torch
 import torch.nn.functional as F

@@ -17,7 +17,7 @@ from storage.reader import Bundle
 
 from flashinfer_local.kernels import SMALL_T, QuantMatrix, RecordKernel
 from flashinfer_local.models.common import linear
-from flashinfer_local.runtime.backend import FFNCounters, arrays_of
+from flashinfer_local.runtime.backend import FFNCounters
 
 CHUNK_ROWS = 1024          # records computed per prefill step: bounds the f32 scratch of one step
 

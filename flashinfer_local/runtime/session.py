@@ -193,14 +193,16 @@ class Session:
 
     def _plain(self, logits: torch.Tensor, sampler: Sampler, max_tokens: int, st: GenerationStats) -> Iterator:
         """One forward per token: sample, then run the sampled token."""
+        tok = None
         for n in range(max_tokens):
             if n:
                 t = time.perf_counter()
-                logits = self.append([sample.token], last_only=True)[-1]
+                logits = self.append([tok], last_only=True)[-1]
                 st.decode_s += time.perf_counter() - t
                 st.decode_steps += 1
                 st.decode_tokens += 1
             sample = sampler(logits)
+            tok = sample.token
             yield sample
 
     def _speculative(self, logits: torch.Tensor, sampler: Sampler, max_tokens: int, st: GenerationStats,
