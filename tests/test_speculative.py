@@ -164,12 +164,10 @@ def test_a_draft_with_another_tokenizer_is_refused(tiny_bundle, smollm_bundle):
         def __init__(self, vocab):
             self.vocabulary = lambda: vocab
 
-    class Target:
-        config = type("C", (), {"vocab_size": 2})
-        tokenizer = Tok({"a": 0, "b": 1})
+    cfg = type("C", (), {"vocab_size": 2})
     with pytest.raises(FlashinferError, match="vocabularies differ"):
-        check_same_tokenizer(Target, Target.config, Tok({"a": 1, "b": 0}), "d")
-    check_same_tokenizer(Target, Target.config, Tok({"a": 0, "b": 1}), "d")
+        check_same_tokenizer(cfg, Tok({"a": 0, "b": 1}), cfg, Tok({"a": 1, "b": 0}), "d")
+    check_same_tokenizer(cfg, Tok({"a": 0, "b": 1}), cfg, Tok({"a": 0, "b": 1}), "d")
 
 
 def test_bad_drafts_get_clear_errors(tiny_bundle, tmp_path):

@@ -97,7 +97,7 @@ def _draft_resident(pm, eng, session) -> int:
     if d is not None:
         n += pm.resident(*d.bundle.dense_span()) + sum(pm.array(a) for arrays in d.resident_arrays().values()
                                                        for a in arrays)
-    ds = getattr(getattr(session, "_draft", None), "session", None)
+    ds = getattr(getattr(session, "draft", None), "session", None)
     if ds is not None:
         n += sum(pm.array(t) for t in (*ds.cache.k, *ds.cache.v, ds.cache.cos, ds.cache.sin) if t is not None)
     return n

@@ -32,6 +32,11 @@ def splits_down(cfg, layout: fmt.RecordLayout) -> bool:
     return SPLIT_DOWN and layout.field("down").dtype == "q8" and cfg.d_ff % 32 == 0
 
 
+def selected_ids(mask: torch.Tensor) -> np.ndarray:
+    """The neurons any token of mask [T, d_ff] selected, ascending."""
+    return np.flatnonzero((mask[0] if mask.shape[0] == 1 else mask.any(0)).numpy())
+
+
 def token_selection(mask: torch.Tensor | None, ids: np.ndarray) -> np.ndarray | None:
     """Which tokens need each of neurons ``ids``: mask [T, d_ff] -> [T, len(ids)] bool (None: all)."""
     return None if mask is None else np.ascontiguousarray(mask.numpy()[:, ids])
@@ -110,8 +115,7 @@ class RecordCompute:
             self(x, recs, out, mask=mask)
             return out
         k = self.kernel
-        ids = (np.arange(recs.shape[0]) if mask is None else
-               np.flatnonzero((mask[0] if T == 1 else mask.any(0)).numpy()))
+        ids = np.arange(recs.shape[0]) if mask is None else selected_ids(mask)
         sel = token_selection(mask, ids) if T > 1 else None
         k.begin(x.numpy())
         k.activations(recs, ids, ids, sel)
@@ -179,7 +183,7 @@ class RecordFFN(_InDRAM):
                            for a in range(0, rec.shape[0], CHUNK_ROWS)], dim=1)        # [T, d_ff]
             return down.matmul(h if mask is None else h * mask)
         k = self.compute.kernel                    # unselected neurons keep h = 0
-        rows = self.all_rows if mask is None else np.flatnonzero((mask[0] if T == 1 else mask.any(0)).numpy())
+        rows = self.all_rows if mask is None else selected_ids(mask)
         k.begin(x.numpy())
         k.activations(rec, rows, rows, token_selection(mask, rows) if T > 1 else None)
         return down.matmul(torch.from_numpy(k.h[:T]))

@@ -92,6 +92,7 @@ class Engine:
     def _open(self, opts: EngineOptions) -> None:
         cfg = self.config = self.bundle.config
         self.context = min(opts.context, cfg.max_position)
+        self.tokenizer = self._shared_tokenizer or Tokenizer(self.bundle)
         draft_path, draft_bytes = self._draft_bytes(opts)
         self.plan = plan_budget(self.bundle, opts.dram_budget, self.context, opts.offload,
                                 selector_bytes(opts.selector, self.bundle, opts.predictor), opts.evict, draft_bytes)
@@ -103,7 +104,6 @@ class Engine:
                                   "draft model")
         # longest cache a session may hold: the planned context under a budget, else the model's
         self.kv_limit = self.context if opts.dram_budget is not None else cfg.max_position
-        self.tokenizer = self._shared_tokenizer or Tokenizer(self.bundle)
         if draft_path is not None:
             self._open_draft_model(draft_path, opts)
         self.weights = _dense_weights(self.bundle)
@@ -124,14 +124,13 @@ class Engine:
         if not (path / fmt.MANIFEST).exists():
             raise FlashinferError(f"draft {opts.draft!r} is not lookup, self or a bundle directory; convert a "
                                   "draft checkpoint first (flashinfer-local convert), or pass lookup or self")
-        with contextlib.closing(Bundle(path)) as b:
+        from flashinfer_local.runtime.speculative import check_same_tokenizer
+        with contextlib.closing(Bundle(path)) as b:          # refused before any plan or load
+            check_same_tokenizer(self.config, self.tokenizer, b.config, Tokenizer(b), path)
             return path, draft_model_bytes(b, self.context)
 
     def _open_draft_model(self, path: Path, opts: EngineOptions) -> None:
-        """Open the draft model all in DRAM, after checking it shares this model's tokenizer."""
-        from flashinfer_local.runtime.speculative import check_same_tokenizer
-        with contextlib.closing(Bundle(path)) as b:
-            check_same_tokenizer(self, b.config, Tokenizer(b), path)
+        """Open the draft model all in DRAM (its tokenizer was checked by ``_draft_bytes``)."""
         self.draft_engine = Engine(path, offload="none", context=self.context, threads=opts.threads,
                                    tokenizer=self.tokenizer)               # one tokenizer in memory
         self.draft_engine.kv_limit = min(self.draft_engine.kv_limit, self.context)

@@ -81,7 +81,7 @@ class Session:
         self.tokens: list[int] = []          # what the cache holds, in order
         first = capacity if capacity is not None else min(FIRST_CAPACITY, engine.kv_limit)
         self.cache = engine.new_cache(first)
-        self._draft = None                   # the engine's speculative draft for this session (lazy)
+        self.draft = None                    # the engine's speculative draft for this session (made on first use)
 
     @property
     def pos(self) -> int:
@@ -147,9 +147,9 @@ class Session:
         eos = eng.tokenizer.eos_token_ids if stop_at_eos else frozenset()
         text_out = TextStream(eng.tokenizer, stop)
         st = GenerationStats(prompt_tokens=len(ids))
-        if speculate and self._draft is None:
-            self._draft = eng.new_draft()
-        draft = self._draft if speculate else None
+        if speculate and self.draft is None:
+            self.draft = eng.new_draft()
+        draft = self.draft if speculate else None
         st.draft = draft.name if draft is not None else None
         with PeakRSS() as peak, torch.inference_mode():
             t0 = time.perf_counter()

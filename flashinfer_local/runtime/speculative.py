@@ -174,12 +174,12 @@ def verify(logits: torch.Tensor, prop: Proposal, sampler: Sampler) -> tuple[int,
     return k, Sample(int(torch.multinomial(p, 1, generator=sampler.gen)), logits[k], sampler, p)
 
 
-def check_same_tokenizer(target, draft_config, draft_tokenizer, draft_path) -> None:
+def check_same_tokenizer(config, tokenizer, draft_config, draft_tokenizer, draft_path) -> None:
     """Refuse a draft whose vocabulary or special tokens differ from the target's."""
-    tt, dt = target.tokenizer, draft_tokenizer
+    tt, dt = tokenizer, draft_tokenizer
     why = None
-    if target.config.vocab_size != draft_config.vocab_size:
-        why = f"vocabulary sizes differ ({draft_config.vocab_size} vs the target's {target.config.vocab_size})"
+    if config.vocab_size != draft_config.vocab_size:
+        why = f"vocabulary sizes differ ({draft_config.vocab_size} vs the target's {config.vocab_size})"
     elif tt.available != dt.available:
         why = "only one of them has a tokenizer"
     elif tt.available and tt.vocabulary() != dt.vocabulary():

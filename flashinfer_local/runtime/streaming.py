@@ -30,7 +30,7 @@ from storage.window_cache import LayerWindow
 from flashinfer_local.runtime.backend import FFNCounters, arrays_of
 from flashinfer_local.runtime.budget import SCRATCH_BUFFERS, BudgetPlan
 from flashinfer_local.kernels import SMALL_T
-from flashinfer_local.runtime.dram import CHUNK_ROWS, RecordCompute, token_selection
+from flashinfer_local.runtime.dram import CHUNK_ROWS, RecordCompute, selected_ids, token_selection
 
 # Read through gaps of up to this many bytes of unwanted records rather than issue another request:
 # on this project's reference disk (tools/bench_stream.py; 9 KiB records of Qwen-1.5B f16, 8 reader
@@ -94,52 +94,40 @@ class StreamingFFN:
         batch.wait()
         self.t["io_wait_s"] += time.perf_counter() - t0
 
-    def _chunks(self, layer: int, ids: np.ndarray):
-        """Yield (chunk ids, their records in a scratch buffer), reading the next chunk while the
-        caller computes on the current one."""
-        chunks = [ids[a:a + CHUNK_ROWS] for a in range(0, len(ids), CHUNK_ROWS)]
-        if not chunks:
-            return
-        pending = self.reader.submit(layer, chunks[0], self.scratch[0][:len(chunks[0])])
-        for j, ch in enumerate(chunks):
-            self._wait(pending)
-            if j + 1 < len(chunks):
-                nxt = chunks[j + 1]
-                pending = self.reader.submit(layer, nxt, self.scratch[(j + 1) % 2][:len(nxt)])
-            yield ch, self.scratch[j % 2][:len(ch)]
-
-    def _prefill(self, layer: int, x: torch.Tensor, ids: np.ndarray, mask) -> torch.Tensor:
-        """The selected records in chunks of CHUNK_ROWS consecutive selected ids, each chunk's
-        records in id order (from the window where it holds them, else read), computed by BLAS in
-        chunk order: the result depends on the selection only, never on what the window held (a
-        masked prefill's rounding would otherwise move neurons across a predictor's cutoff). The
-        window is left as it is; the next chunk's reads are in flight while one is computed."""
-        out = torch.zeros(x.shape[0], self.cfg.d_model)
-        if not self.windows:
-            for ch, recs in self._chunks(layer, ids):
-                self._compute(x, recs, out, mask=mask, ids=ch)
-            return out
-        win = self.windows[layer]
+    def _chunks(self, layer: int, ids: np.ndarray, win: LayerWindow | None = None):
+        """Yield (chunk ids, their records in id order), CHUNK_ROWS consecutive ``ids`` at a time,
+        the next chunk's reads in flight while the caller computes on the current one. With
+        ``win``, the records the window holds are copied from it, only the others read."""
         chunks = [ids[a:a + CHUNK_ROWS] for a in range(0, len(ids), CHUNK_ROWS)]
 
         def submit(j):
-            slots = win.slot[chunks[j]]
-            miss = chunks[j][slots < 0]
-            self.hits += len(chunks[j]) - len(miss)
+            slots = None if win is None else win.slot[chunks[j]]
+            miss = chunks[j] if slots is None else chunks[j][slots < 0]
             buf = self.scratch[j % 2][:len(miss)]
             return slots, buf, (self.reader.submit(layer, miss, buf) if len(miss) else None)
         pending = submit(0) if chunks else None
         for j, ch in enumerate(chunks):
-            slots, buf, batch = pending
+            slots, recs, batch = pending
             if batch is not None:
                 self._wait(batch)
-            part = np.empty((len(ch), win.rows.shape[1]), np.uint8)     # the chunk in id order
-            hit = slots >= 0
-            part[hit] = win.rows[slots[hit]]
-            part[~hit] = buf
+            if slots is not None:
+                hit = slots >= 0
+                self.hits += int(hit.sum())
+                part = np.empty((len(ch), win.rows.shape[1]), np.uint8)
+                part[hit], part[~hit] = win.rows[slots[hit]], recs
+                recs = part
             if j + 1 < len(chunks):
                 pending = submit(j + 1)
-            self._compute(x, part, out, mask=mask, ids=ch)
+            yield ch, recs
+
+    def _prefill(self, layer: int, x: torch.Tensor, ids: np.ndarray, mask) -> torch.Tensor:
+        """The selected records chunk by chunk in id order, computed by BLAS in chunk order (with
+        a window: its records copied, the rest read; the window left as it is): the result depends
+        on the selection only, never on what the window held (a masked prefill's rounding would
+        otherwise move neurons across a predictor's cutoff)."""
+        out = torch.zeros(x.shape[0], self.cfg.d_model)
+        for ch, recs in self._chunks(layer, ids, self.windows[layer] if self.windows else None):
+            self._compute(x, recs, out, mask=mask, ids=ch)
         return out
 
     # ---- decode and verification (T <= SMALL_T): each token exactly as it would be alone
@@ -172,7 +160,7 @@ class StreamingFFN:
                 self._act(win.rows, new_rows, plan.new_ids, mask)
             res_ids = np.concatenate([plan.hit_ids, plan.new_ids])
             res_rows = np.concatenate([plan.hit_rows.astype(np.int64), new_rows])
-            order = np.argsort(res_ids)
+            order = np.argsort(res_ids, kind="stable")          # two ascending runs: linear
             res_ids, res_rows = res_ids[order], res_rows[order]
             ids = plan.overflow_ids
         done = 0                                  # resident records already in a down pass
@@ -235,10 +223,7 @@ class StreamingFFN:
     def __call__(self, layer: int, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         # x [T, d] (f32) -> [T, d]; mask [T, d_ff] or None (all neurons)
         T = x.shape[0]
-        if mask is None:
-            ids = self.all_ids
-        else:
-            ids = np.flatnonzero((mask[0] if T == 1 else mask.any(0)).numpy())
+        ids = self.all_ids if mask is None else selected_ids(mask)
         if T == 1:
             mask = None                           # ids are the token's selection
         if self.drafting:
