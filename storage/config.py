@@ -75,12 +75,13 @@ class ModelConfig:
         """OPT's learned position table starts at index 2 (a quirk of its training code)."""
         return 2 if self.arch == "opt" else 0
 
-    def kv_layer_bytes_per_token(self, itemsize: int = 4) -> list[int]:
-        """Bytes of key+value cache one token costs in each layer (by that layer's key/value heads):
-        the one formula the KV cache's size is computed from."""
+    def kv_layer_bytes_per_token(self, itemsize: int = 2) -> list[int]:
+        """Bytes of key+value cache one token costs in each layer (by that layer's key/value heads;
+        f16 values, as the engine's cache holds them): the one formula the KV cache's size is
+        computed from."""
         return [2 * kv * self.head_dim * itemsize for kv in self.n_kv_heads]
 
-    def kv_bytes_per_token(self, itemsize: int = 4) -> int:
+    def kv_bytes_per_token(self, itemsize: int = 2) -> int:
         """Bytes of key+value cache one token costs across all layers."""
         return sum(self.kv_layer_bytes_per_token(itemsize))
 

@@ -34,11 +34,13 @@ def dense_dtype(dtype: str) -> str:
     return dtype if dtype in fmt.DTYPES else "f16"
 
 
-def dense_specs(cfg: ModelConfig, dtype: str) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
-    """(name, dtype, shape) of every dense tensor, derived from the config alone."""
+def dense_specs(cfg: ModelConfig, dtype: str, four_bit=lambda name: True) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+    """(name, dtype, shape) of every dense tensor, derived from the config, the ``convert --dtype``
+    name and which matrices the checkpoint stores in 4 bits (``format.dense_matrix_dtypes``)."""
     d, hd, H = cfg.d_model, cfg.head_dim, cfg.n_heads
-    big = np.dtype(fmt.DTYPES[dense_dtype(dtype)])
-    quantized = set(fmt.quantized_dense(cfg, dtype))
+    precision = fmt.Precision.named(dtype)
+    big = np.dtype(fmt.DTYPES[dense_dtype(precision.ffn)])
+    quantized = fmt.dense_matrix_dtypes(cfg, precision, fmt.FORMAT_VERSION, four_bit)
     specs = []
     for name in fmt.dense_tensor_names(cfg):
         leaf = name.split(".", 2)[-1] if name.startswith("layers.") else name
@@ -51,9 +53,13 @@ def dense_specs(cfg: ModelConfig, dtype: str) -> list[tuple[str, np.dtype, tuple
             "v.weight": (kv * hd, d), "v.bias": (kv * hd,),
             "o.weight": (d, H * hd), "o.bias": (d,), "down_bias": (d,),
         }.get(leaf, (d,))  # norms
-        if name in quantized:
+        if quantized.get(name) == "q8":
             specs.append((name, np.dtype(np.int8), shape))
             specs.append((name + ".scale", np.dtype(np.float16), (shape[0], shape[1] // quant.GROUP)))
+            continue
+        if quantized.get(name) == "q4":        # packed codes; scales then minimums per row
+            specs.append((name, np.dtype(np.uint8), (shape[0], shape[1] // 2)))
+            specs.append((name + ".scale", np.dtype(np.float16), (shape[0], 2 * shape[1] // quant.GROUP)))
             continue
         dt = np.dtype(np.float32) if name.endswith(SMALL) else big
         specs.append((name, dt, shape))
@@ -66,6 +72,17 @@ def quantize_rows_q8(a: np.ndarray, rows: int = 8192) -> tuple[np.ndarray, np.nd
     s = np.empty((a.shape[0], a.shape[1] // quant.GROUP), np.float16)
     for r in range(0, a.shape[0], rows):
         q[r:r + rows], s[r:r + rows] = quant.quantize_q8(a[r:r + rows])
+    return q, s
+
+
+def quantize_rows_q4(a: np.ndarray, rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """quant.quantize_q4 of a [out, in] matrix -> (packed codes [out, in / 2], scales then
+    minimums [out, in / 16]): the layout of a q4 dense matrix (``format.dense_matrix_dtypes``)."""
+    ng = a.shape[1] // quant.GROUP
+    q = np.empty((a.shape[0], a.shape[1] // 2), np.uint8)
+    s = np.empty((a.shape[0], 2 * ng), np.float16)
+    for r in range(0, a.shape[0], rows):
+        q[r:r + rows], s[r:r + rows, :ng], s[r:r + rows, ng:] = quant.quantize_q4(a[r:r + rows])
     return q, s
 
 
@@ -104,7 +121,7 @@ def build_records(cfg: ModelConfig, layout: fmt.RecordLayout, tensors: dict[str,
             put(name, q)
             put(name + ".scale", sc)
         else:
-            q, sc, mn = quant.quantize_q4(src)
+            q, sc, mn = (quant.quantize_q5 if f.dtype == "q5" else quant.quantize_q4)(src)
             put(name, q)
             put(name + ".scale", sc)
             put(name + ".min", mn)
@@ -131,11 +148,12 @@ def _progress(total: int, enabled: bool, desc: str):
 
 def _write_bundle(src: Source, tmp: Path, dtype: str, progress: bool) -> None:
     cfg = src.config
+    precision = fmt.Precision.named(dtype)
     try:
-        layout = fmt.record_layout(cfg, dtype)
+        layout = fmt.record_layout(cfg, precision.ffn, precision.down, precision.gate_up)
     except ValueError as e:
         raise FlashinferError(str(e)) from None
-    dspecs, fspecs = dense_specs(cfg, dtype), ffn_specs(cfg, layout)
+    dspecs, fspecs = dense_specs(cfg, dtype, src.four_bit), ffn_specs(cfg, layout)
     need = sum(int(np.prod(s)) * d.itemsize for _, d, s in dspecs + fspecs)
     free = shutil.disk_usage(tmp).free
     if free < need + (64 << 20):
@@ -144,16 +162,18 @@ def _write_bundle(src: Source, tmp: Path, dtype: str, progress: bool) -> None:
     files = {}
     with _progress(need, progress, "convert") as bar:
         w = SafetensorsWriter(tmp / fmt.DENSE_FILE, dspecs)
-        quantized = set(fmt.quantized_dense(cfg, dtype))
+        quantized = fmt.dense_matrix_dtypes(cfg, precision, fmt.FORMAT_VERSION, src.four_bit)
         try:
             for name, dt, shape in dspecs:
                 if name.endswith(".scale"):
                     continue                     # written right after its matrix
                 if name == "lm_head" and not src.has("lm_head"):
                     raise CheckpointError(f"{src.identity['path']}: the head ('lm_head') is missing")
-                a = _check_shape(src, name, src.load(name), shape)
+                want = (shape[0], 2 * shape[1]) if quantized.get(name) == "q4" else shape    # q4: packed
+                a = _check_shape(src, name, src.load(name), want)
                 if name in quantized:
-                    q, sc = quantize_rows_q8(np.asarray(a, np.float32))
+                    rows = quantize_rows_q8 if quantized[name] == "q8" else quantize_rows_q4
+                    q, sc = rows(np.asarray(a, np.float32))
                     w.write(name, q)
                     w.write(name + ".scale", sc)
                     bar.update(q.nbytes + sc.nbytes)
@@ -201,21 +221,23 @@ def _write_bundle(src: Source, tmp: Path, dtype: str, progress: bool) -> None:
         "tokenizer": {"file": fmt.TOKENIZER_FILE if tok.tokenizer_json is not None else None,
                       "chat_template": tok.chat_template, "bos_token": tok.bos_token,
                       "eos_token": tok.eos_token, "add_bos": tok.add_bos},
-        "dense": {"file": fmt.DENSE_FILE, "dtype": dense_dtype(dtype), "small_tensors_dtype": "f32",
-                  "int8_matrices": "q8" if fmt.quantized_dense(cfg, dtype) else None},
-        "ffn": {"file": fmt.FFN_FILE, "dtype": dtype, "tensor": "layers.{i}.ffn",
+        "precision": dtype if isinstance(dtype, str) else vars(precision),
+        "dense": {"file": fmt.DENSE_FILE, "dtype": dense_dtype(precision.ffn), "small_tensors_dtype": "f32",
+                  "matrices": quantized},
+        "ffn": {"file": fmt.FFN_FILE, "dtype": precision.ffn, "tensor": "layers.{i}.ffn",
                 "n_neurons": cfg.d_ff, "layout": layout.to_dict()},
         "files": files,
     }
     (tmp / fmt.MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
-def convert(src_path: str | Path | Source, out: str | Path, dtype: str = "f16", force: bool = False,
-            progress: bool = True) -> Path:
+def convert(src_path: str | Path | Source, out: str | Path, dtype: str | fmt.Precision = "f16",
+            force: bool = False, progress: bool = True) -> Path:
     """Convert a checkpoint (HF folder or GGUF file, or an open :class:`Source`) into a bundle
-    directory at ``out``."""
-    if dtype not in fmt.FFN_DTYPES:
-        raise OptionError("dtype", f"{dtype} is not supported (choose one of: {', '.join(fmt.FFN_DTYPES)})")
+    directory at ``out``; ``dtype`` a name of ``format.CONVERT_DTYPES`` (or a ``format.Precision``
+    spelled out, for measurements)."""
+    if not isinstance(dtype, fmt.Precision) and dtype not in fmt.CONVERT_DTYPES:
+        raise OptionError("dtype", f"{dtype} is not supported (choose one of: {', '.join(fmt.CONVERT_DTYPES)})")
     out = Path(out).absolute()
     if out.exists() and not force:
         raise FlashinferError(f"{out} already exists; pass --force to replace it")

@@ -1,5 +1,5 @@
-"""The bundle format, version 2 (``FORMAT_VERSION``; version 1 is still read): the one place that
-says what is on disk.
+"""The bundle format, version 3 (``FORMAT_VERSION``; versions 1 and 2 are still read): the one
+place that says what is on disk.
 
 A bundle is a directory::
 
@@ -48,9 +48,10 @@ from .config import ModelConfig
 from .errors import BundleError
 
 FORMAT_NAME = "flashinfer-local-bundle"
-FORMAT_VERSION = 2
-# versions this reader opens: 1 is 2 without the int8 tied embedding (see ``quantized_dense``)
-READS_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+# versions this reader opens: 1 is 2 without the int8 tied embedding, 2 is 3 with every quantized
+# dense matrix in q8 (see ``dense_matrix_dtypes``)
+READS_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
 DENSE_FILE = "dense.safetensors"
 FFN_FILE = "ffn.safetensors"
@@ -60,27 +61,74 @@ TENSOR_ALIGN = 4096
 
 # dtype names used in the manifest -> numpy dtype, and the safetensors spelling
 DTYPES = {"f32": np.float32, "f16": np.float16}
-# what `convert --dtype` accepts: the FFN records' precision. int8/int4 records hold group-quantized
-# vectors (storage.quant); such a bundle's dense matrices are int8 (``quantized_dense``), the rest f16.
+# the FFN records' precision. int8/int4 records hold group-quantized vectors (storage.quant); such a
+# bundle's dense matrices are quantized too (``dense_matrix_dtypes``), norms and biases stay float.
 FFN_DTYPES = ("f32", "f16", "int8", "int4")
-FIELD_BITS = {"f32": 32, "f16": 16, "q8": 8, "q4": 4}
+# what `convert --dtype` accepts: a record precision, or a named mix (``Precision``)
+CONVERT_DTYPES = FFN_DTYPES + ("int4-q8",)
+FIELD_BITS = {"f32": 32, "f16": 16, "q8": 8, "q5": 5, "q4": 4}
 ST_DTYPE = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.uint8): "U8",
             np.dtype(np.int8): "I8", np.dtype(np.int32): "I32", np.dtype(np.int64): "I64"}
 NP_DTYPE = {v: k for k, v in ST_DTYPE.items()}
 
 
+@dataclass(frozen=True)
+class Precision:
+    """What ``convert --dtype`` writes: the records' dtype and each quantized matrix's codes.
+
+    ``int4``: records in the most precise codes that keep them at their all-q4 size (records are
+    rounded up to 512 bytes; ``record_layout``); the attention matrices and an untied embedding in
+    q4 where the checkpoint stores them in 4 bits (``auto``: carried over exactly), else q8; the
+    head (and an embedding tied to it) in q8. Measured on Qwen2.5-Coder-1.5B (README, bundle
+    format): down columns at q4 cost 1.5% perplexity, the head at q4 0.5%; on Qwen2.5-Coder-0.5B,
+    whose matrices are Q5_0, q4 attention cost 3%.
+    ``int4-q8`` keeps the down columns and every dense matrix in q8 (format version 2's int4).
+    ``int8``: q8 everywhere."""
+    ffn: str                      # a key of FFN_DTYPES
+    down: str | None = None       # quantized records: the down column's codes (None: by the rule above)
+    attention: str = "q8"         # codes of the q/k/v/o matrices: q8, q4, or auto (q4 if stored in 4 bits)
+    head: str = "q8"              # codes of the head, and of the embedding when they are tied
+    embed: str = "q8"             # codes of an untied embedding
+    gate_up: str | None = None    # int4 records: the gate/up vectors' codes (None: by the rule above)
+
+    @classmethod
+    def named(cls, name: "str | Precision") -> "Precision":
+        if isinstance(name, Precision):
+            return name
+        if name == "int4":
+            return cls("int4", None, "auto", "q8", "auto")
+        if name == "int4-q8":
+            return cls("int4", "q8")
+        return cls(name)
+
+
 def quantized_dense(cfg: ModelConfig, ffn_dtype: str, version: int = FORMAT_VERSION) -> list[str]:
-    """Dense matrices an int8/int4 bundle stores as int8 codes (tensor ``name``, I8 [out, in]) plus
-    f16 group scales (``name + ".scale"``, [out, in / 32]): the attention projections and the head,
-    which is the embedding when the two are tied (from format version 2: read in full every token,
-    it was the largest matrix left in f16). An untied embedding (only looked up), norms and biases
-    keep their float precision."""
+    """Dense matrices an int8/int4 bundle stores quantized (``dense_matrix_dtypes``): the attention
+    projections and the head, which is the embedding when the two are tied (from format version 2:
+    read in full every token, it was the largest matrix left in f16), and from version 3 an untied
+    embedding too (only looked up, but its f16 copy was a third of a 4-bit bundle). Norms and
+    biases keep their float precision."""
     if ffn_dtype in DTYPES:
         return []
     names = [f"layers.{i}.{m}.weight" for i in range(cfg.n_layers) for m in "qkvo"]
     if not cfg.tie_embeddings:
-        return names + ["lm_head"]
+        return names + ["lm_head"] + (["embed"] if version >= 3 else [])
     return names + (["embed"] if version >= 2 else [])
+
+
+def dense_matrix_dtypes(cfg: ModelConfig, precision: Precision, version: int = FORMAT_VERSION,
+                        four_bit=lambda name: True) -> dict[str, str]:
+    """name -> codes ("q8" or "q4") of each quantized dense matrix. q8: ``name`` I8 [out, in] and
+    ``name.scale`` F16 [out, in / 32]; q4: ``name`` U8 [out, in / 2] (packed as in
+    ``storage.quant``) and ``name.scale`` F16 [out, in / 16], each row's group scales then its
+    group minimums. Bundles before version 3 hold q8 only. ``auto`` resolves by ``four_bit(name)``:
+    whether the checkpoint stores that matrix in 4 bits (``storage.source.Source.four_bit``)."""
+    names = quantized_dense(cfg, precision.ffn, version)
+    if version < 3:
+        return {n: "q8" for n in names}
+    head = {"lm_head": precision.head, "embed": precision.head if cfg.tie_embeddings else precision.embed}
+    kinds = {n: head.get(n, precision.attention) for n in names}
+    return {n: ("q4" if four_bit(n) else "q8") if k == "auto" else k for n, k in kinds.items()}
 
 
 def ffn_tensor_name(layer: int) -> str:
@@ -168,15 +216,29 @@ def weight_fields(cfg: ModelConfig) -> list[str]:
     return ["gate", "up", "down"] if cfg.gated else ["up", "down"]
 
 
-def record_layout(cfg: ModelConfig, dtype: str) -> RecordLayout:
+# int4 records: (gate/up, down) codes from the most to the least precise; a record takes the first
+# that keeps it at its all-q4 size (the down column first: it loses most, see ``record_layout``)
+INT4_CODES = (("q5", "q8"), ("q4", "q8"), ("q5", "q5"), ("q4", "q5"), ("q4", "q4"))
+
+
+def record_layout(cfg: ModelConfig, dtype: str, down: str | None = None, gate_up: str | None = None) -> RecordLayout:
     """The FFN record of one neuron for this model stored in ``dtype`` (a key of FFN_DTYPES).
 
     f32/f16: the weight vectors, then (OPT) the up bias. int8: (OPT: the up bias, f32), the f16
     group scales of each vector, then the int8 codes of each vector. int4: the bias, then scale and
-    minimum per vector, then the packed codes. Fields are ordered so every one is aligned to its
-    element size."""
+    minimum per q4/q5 vector, then the codes, in the first of INT4_CODES that keeps the all-q4
+    record size (``down`` / ``gate_up`` force one): SmolLM2 q5/q8, Qwen2.5-Coder-0.5B q5/q5, -1.5B
+    q4/q5. Fields are ordered so every one is aligned to its element size."""
     if dtype not in FFN_DTYPES:
         raise ValueError(f"unknown record dtype {dtype!r} (choose one of {FFN_DTYPES})")
+    if dtype == "int4" and (down is None or gate_up is None):
+        small = record_layout(cfg, dtype, "q4", "q4").record_bytes
+        for gu, dn in INT4_CODES:
+            if (gate_up or gu) == gu and (down or dn) == dn:
+                lay = record_layout(cfg, dtype, dn, gu)
+                if lay.record_bytes == small:
+                    return lay
+        return record_layout(cfg, dtype, down or "q4", gate_up or "q4")
     fields, off = [], 0
 
     def add(name, dt, count):
@@ -193,16 +255,16 @@ def record_layout(cfg: ModelConfig, dtype: str) -> RecordLayout:
         from .quant import GROUP
         if cfg.d_model % GROUP:
             raise ValueError(f"--dtype {dtype} needs d_model divisible by {GROUP} (got {cfg.d_model})")
-        # int4 records keep the down column at q8: a checkpoint's down matrix is grouped along its
-        # input (d_ff), a record's column along d_model, so 4-bit codes re-gridded across the
-        # source's groups lose much more there (measured on SmolLM2's Q4_1 GGUF: 8% relative RMS
-        # error for down, 0.02% for gate/up)
-        q = {n: ("q8" if dtype == "int8" or n == "down" else "q4") for n in vectors}
+        # a checkpoint's down matrix is grouped along its input (d_ff), a record's column along
+        # d_model, so 4-bit codes re-gridded across the source's groups lose much more there
+        # (measured on Qwen2.5-Coder-1.5B's Q4_K_M GGUF: 7.3% relative RMS error for down, 0.07%
+        # for gate/up, whose groups are the source's)
+        q = {n: "q8" if dtype == "int8" else (down or "q4") if n == "down" else (gate_up or "q4") for n in vectors}
         if not cfg.gated:
             add("up_bias", "f32", 1)
         for n in vectors:
             add(n + ".scale", "f16", cfg.d_model // GROUP)
-            if q[n] == "q4":
+            if q[n] != "q8":
                 add(n + ".min", "f16", cfg.d_model // GROUP)
         for n in vectors:
             add(n, q[n], cfg.d_model)
@@ -220,7 +282,8 @@ def field_values(records: np.ndarray, layout: RecordLayout, name: str) -> np.nda
     scale = field_values(records, layout, name + ".scale")
     if f.dtype == "q8":
         return quant.dequantize_q8(raw.view(np.int8), scale)
-    return quant.dequantize_q4(raw, scale, field_values(records, layout, name + ".min"))
+    low = quant.dequantize_q5 if f.dtype == "q5" else quant.dequantize_q4
+    return low(raw, scale, field_values(records, layout, name + ".min"))
 
 
 # ---------------------------------------------------------------- safetensors headers

@@ -53,6 +53,10 @@ def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+# GGUF types whose blocks of 32 values lie on 16 levels (scale and minimum per block or sub-block)
+FOUR_BIT_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+
+
 class GGUFSource(Source):
     """A llama/qwen2 GGUF file: config and tokenizer from its metadata, tensors loaded lazily."""
 
@@ -195,6 +199,11 @@ class GGUFSource(Source):
     def has(self, name: str) -> bool:
         g = self._gguf_name(name)
         return g is not None and g[0] in self._tensors
+
+    def four_bit(self, name: str) -> bool:
+        g = self._gguf_name(name)
+        t = self._tensors.get(g[0]) if g is not None else None
+        return t is not None and t.tensor_type.name in FOUR_BIT_TYPES
 
     def load(self, name: str) -> np.ndarray:
         """The canonical tensor ``name`` as a float32 array (its own memory), HF orientation."""

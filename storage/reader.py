@@ -62,9 +62,13 @@ class Bundle:
 
     # ---- dense part
     @property
-    def quantized_dense(self) -> list[str]:
-        """Dense matrices stored as int8 codes + f16 group scales (``storage.format.quantized_dense``)."""
-        return fmt.quantized_dense(self.config, self.ffn_dtype, self.format_version)
+    def quantized_dense(self) -> dict[str, str]:
+        """Dense matrices stored as codes + f16 group scales: name -> "q8" or "q4"
+        (``storage.format.dense_matrix_dtypes``; before version 3 every one is q8)."""
+        listed = self.manifest["dense"].get("matrices")
+        if isinstance(listed, dict):
+            return listed
+        return {n: "q8" for n in fmt.quantized_dense(self.config, self.ffn_dtype, self.format_version)}
 
     def dense(self, name: str) -> np.ndarray:
         """A dense tensor as a read-only-in-spirit copy-on-write memory map (pages load on use)."""

@@ -37,6 +37,11 @@ class Source(ABC):
     def load(self, name: str) -> np.ndarray:
         """The canonical tensor ``name`` as float32, HF orientation. Raises CheckpointError if absent."""
 
+    def four_bit(self, name: str) -> bool:
+        """Whether the checkpoint stores tensor ``name`` on a grid of 16 levels per group of 32 (a
+        GGUF's Q4_0, Q4_1, Q4_K), which q4 codes carry over instead of rounding a second time."""
+        return False
+
     def close(self) -> None:
         pass
 

@@ -13,7 +13,7 @@ from storage.source import open_source
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "opt", "deci"])
-@pytest.mark.parametrize("dtype", ["f32", "f16"])
+@pytest.mark.parametrize("dtype", ["f32", "f16", "int8", "int4"])
 def test_bundle_size_is_exact(tiny_ckpt, tiny_bundle, arch, dtype):
     with open_source(tiny_ckpt(arch)) as src:
         cfg, tok = src.config, len(src.tokenizer.tokenizer_json.encode())
@@ -110,3 +110,14 @@ def test_estimate_with_a_draft_adds_what_the_engine_plans_for_it(tiny_ckpt, tiny
         assert mb["streaming_bytes"] == mb0["streaming_bytes"] + e["draft_bytes"]
     r = CliRunner().invoke(main, ["estimate", str(target), "--draft", str(draft)])
     assert "+ draft" in r.output
+
+
+def test_int4_size_of_a_gguf_is_exact(smollm_bundle):
+    """From a GGUF, int4 stores q4 matrices where the file's are 4-bit: the estimate knows which."""
+    from flashinfer_local.workflows.fetch import fetch
+    cfg, facts = load_config(fetch("smollm2-135m"))
+    assert "layers.0.q.weight" in facts["four_bit"] and "embed" not in facts["four_bit"]
+    est = bundle_bytes(cfg, "int4", facts["tokenizer_bytes"], facts["four_bit"])
+    real = Bundle(smollm_bundle("int4")).sizes()
+    assert (est["dense_bytes"], est["ffn_bytes"], est["total_bytes"]) == (real["dense_bytes"], real["ffn_bytes"],
+                                                                        real["total_bytes"])

@@ -192,7 +192,7 @@ def test_the_budget_counts_the_draft(tiny_bundle):
     assert eng.plan.total_bytes <= 200 << 20 and eng.memory_facts()["draft_bytes"] == want
     assert eng.plan.cache_bytes <= plain.plan.cache_bytes
     selfd = Engine(target, offload="window", dram_budget=200 << 20, context=64, draft="self")
-    assert selfd.plan.draft_bytes == kv_cache_bytes(selfd.config, 64)
+    assert selfd.plan.draft_bytes == kv_cache_bytes(selfd.config, 64, itemsize=4)      # an f32 bundle's cache
     least = minimum_budget(eng.bundle, 64, "window", draft=want)
     assert least == minimum_budget(eng.bundle, 64, "window") + want
     with pytest.raises(FlashinferError, match=r"draft \("):

@@ -26,7 +26,8 @@ def test_kv_cache_sized_per_layer(tiny_bundle):
     eng = Engine(tiny_bundle("deci", "f32"))
     cache = eng.new_cache(10)
     assert [k.shape[0] for k in cache.k] == list(eng.config.n_kv_heads)
-    assert cache.nbytes == 10 * eng.config.kv_bytes_per_token()
+    assert cache.nbytes == 10 * eng.config.kv_bytes_per_token(4)        # an f32 bundle's cache is f32
+    assert Engine(tiny_bundle("deci", "int8")).new_cache(10).nbytes == 10 * eng.config.kv_bytes_per_token(2)
 
 
 def test_text_prompt_and_chat(tiny_bundle):

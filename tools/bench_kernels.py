@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """One FFN layer and one matrix-vector product per precision, side by side: the numba record
-kernels (f16, int8, int4 records) against torch on dense f16/f32 weights, for one decode token.
+kernels (f16, int8, int4 records: the int4 default's q5 down columns, and q4/q8 ones) against
+torch on dense f16/f32 weights, for one decode token, each next to the DRAM read bandwidth
+measured in the same run (a parallel sum over 512 MiB, the most a kernel that reads its weights
+once can reach).
 
     python tools/bench_kernels.py [--d-model 1536] [--d-ff 8960] [--layers 8] [--reps 7]
 
@@ -27,7 +30,19 @@ from flashinfer_local.kernels import QuantMatrix, RecordKernel  # noqa: E402
 from storage.config import ModelConfig  # noqa: E402
 from storage.convert import build_records  # noqa: E402
 from storage.format import record_layout  # noqa: E402
-from storage.quant import quantize_q8  # noqa: E402
+from storage.convert import quantize_rows_q4, quantize_rows_q8  # noqa: E402
+
+
+def read_bandwidth(reps: int) -> float:
+    """Bytes per second a parallel sum reads from a 512 MiB array (median of ``reps``)."""
+    a = torch.ones(128 << 20)
+    a.sum()
+    t = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a.sum()
+        t.append(time.perf_counter() - t0)
+    return a.numel() * 4 / statistics.median(t)
 
 
 def main():
@@ -51,21 +66,23 @@ def main():
                 "up": rng.standard_normal((n, d), np.float32) * 0.02,
                 "down": rng.standard_normal((d, n), np.float32) * 0.02}
     ws = [layer_weights() for _ in range(a.layers)]
-    for dt in ("f16", "int8", "int4"):
-        lay = record_layout(cfg, dt)
+    for dt, down in (("f16", None), ("int8", None), ("int4", "q5"), ("int4", "q4"), ("int4", "q8")):
+        lay = record_layout(cfg, dt, down)
         recs = [build_records(cfg, lay, w) for w in ws]
         k, out = RecordKernel(lay, dt, d, n), np.zeros(d, np.float32)
-        variants[f"FFN records {dt} (numba)"] = [lambda r=r, k=k, out=out: k(r, rows, x, out) for r in recs]
-        nbytes[f"FFN records {dt} (numba)"] = recs[0].nbytes
+        name = f"FFN records {dt}{f' (down {down})' if down else ''} (numba)"
+        variants[name] = [lambda r=r, k=k, out=out: k(r, rows, x, out) for r in recs]
+        nbytes[name] = recs[0].nbytes
     for name, tdt in (("FFN dense f16 (torch)", torch.float16), ("FFN dense f32 (torch)", torch.float32)):
         dense = [{k: torch.from_numpy(v).to(tdt) for k, v in w.items()} for w in ws]
         xin = xt.to(tdt)
         variants[name] = [lambda w=w, xin=xin: F.linear(F.silu(F.linear(xin, w["gate"])) * F.linear(xin, w["up"]),
                                                       w["down"]) for w in dense]
         nbytes[name] = 3 * n * d * torch.finfo(tdt).bits // 8
-    qm = [QuantMatrix(*quantize_q8(w["gate"])) for w in ws]
-    variants["matvec int8 (numba)"] = [lambda m=m: m.matmul(xt) for m in qm]
-    nbytes["matvec int8 (numba)"] = qm[0].codes.nbytes + qm[0].scales16.nbytes
+    for kind, rows_of in (("q8", quantize_rows_q8), ("q4", quantize_rows_q4)):
+        qm = [QuantMatrix(*rows_of(w["gate"])) for w in ws]
+        variants[f"matvec {kind} (numba)"] = [lambda m=m: m.matmul(xt) for m in qm]
+        nbytes[f"matvec {kind} (numba)"] = qm[0].codes.nbytes + qm[0].scales16.nbytes
     g16 = [torch.from_numpy(w["gate"]).half() for w in ws]
     variants["matvec f16 (torch)"] = [lambda g=g: F.linear(xt.half(), g) for g in g16]
     nbytes["matvec f16 (torch)"] = n * d * 2
@@ -78,12 +95,14 @@ def main():
             for f in fs:
                 f()
             times[k].append((time.perf_counter() - t) / len(fs))
+    bw = read_bandwidth(a.reps)
     print(f"\nOne decode token, d_model {d}, d_ff {n}, {torch.get_num_threads()} threads, "
-          f"median of {a.reps} passes over {a.layers} layers\n")
-    print("| variant | ms per layer | weights read | GB/s |\n|---|---:|---:|---:|")
+          f"median of {a.reps} passes over {a.layers} layers; DRAM read bandwidth {bw / 1e9:.1f} GB/s\n")
+    print("| variant | ms per layer | weights read | GB/s | of read bandwidth |\n|---|---:|---:|---:|---:|")
     for k, v in times.items():
         ms = statistics.median(v) * 1e3
-        print(f"| {k} | {ms:.2f} | {nbytes[k] / 2**20:.1f} MiB | {nbytes[k] / ms / 1e6:.1f} |")
+        print(f"| {k} | {ms:.2f} | {nbytes[k] / 2**20:.1f} MiB | {nbytes[k] / ms / 1e6:.1f} | "
+              f"{nbytes[k] / ms * 1e3 / bw:.0%} |")
 
 
 if __name__ == "__main__":

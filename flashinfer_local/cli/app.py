@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from storage.errors import FlashinferError
+from storage.format import CONVERT_DTYPES
 
 from flashinfer_local.cli.options import engine_options, generation_options, prompt_options, take_engine_options
 from flashinfer_local.units import fmt_bytes
@@ -41,9 +42,12 @@ def main(verbose: int):
 @main.command()
 @click.argument("src", type=click.Path(exists=True, path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--dtype", type=click.Choice(["f32", "f16", "int8", "int4"]), default="f16", show_default=True,
-              help="Precision of the FFN records (int8/int4: groups of 32 values with f16 scales; the "
-              "dense part of those bundles stays f16).")
+@click.option("--dtype", type=click.Choice(list(CONVERT_DTYPES)), default="f16", show_default=True,
+              help="Precision: f32/f16 keep the checkpoint's values; int8 and int4 quantize the FFN "
+              "records and the attention, head and embedding matrices in groups of 32 with f16 scales "
+              "(int4: 4 bits everywhere, a down column at 8 where that costs no bytes); int4-q8 keeps the "
+              "down columns and those matrices at 8 bits (larger, nearer f16 for checkpoints stored above "
+              "4 bits).")
 @click.option("--force", is_flag=True, help="Replace OUT (only after the new bundle is complete).")
 def convert(src: Path, out: Path, dtype: str, force: bool):
     """Convert a checkpoint (HF folder or GGUF file) SRC into a bundle directory OUT."""
@@ -60,14 +64,14 @@ def convert(src: Path, out: Path, dtype: str, force: bool):
 
 
 def _precision(b) -> str:
-    """Each part's precision, e.g. 'attention int8, embedding + tied head int8, norms/biases f32;
+    """Each part's precision, e.g. 'attention q4, embedding + tied head q4, norms/biases f32;
     ffn int4 (gate q4, up q4, down q8)'; q8/q4 are groups of 32 with f16 scales (q4: and minimums)."""
-    qd, dense = set(b.quantized_dense), b.dense_dtype
-    attn = "int8" if any(n.startswith("layers.") for n in qd) else dense
+    qd, dense = b.quantized_dense, b.dense_dtype
+    attn = qd.get("layers.0.q.weight", dense)
     if b.config.tie_embeddings:
-        head = f"embedding + tied head {'int8' if 'embed' in qd else dense}"
+        head = f"embedding + tied head {qd.get('embed', dense)}"
     else:
-        head = f"embedding {dense}, head {'int8' if 'lm_head' in qd else dense}"
+        head = f"embedding {qd.get('embed', dense)}, head {qd.get('lm_head', dense)}"
     ffn = b.ffn_dtype
     if ffn not in ("f16", "f32"):
         vec = [f for f in b.layout.fields if "." not in f.name and f.name != "up_bias"]
@@ -107,7 +111,7 @@ def inspect(bundle: Path, verify: bool, as_json: bool):
         click.echo(f"ffn record  {lay.record_bytes} bytes per neuron ({fields}); "
                    f"padding {lay.padding_bytes} B/record, {fmt_bytes(s['ffn_padding_bytes'])} in all "
                    f"({100 * s['ffn_padding_bytes'] / s['ffn_bytes']:.1f}% of ffn)")
-        click.echo(f"kv cache    {fmt_bytes(cfg.kv_bytes_per_token())} per token (f32)")
+        click.echo(f"kv cache    {fmt_bytes(cfg.kv_bytes_per_token())} per token (f16)")
         for line in _predictor_lines(b):
             click.echo(line)
     if verify:

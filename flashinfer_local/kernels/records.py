@@ -33,9 +33,8 @@ import torch.nn.functional as F
 from numba import njit, prange, types
 from numba.extending import overload
 
-from storage.quant import dequantize_q8
-
-from .vecdot import axpy_q4 as _axpy_q4, axpy_q8 as _axpy_q8, dot_f16, f16 as _f16, prefetch_row, qdot_q4, qdot_q8
+from .vecdot import (axpy_q4 as _axpy_q4, axpy_q5 as _axpy_q5, axpy_q8 as _axpy_q8, dot_f16, f16 as _f16,
+                     prefetch_row, qdot_q4, qdot_q5, qdot_q8)
 
 U = np.uint64     # record offsets are cast to unsigned: see the module docstring
 AHEAD = 2         # the record this many ahead is prefetched (measured: 7% faster than none)
@@ -133,28 +132,32 @@ def _act_float(rec, rows, ids, x, sel, gate, up, bias, d, h):
 
 
 @njit(inline="always", fastmath=True)
-def _act_quant(p, q, s16, f32, r, xq, xd, xs, t, gq, uq, gs, us, gm, um, bias, ng):
-    # one neuron's activation for token t from quantized gate/up rows (q4 where a minimum offset is
-    # given, else q8)
-    if um >= 0:
-        u = qdot_q4(p, s16, r, U(uq), U(us), U(um), xq, xd, xs, U(t), ng)
-    else:
-        u = qdot_q8(q, s16, r, U(uq), U(us), xq, xd, U(t), ng)
+def _qdot_code(p, q, s16, r, off, so, mo, ho, xq, xd, xs, t, ng):
+    # one stored vector of record r dotted with token t's x: q8 (mo < 0), q4 (ho < 0) or q5
+    if mo < 0:
+        return qdot_q8(q, s16, r, U(off), U(so), xq, xd, U(t), ng)
+    if ho < 0:
+        return qdot_q4(p, s16, r, U(off), U(so), U(mo), xq, xd, xs, U(t), ng)
+    return qdot_q5(p, s16, r, U(off), U(so), U(mo), U(ho), xq, xd, xs, U(t), ng)
+
+
+@njit(inline="always", fastmath=True)
+def _act_quant(p, q, s16, f32, r, xq, xd, xs, t, gq, uq, gs, us, gm, um, gh, uh, bias, ng):
+    # one neuron's activation for token t from quantized gate/up rows (offsets: codes, scales,
+    # minimums, fifth bits; see _qdot_code)
+    u = _qdot_code(p, q, s16, r, uq, us, um, uh, xq, xd, xs, t, ng)
     if gq < 0:
         u += f32[r, U(bias)]
         return u if u > 0 else np.float32(0)
-    if gm >= 0:
-        g = qdot_q4(p, s16, r, U(gq), U(gs), U(gm), xq, xd, xs, U(t), ng)
-    else:
-        g = qdot_q8(q, s16, r, U(gq), U(gs), xq, xd, U(t), ng)
-    return _silu_mul(g, u)
+    return _silu_mul(_qdot_code(p, q, s16, r, gq, gs, gm, gh, xq, xd, xs, t, ng), u)
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def _act_quant_rows(p, q, s16, f32, rows, ids, sel, T, xq, xd, xs, gq, uq, gs, us, gm, um, bias, ng, h):
+def _act_quant_rows(p, q, s16, f32, rows, ids, sel, T, xq, xd, xs, gq, uq, gs, us, gm, um, gh, uh, bias, ng, h):
     # h[t, ids[k]] = activation of record rows[k] for each token t < T that wants it. p [n, R] uint8,
     # q int8, s16 uint16, f32: views of the same records; code offsets in bytes, scale/minimum offsets
-    # in u16 elements (minimum -1: that vector is q8), bias in f32 elements (-1: gated); x as int8
+    # in u16 elements (minimum -1: that vector is q8), fifth bits in bytes (-1: not q5), bias in f32
+    # elements (-1: gated); x as int8
     # (xq, xd [T, ...]) and its group sums xs
     m = rows.shape[0]
     for k in prange(m):
@@ -163,7 +166,8 @@ def _act_quant_rows(p, q, s16, f32, rows, ids, sel, T, xq, xd, xs, gq, uq, gs, u
         r = U(rows[k])
         for t in range(T):
             if _wanted(sel, t, k):
-                h[t, ids[k]] = _act_quant(p, q, s16, f32, r, xq, xd, xs, t, gq, uq, gs, us, gm, um, bias, ng)
+                h[t, ids[k]] = _act_quant(p, q, s16, f32, r, xq, xd, xs, t, gq, uq, gs, us, gm, um, gh, uh, bias,
+                                          ng)
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
@@ -186,9 +190,20 @@ def _down_float(ra, rb, rows, ids, starts, h, T, down, d, nb, part):
                     _axpy(part, t * nb + blk, hv, rb, U(-rk - 1), U(down), d)
 
 
+@njit(inline="always")
+def _axpy_code(part, row, hv, p, q, s16, r, dq, ds, dm, dh, ng):
+    # part[row] += hv * the down column of record r: q8 (dm < 0), q4 (dh < 0) or q5
+    if dm < 0:
+        _axpy_q8(part, row, hv, q, s16, r, U(dq), U(ds), ng)
+    elif dh < 0:
+        _axpy_q4(part, row, hv, p, s16, r, U(dq), U(ds), U(dm), ng)
+    else:
+        _axpy_q5(part, row, hv, p, s16, r, U(dq), U(ds), U(dm), U(dh), ng)
+
+
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def _down_quant(pa, qa, sa, pb, qb, sb, rows, ids, starts, h, T, dq, ds, dm, ng, nb, part):
-    # _down_float for q8 (dm < 0) or q4 down columns: records as uint8 / int8 / uint16 views
+def _down_quant(pa, qa, sa, pb, qb, sb, rows, ids, starts, h, T, dq, ds, dm, dh, ng, nb, part):
+    # _down_float for q8, q4 or q5 down columns (``_axpy_code``): records as uint8 / int8 / uint16 views
     for g in prange(starts.shape[0] - 1):
         a, b = starts[g], starts[g + 1]
         blk = ids[a] // BLOCK
@@ -198,16 +213,10 @@ def _down_quant(pa, qa, sa, pb, qb, sb, rows, ids, starts, h, T, dq, ds, dm, ng,
                 hv = h[t, ids[k]]
                 if hv == 0:
                     continue
-                row = t * nb + blk
                 if rk >= 0:
-                    if dm < 0:
-                        _axpy_q8(part, row, hv, qa, sa, U(rk), U(dq), U(ds), ng)
-                    else:
-                        _axpy_q4(part, row, hv, pa, sa, U(rk), U(dq), U(ds), U(dm), ng)
-                elif dm < 0:
-                    _axpy_q8(part, row, hv, qb, sb, U(-rk - 1), U(dq), U(ds), ng)
+                    _axpy_code(part, t * nb + blk, hv, pa, qa, sa, U(rk), dq, ds, dm, dh, ng)
                 else:
-                    _axpy_q4(part, row, hv, pb, sb, U(-rk - 1), U(dq), U(ds), U(dm), ng)
+                    _axpy_code(part, t * nb + blk, hv, pb, qb, sb, U(-rk - 1), dq, ds, dm, dh, ng)
 
 
 @njit(cache=True, nogil=True)
@@ -220,9 +229,10 @@ def _sum_blocks(part, T, nb, out):
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def _dequantize_field(p, q, s16, off, so, mo, ng, out):
-    # out [c, 32 ng] f32 = one quantized vector of each record (q4 where mo >= 0, else q8): the
-    # prefill's f32 matrices, built at memory speed rather than through numpy temporaries
+def _dequantize_field(p, q, s16, off, so, mo, ho, ng, out):
+    # out [c, 32 ng] f32 = one quantized vector of each record (q8 where mo < 0, else q4, or q5
+    # where its fifth bits start at byte ho >= 0): the prefill's f32 matrices, built at memory
+    # speed rather than through numpy temporaries
     for r in prange(p.shape[0]):
         for g in range(ng):
             sg = _f16(s16[r, U(so) + U(g)])
@@ -230,8 +240,14 @@ def _dequantize_field(p, q, s16, off, so, mo, ng, out):
                 mg = _f16(s16[r, U(mo) + U(g)])
                 for j in range(16):
                     v = p[r, U(off) + U(16 * g + j)]
-                    out[r, 32 * g + j] = np.float32(v & np.uint8(15)) * sg + mg
-                    out[r, 32 * g + 16 + j] = np.float32(v >> np.uint8(4)) * sg + mg
+                    lo, hi = np.float32(v & np.uint8(15)), np.float32(v >> np.uint8(4))
+                    if ho >= 0:
+                        bits = p[r, U(ho) + U(4 * g + j // 8)]
+                        lo += np.float32(16 * ((bits >> np.uint8(j % 8)) & np.uint8(1)))
+                        bits = p[r, U(ho) + U(4 * g + 2 + j // 8)]
+                        hi += np.float32(16 * ((bits >> np.uint8(j % 8)) & np.uint8(1)))
+                    out[r, 32 * g + j] = lo * sg + mg
+                    out[r, 32 * g + 16 + j] = hi * sg + mg
             else:
                 for j in range(32):
                     out[r, 32 * g + j] = np.float32(q[r, U(off) + U(32 * g + j)]) * sg
@@ -245,6 +261,15 @@ def _matmat_q8(q, s16, xq, xd, T, y):
     for r in prange(q.shape[0]):
         for t in range(T):
             y[t, r] = qdot_q8(q, s16, U(r), U(0), U(0), xq, xd, U(t), ng)
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _matmat_q4(p, s16, xq, xd, xs, T, y):
+    # _matmat_q8 for p [n, k / 2] packed q4 codes, s16 [n, k / 16]: each row's scales then minimums
+    ng = p.shape[1] // 16
+    for r in prange(p.shape[0]):
+        for t in range(T):
+            y[t, r] = qdot_q4(p, s16, U(r), U(0), U(0), U(ng), xq, xd, xs, U(t), ng)
 
 
 def quantize_rows(x: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray) -> None:
@@ -290,6 +315,9 @@ class RecordKernel:
             self.q = {v: f[v].offset if v in f else -1 for v in ("gate", "up", "down")}
             self.s = {v: f[v + ".scale"].offset // 2 if v + ".scale" in f else -1 for v in ("gate", "up", "down")}
             self.m = {v: f[v + ".min"].offset // 2 if v + ".min" in f else -1 for v in ("gate", "up", "down")}
+            # q5: the byte where a vector's fifth bits start (after its low nibbles)
+            self.hb = {v: f[v].offset + d_model // 2 if v in f and f[v].dtype == "q5" else -1
+                       for v in ("gate", "up", "down")}
             self.xq = np.zeros((SMALL_T, d_model), np.int8)                # x as int8 codes, scales, sums
             self.xd = np.zeros((SMALL_T, d_model // 32), np.float32)
             self.xs = np.zeros((SMALL_T, d_model // 32), np.float32)
@@ -335,7 +363,7 @@ class RecordKernel:
         q, s, m = self.q, self.s, self.m
         _act_quant_rows(recs, recs.view(np.int8), recs.view(np.uint16), recs.view(np.float32), rows, ids, sel,
                         self.T, self.xq, self.xd, self.xs, q["gate"], q["up"], s["gate"], s["up"], m["gate"],
-                        m["up"], self.bias, self.d // 32, h)
+                        m["up"], self.hb["gate"], self.hb["up"], self.bias, self.d // 32, h)
 
     def down(self, ra: np.ndarray, rows: np.ndarray, ids: np.ndarray, rb: np.ndarray | None = None) -> None:
         """Add each record's down column times its activations: record k is ``ra[rows[k]]``, or
@@ -351,8 +379,8 @@ class RecordKernel:
                         self.nb, self.part)
             return
         _down_quant(ra, ra.view(np.int8), ra.view(np.uint16), rb, rb.view(np.int8), rb.view(np.uint16), rows, ids,
-                    starts, self.h, self.T, self.q["down"], self.s["down"], self.m["down"], self.d // 32, self.nb,
-                    self.part)
+                    starts, self.h, self.T, self.q["down"], self.s["down"], self.m["down"], self.hb["down"],
+                    self.d // 32, self.nb, self.part)
 
     def finish(self, out: np.ndarray) -> None:
         """out [T, d] += the layer's blocks, in order."""
@@ -373,14 +401,15 @@ class RecordKernel:
         out [>= c, d]; returns out[:c]."""
         c = part.shape[0]
         _dequantize_field(part, part.view(np.int8), part.view(np.uint16), self.q[name], self.s[name],
-                          self.m[name], self.d // 32, out[:c])
+                          self.m[name], self.hb[name], self.d // 32, out[:c])
         return out[:c]
 
 
 class QuantMatrix:
-    """A dense matrix [out, in] stored as int8 codes with an f16 scale per 32 values of a row
-    (``storage.format.quantized_dense``); ``matmul`` is what ``models.common.linear`` calls, and
-    ``rows`` what an embedding lookup calls.
+    """A dense matrix [out, in] stored as codes with f16 group scales per 32 values of a row
+    (``storage.format.dense_matrix_dtypes``): q8 (int8 codes [out, in], scales [out, in / 32]) or
+    q4 (packed codes uint8 [out, in / 2], each row's scales then minimums [out, in / 16]).
+    ``matmul`` is what ``models.common.linear`` calls, and ``rows`` what an embedding lookup calls.
 
     Up to SMALL_T tokens run the parallel numba kernel on the codes (each row read once for all of
     them, each token's values exactly those of a one-token call); more tokens (a prefill) dequantize
@@ -390,10 +419,12 @@ class QuantMatrix:
     UPCAST_BYTES = 16 << 20
 
     def __init__(self, codes: np.ndarray, scales: np.ndarray):
-        self.codes, self.scales16 = codes, scales.view(np.uint16)    # [out, in] int8, [out, in/32]
-        self.shape = codes.shape
-        n, k = codes.shape                 # scratch: x as int8 codes, group scales and sums per token
-        self.xq = np.empty((SMALL_T, k), np.int8)
+        self.codes, self.scales16 = codes, scales.view(np.uint16)
+        self.kind = "q4" if codes.dtype == np.uint8 else "q8"
+        n, k = codes.shape[0], codes.shape[1] * (2 if self.kind == "q4" else 1)
+        self.shape = (n, k)
+        self.ng = k // 32
+        self.xq = np.empty((SMALL_T, k), np.int8)      # scratch: x as int8 codes, group scales and sums
         self.xd, self.xs = np.empty((SMALL_T, k // 32), np.float32), np.empty((SMALL_T, k // 32), np.float32)
         self.y = torch.empty(1, n)         # the decode output [1, out], reused: valid until the next call
 
@@ -409,10 +440,23 @@ class QuantMatrix:
     def nbytes(self) -> int:
         return self.codes.nbytes + self.scales16.nbytes + self.scratch_bytes(*self.shape)
 
+    def _dequantize(self, a: int, b: int, out: np.ndarray) -> np.ndarray:
+        """Rows a..b as f32 into out[:b - a]."""
+        return self._dequantize_rows(self.codes[a:b], self.scales16[a:b], out)
+
+    def _dequantize_rows(self, codes: np.ndarray, scales: np.ndarray, out: np.ndarray) -> np.ndarray:
+        c = codes.shape[0]
+        if self.kind == "q4":
+            _dequantize_field(codes, codes.view(np.int8), scales, 0, 0, self.ng, -1, self.ng, out[:c])
+        else:
+            _dequantize_field(codes.view(np.uint8), codes, scales, 0, 0, -1, -1, self.ng, out[:c])
+        return out[:c]
+
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Dequantized rows ``ids`` [T] -> [T, in] f32 (an embedding lookup)."""
         i = ids.numpy()
-        return torch.from_numpy(dequantize_q8(self.codes[i], self.scales16[i].view(np.float16)))
+        out = np.empty((len(i), self.shape[1]), np.float32)
+        return torch.from_numpy(self._dequantize_rows(self.codes[i], self.scales16[i], out))
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, in] f32 -> [T, out] f32. For one token the result is this matrix's reused output
@@ -421,12 +465,18 @@ class QuantMatrix:
         if T <= SMALL_T:
             quantize_rows(np.ascontiguousarray(x.numpy()), self.xq, self.xd, self.xs)
             y = self.y if T == 1 else torch.empty(T, self.shape[0])
-            _matmat_q8(self.codes, self.scales16, self.xq, self.xd, T, y.numpy())
+            if self.kind == "q4":
+                _matmat_q4(self.codes, self.scales16, self.xq, self.xd, self.xs, T, y.numpy())
+            else:
+                _matmat_q8(self.codes, self.scales16, self.xq, self.xd, T, y.numpy())
             return y
         rows = max(1, self.UPCAST_BYTES // (4 * self.shape[1]))
-        s = self.scales16.view(np.float16)
-        return torch.cat([F.linear(x, torch.from_numpy(dequantize_q8(self.codes[a:a + rows], s[a:a + rows])))
-                          for a in range(0, self.shape[0], rows)], dim=-1)
+        buf = np.empty((min(rows, self.shape[0]), self.shape[1]), np.float32)
+        out = torch.empty(T, self.shape[0])
+        for a in range(0, self.shape[0], rows):
+            b = min(self.shape[0], a + rows)
+            out[:, a:b] = x @ torch.from_numpy(self._dequantize(a, b, buf)).t()
+        return out
 
 
 def warm_up() -> None:
@@ -438,13 +488,17 @@ def warm_up() -> None:
         cfg = ModelConfig(arch="llama" if gated else "opt", n_layers=1, d_model=32, d_ff=2, n_heads=1,
                           n_kv_heads=(1,), head_dim=32, vocab_size=2, max_position=8, norm_eps=1e-5,
                           activation="silu" if gated else "relu")
-        for dtype in ("f16", "f32", "int8", "int4"):
-            lay = record_layout(cfg, dtype)
+        for dtype, down, gate_up in (("f16", None, None), ("f32", None, None), ("int8", None, None),
+                                     ("int4", "q8", "q5"), ("int4", "q5", "q4"), ("int4", "q4", "q4")):
+            lay = record_layout(cfg, dtype, down, gate_up)
             k = RecordKernel(lay, dtype, 32, 2)
             recs = np.zeros((2, lay.record_bytes), np.uint8)
             k(recs, np.arange(2), np.ones(32, np.float32), np.zeros(32, np.float32))
             k.begin(np.ones((2, 32), np.float32))
             k.activations(recs, np.arange(2), np.arange(2), np.ones((2, 2), np.bool_))
             k.down(recs, np.array([0, -1]), np.arange(2), recs)
-    QuantMatrix(np.zeros((2, 32), np.int8), np.zeros((2, 1), np.float16)).matmul(torch.ones(1, 32))
-    QuantMatrix(np.zeros((2, 32), np.int8), np.zeros((2, 1), np.float16)).matmul(torch.ones(2, 32))
+    for m in (QuantMatrix(np.zeros((2, 32), np.int8), np.zeros((2, 1), np.float16)),
+              QuantMatrix(np.zeros((2, 16), np.uint8), np.zeros((2, 2), np.float16))):
+        for T in (1, 2, SMALL_T + 1):
+            m.matmul(torch.ones(T, 32))
+        m.rows(torch.zeros(1, dtype=torch.long))

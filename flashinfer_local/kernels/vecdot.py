@@ -110,16 +110,28 @@ def dot_f16(typingctx, h, r, off, x, t, n32):
     return sig, codegen
 
 
+def _fifth_bits(builder, addr):
+    """The 4 bytes at addr (bit i % 8 of byte i // 8: value i's fifth bit) -> <32 x i8> of 0 or 16."""
+    b4 = builder.bitcast(_load(builder, addr, _I32), ir.VectorType(_I8, 4))
+    spread = builder.shuffle_vector(b4, b4, ir.Constant(ir.VectorType(_I32, 32), [i // 8 for i in range(32)]))
+    v32 = ir.VectorType(_I8, 32)
+    bit = builder.and_(spread, ir.Constant(v32, [1 << (i % 8) for i in range(32)]))
+    return builder.select(builder.icmp_unsigned("!=", bit, ir.Constant(v32, [0] * 32)),
+                          ir.Constant(v32, [16] * 32), ir.Constant(v32, [0] * 32))
+
+
 def _axpy_codegen(kind):
     """acc[t, :32 ng] += hv * (the stored vector at byte ``off`` of row r): q8 codes with f16
-    scales (``so``), or q4 codes with scales and minimums (``so``, ``mo``). The accumulator row is
-    addressed here rather than passed as a view: a view per record would touch the array's shared
-    reference count from every thread."""
+    scales (``so``), or q4/q5 codes with scales and minimums (``so``, ``mo``; q5: its fifth bits
+    from byte ``ho``). The accumulator row is addressed here rather than passed as a view: a view
+    per record would touch the array's shared reference count from every thread."""
     def codegen(context, builder, signature, args):
         if kind == "q8":
             a_, t_, hv, q_, s_, r_, off_, so_, ng_ = args
-        else:
+        elif kind == "q4":
             a_, t_, hv, q_, s_, r_, off_, so_, mo_, ng_ = args
+        else:
+            a_, t_, hv, q_, s_, r_, off_, so_, mo_, ho_, ng_ = args
         ap = _row_ptr(context, builder, signature.args[0], a_, t_)
         row = _row_ptr(context, builder, signature.args[3], q_, r_)
         srow = _row_ptr(context, builder, signature.args[4], s_, r_)
@@ -138,6 +150,9 @@ def _axpy_codegen(kind):
                 both = builder.shuffle_vector(builder.and_(packed, ir.Constant(v16, [15] * 16)),
                                               builder.lshr(packed, ir.Constant(v16, [4] * 16)),
                                               ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
+                if kind == "q5":
+                    hb = _at(builder, _at(builder, row, ho_), builder.mul(g, ir.Constant(_I64, 4)))
+                    both = builder.or_(both, _fifth_bits(builder, hb))
                 f = builder.uitofp(builder.zext(both, ir.VectorType(_I32, 32)), ir.VectorType(_F32, 32))
                 w = [builder.shuffle_vector(f, f, ir.Constant(ir.VectorType(_I32, 8), list(range(8 * i, 8 * i + 8))))
                      for i in range(4)]
@@ -165,6 +180,13 @@ def axpy_q8(typingctx, acc, t, hv, q, s16, r, off, so, ng):
 def axpy_q4(typingctx, acc, t, hv, p, s16, r, off, so, mo, ng):
     """acc[t] += hv * (packed 4-bit codes times scales plus minimums)."""
     return types.void(acc, t, hv, p, s16, r, off, so, mo, ng), _axpy_codegen("q4")
+
+
+@intrinsic
+def axpy_q5(typingctx, acc, t, hv, p, s16, r, off, so, mo, ho, ng):
+    """acc[t] += hv * (5-bit codes: low nibbles packed as q4's from byte ``off``, fifth bits from
+    byte ``ho``, times scales plus minimums)."""
+    return types.void(acc, t, hv, p, s16, r, off, so, mo, ho, ng), _axpy_codegen("q5")
 
 
 @intrinsic
@@ -233,9 +255,12 @@ def _qdot_codegen(kind):
         if kind == "q8":
             w_, s_, r_, off_, so_, xq_, xd_, t_, ng_ = args
             nx = 5
-        else:
+        elif kind == "q4":
             w_, s_, r_, off_, so_, mo_, xq_, xd_, xs_, t_, ng_ = args
             nx = 6
+        else:
+            w_, s_, r_, off_, so_, mo_, ho_, xq_, xd_, xs_, t_, ng_ = args
+            nx = 7
 
         def data(i, v):          # row t of an x array [T, ...]
             return _row_ptr(context, builder, signature.args[i], v, t_)
@@ -245,8 +270,8 @@ def _qdot_codegen(kind):
         two, four = ir.Constant(_I64, 2), ir.Constant(_I64, 4)
         codes0, scales0 = _at(builder, row, off_), _at(builder, srow, builder.mul(so_, two))
         mterm = cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))
-        if kind == "q4":
-            xsp, mins0 = data(8, xs_), _at(builder, srow, builder.mul(mo_, two))
+        if kind != "q8":
+            xsp, mins0 = data(nx + 2, xs_), _at(builder, srow, builder.mul(mo_, two))
         v16 = ir.VectorType(_I8, 16)
 
         def group(g):
@@ -261,6 +286,9 @@ def _qdot_codegen(kind):
                 w = builder.shuffle_vector(builder.and_(packed, ir.Constant(v16, [15] * 16)),
                                            builder.lshr(packed, ir.Constant(v16, [4] * 16)),
                                            ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
+                if kind == "q5":           # codes 0..31: still unsigned bytes for vpmaddubsw
+                    w = builder.or_(w, _fifth_bits(builder, _at(builder, _at(builder, row, ho_),
+                                                                builder.mul(g, four))))
                 m = builder.fpext(_load(builder, _at(builder, mins0, builder.mul(g, two)), _F16), _F32)
                 xsum = _load(builder, _at(builder, xsp, builder.mul(g, four)), _F32)
                 builder.store(_fma(builder, m, xsum, builder.load(mterm)), mterm)
@@ -285,6 +313,12 @@ def qdot_q8(typingctx, q, s16, r, off, so, xq, xd, t, ng):
     with row t of x quantized to int8 (xq [T, d], group scales xd [T, d / 32]) over ``ng`` groups
     of 32 -> float32."""
     return types.float32(q, s16, r, off, so, xq, xd, t, ng), _qdot_codegen("q8")
+
+
+@intrinsic
+def qdot_q5(typingctx, p, s16, r, off, so, mo, ho, xq, xd, xs, t, ng):
+    """qdot_q4 for 5-bit codes: low nibbles from byte ``off``, fifth bits from byte ``ho``."""
+    return types.float32(p, s16, r, off, so, mo, ho, xq, xd, xs, t, ng), _qdot_codegen("q5")
 
 
 @intrinsic

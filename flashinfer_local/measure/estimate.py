@@ -16,16 +16,16 @@ import numpy as np
 
 from storage import format as fmt
 from storage.config import ModelConfig
-from storage.convert import dense_dtype, dense_specs, ffn_specs
+from storage.convert import dense_specs, ffn_specs
 from storage.st_writer import encode_header
 
 from flashinfer_local.runtime import budget as budget_mod
 from flashinfer_local.runtime.budget import Sizes
 from flashinfer_local.units import fmt_bytes
 
-# Bundle precisions (convert --dtype): the FFN records' dtype; the dense part is
-# storage.convert.dense_dtype of it (int8/int4 bundles keep it f16; norms and biases stay f32)
-PRECISIONS = fmt.FFN_DTYPES
+# Bundle precisions (convert --dtype): the records' dtype and the quantized matrices' codes
+# (storage.format.Precision); norms and biases stay f32
+PRECISIONS = fmt.CONVERT_DTYPES
 
 
 def load_config(model: str | Path | None) -> tuple[ModelConfig, dict]:
@@ -48,37 +48,45 @@ def load_config(model: str | Path | None) -> tuple[ModelConfig, dict]:
                           "tokenizer_bytes": files.get(fmt.TOKENIZER_FILE, 0), "bundle": b.sizes()}
     with open_source(p) as src:
         tok = src.tokenizer.tokenizer_json
+        four = [n for n in fmt.quantized_dense(src.config, "int4") if src.four_bit(n)]
         return src.config, {"kind": src.identity.get("kind", "checkpoint"), "path": str(p),
-                            "tokenizer_bytes": len(tok.encode()) if tok is not None else 0}
+                            "tokenizer_bytes": len(tok.encode()) if tok is not None else 0, "four_bit": four}
 
 
-def bundle_bytes(cfg: ModelConfig, dtype: str, tokenizer_bytes: int = 0) -> dict:
-    """Exact sizes of the files ``convert --dtype dtype`` writes for ``cfg``."""
-    layout = fmt.record_layout(cfg, dtype)
-    dense = encode_header(dense_specs(cfg, dtype))[2]
+def bundle_bytes(cfg: ModelConfig, dtype: str, tokenizer_bytes: int = 0, four_bit=()) -> dict:
+    """Exact sizes of the files ``convert --dtype dtype`` writes for ``cfg``; ``four_bit``: the
+    matrices the checkpoint stores in 4 bits (``storage.source.Source.four_bit``)."""
+    p = fmt.Precision.named(dtype)
+    layout = fmt.record_layout(cfg, p.ffn, p.down, p.gate_up)
+    four = set(four_bit)
+    specs = dense_specs(cfg, dtype, lambda name: name in four)
+    dense = encode_header(specs)[2]
     ffn = encode_header(ffn_specs(cfg, layout))[2]
-    embed = cfg.vocab_size * cfg.d_model * np.dtype(fmt.DTYPES[dense_dtype(dtype)]).itemsize
+    embed = sum(int(np.prod(shape)) * dt.itemsize for name, dt, shape in specs if name in ("embed", "embed.scale"))
     return {"dense_bytes": dense, "ffn_bytes": ffn, "tokenizer_bytes": tokenizer_bytes,
             "total_bytes": dense + ffn + tokenizer_bytes, "embed_bytes": embed,
             "record_bytes": layout.record_bytes, "layout": layout, "dtype": dtype}
 
 
 def _sizes(cfg: ModelConfig, sizes: dict) -> Sizes:
-    return Sizes(cfg, sizes["layout"], sizes["dtype"], sizes["dense_bytes"], sizes["embed_bytes"],
+    # the tokenizer planned as the lean BPE holds it: every tokenizer this project converts from a
+    # GGUF or an HF folder so far is one it reproduces (the engine itself checks its own file)
+    return Sizes(cfg, sizes["layout"], fmt.Precision.named(sizes["dtype"]).ffn, sizes["dense_bytes"], sizes["embed_bytes"],
                  sizes["tokenizer_bytes"])
 
 
 def kv_cache(cfg: ModelConfig, tokens: int) -> dict:
-    """KV cache (f32, as the engine holds it) per token, per layer and at ``tokens`` tokens."""
+    """KV cache (f16, as the engine holds it for all but f32 bundles) per token, per layer and at
+    ``tokens`` tokens."""
     per_layer = budget_mod.kv_layer_bytes(cfg, 1)                              # bytes per token
     return {"per_token_bytes": sum(per_layer), "per_layer_per_token_bytes": per_layer,
             "tokens": tokens, "bytes": sum(budget_mod.kv_layer_bytes(cfg, tokens)),
             "rope_tables_bytes": budget_mod.rope_table_bytes(cfg, tokens)}
 
 
-def draft_bytes(cfg: ModelConfig, dtype: str, tokenizer_bytes: int, context: int) -> int:
+def draft_bytes(cfg: ModelConfig, dtype: str, tokenizer_bytes: int, context: int, four_bit=()) -> int:
     """What a draft model of ``cfg`` converted to ``dtype`` holds beside its target (``--draft``)."""
-    return budget_mod.draft_model_bytes(_sizes(cfg, bundle_bytes(cfg, dtype, tokenizer_bytes)), context)
+    return budget_mod.draft_model_bytes(_sizes(cfg, bundle_bytes(cfg, dtype, tokenizer_bytes, four_bit)), context)
 
 
 def budget_parts(cfg: ModelConfig, sizes: dict, context: int, draft: int = 0) -> dict:
@@ -116,14 +124,14 @@ def verdict(cfg: ModelConfig, sizes: dict, minimum: dict, budget: int) -> dict:
 
 
 def estimate(cfg: ModelConfig, context: int = 2048, budget: int | None = None,
-             tokenizer_bytes: int = 0, draft: int = 0) -> dict:
+             tokenizer_bytes: int = 0, draft: int = 0, four_bit=()) -> dict:
     """Sizes per precision, KV cache, minimum budget and (given ``budget``) the verdict; ``draft``:
     bytes a speculative draft model holds inside the budget (``draft_bytes``)."""
     context = min(context, cfg.max_position)
     rows = {}
     for dtype in PRECISIONS:
         try:
-            sizes = bundle_bytes(cfg, dtype, tokenizer_bytes)
+            sizes = bundle_bytes(cfg, dtype, tokenizer_bytes, four_bit)
         except ValueError:            # int8/int4 need d_model divisible by the group size
             continue
         minimum = {**budget_parts(cfg, sizes, context, draft), "context": context}

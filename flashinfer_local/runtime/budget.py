@@ -11,7 +11,8 @@ DRAM, a window cache over the SSD, or naive reads) and splits the budget between
     kv_cache   keys and values per layer at ``context`` tokens, and the rotary tables
     selector   a sparsity predictor's weights (the oracle, a measuring tool, is held outside)
     tokenizer  the loaded tokenizer (estimated from its file)
-    slack      activations, logits, allocator slack, small per-token arrays
+    slack      a prefill chunk's activations (``prefill_scratch_bytes``), logits, and a measured
+               allowance for the allocator and small per-token arrays (``ALLOCATOR_SLACK_BYTES``)
 
 Each size is computed from the same facts the allocating code uses (the window cache's metadata
 from ``storage.window_cache``, the KV cache's shape, the backends' scratch), and ``estimate`` calls
@@ -33,15 +34,22 @@ from storage.errors import FlashinferError
 from storage.reader import Bundle
 
 from flashinfer_local.kernels import QuantMatrix, RecordKernel
+from flashinfer_local.models.common import UPCAST_BYTES, attention_scratch_bytes, kv_itemsize
 from flashinfer_local.runtime.dram import CHUNK_ROWS, splits_down
 from flashinfer_local.units import fmt_bytes
 
 SCRATCH_BUFFERS = 2        # overflow/naive reads: one chunk read while the previous is computed
 PAGE = 4096
-# The tokenizer (HF `tokenizers`, loaded from tokenizer.json) holds about 21-22x its file's size:
-# measured 106 MiB for Qwen2.5's 5.1 MiB file and 33 MiB for SmolLM2's 1.5 MiB one.
-TOKENIZER_RSS_PER_FILE_BYTE = 24
-SLACK_BYTES = 96 << 20     # activations, logits, allocator slack, small per-token arrays
+# The tokenizer's peak RSS per byte of its tokenizer.json: the lean byte-level BPE
+# (``runtime.bpe``) peaks at 3.4x Qwen2.5's 5.1 MiB file and 4.3x SmolLM2's 1.5 MiB one while it
+# loads (then holds 1.4x / 2.2x); HF `tokenizers`, for the files the lean one does not reproduce,
+# held 21-22x (106 MiB for Qwen2.5's).
+TOKENIZER_RSS_PER_FILE_BYTE = {"lean": 5, "tokenizers": 24}
+# Freed-but-kept heap, Python objects and small per-token arrays beyond what a prefill chunk's
+# activations account for: measured as peak RSS minus the plan's other owners, 10-20 MiB on
+# SmolLM2 and Qwen2.5-1.5B (README, Memory), with a margin.
+ALLOCATOR_SLACK_BYTES = 32 << 20
+PREFILL_TOKENS = 256       # a longer prompt runs in chunks of at most this many tokens
 OFFLOAD_MODES = ("none", "window", "naive")
 UNLIMITED = 1 << 62
 
@@ -56,13 +64,20 @@ class Sizes:
     dense_file_bytes: int
     embed_bytes: int
     tokenizer_file_bytes: int
+    lean_tokenizer: bool = True      # the file is one the lean BPE reproduces (else HF tokenizers)
 
     @classmethod
-    def of(cls, src: Bundle | Sizes) -> Sizes:
+    def of(cls, src: Bundle | Sizes, lean_tokenizer: bool | None = None) -> Sizes:
+        """``lean_tokenizer`` None: found out from the bundle's tokenizer.json (a read of the file;
+        the engine passes what its loaded tokenizer is)."""
         if isinstance(src, Sizes):
             return src
+        if lean_tokenizer is None:
+            from flashinfer_local.runtime.bpe_tables import unsupported_reason
+            lean_tokenizer = src.tokenizer_file is None or unsupported_reason(src.tokenizer_file) is None
         return cls(src.config, src.layout, src.ffn_dtype, (src.path / fmt.DENSE_FILE).stat().st_size,
-                   src.dense_nbytes("embed"), src.sizes()["tokenizer_bytes"])
+                   src.dense_nbytes("embed") + (src.dense_nbytes("embed.scale") if src.has_dense("embed.scale") else 0),
+                   src.sizes()["tokenizer_bytes"], lean_tokenizer)
 
 
 @dataclass(frozen=True)
@@ -97,10 +112,10 @@ class BudgetPlan:
 
 # ---------------------------------------------------------------- sizes of each owner
 
-def kv_layer_bytes(cfg: ModelConfig, tokens: int) -> list[int]:
-    """Keys + values of each layer at ``tokens`` tokens (f32, by that layer's key/value heads):
-    what ``models.common.KVCache`` allocates."""
-    return [tokens * b for b in cfg.kv_layer_bytes_per_token(4)]
+def kv_layer_bytes(cfg: ModelConfig, tokens: int, itemsize: int = 2) -> list[int]:
+    """Keys + values of each layer at ``tokens`` tokens (``models.common.kv_itemsize`` bytes each,
+    by that layer's key/value heads): what ``models.common.KVCache`` allocates."""
+    return [tokens * b for b in cfg.kv_layer_bytes_per_token(itemsize)]
 
 
 def rope_table_bytes(cfg: ModelConfig, tokens: int) -> int:
@@ -108,22 +123,43 @@ def rope_table_bytes(cfg: ModelConfig, tokens: int) -> int:
     return 0 if cfg.learned_positions else 2 * tokens * cfg.head_dim * 4
 
 
-def kv_cache_bytes(cfg: ModelConfig, tokens: int) -> int:
+def kv_cache_bytes(cfg: ModelConfig, tokens: int, itemsize: int = 2) -> int:
     """The KV cache at ``tokens`` tokens, rotary tables included: the one formula."""
-    return sum(kv_layer_bytes(cfg, tokens)) + rope_table_bytes(cfg, tokens)
+    return sum(kv_layer_bytes(cfg, tokens, itemsize)) + rope_table_bytes(cfg, tokens)
 
 
 def dense_resident_bytes(cfg: ModelConfig, dense_file_bytes: int, embed_bytes: int, context: int) -> int:
-    """The dense file counted whole, except an untied embedding: only the rows ``context`` lookups touch."""
+    """The dense file counted whole, except an untied embedding (``embed_bytes``: with a quantized
+    one's scales): only the pages ``context`` lookups touch, each a row's pages, one more for a
+    row across a page boundary and one for its scales."""
     if cfg.tie_embeddings:
         return dense_file_bytes
     row = embed_bytes // cfg.vocab_size
-    touched = min(embed_bytes, context * (-(-row // PAGE) + 1) * PAGE)
+    touched = min(embed_bytes, context * (-(-row // PAGE) + 2) * PAGE)
     return dense_file_bytes - embed_bytes + touched
 
 
-def tokenizer_bytes(tokenizer_file_bytes: int) -> int:
-    return TOKENIZER_RSS_PER_FILE_BYTE * tokenizer_file_bytes
+def prefill_scratch_bytes(cfg: ModelConfig, context: int) -> int:
+    """The largest set of temporaries one prefill chunk (PREFILL_TOKENS tokens, keys up to
+    ``context``) holds at once: its hidden states and their normalized copies, the q/k/v
+    projections and their rotated copies, the attention's block of scores
+    (``models.common.attention_scratch_bytes``), the activations [T, d_ff] with their gate/up
+    temporaries, the f32 weight scratch of a quantized matmul (UPCAST_BYTES) and the logits of two
+    rows of the head."""
+    T = min(PREFILL_TOKENS, context)
+    d, qkv = cfg.d_model, (cfg.n_heads + 2 * max(cfg.n_kv_heads)) * cfg.head_dim
+    hidden = 6 * T * d * 4
+    attn = 2 * T * qkv * 4 + attention_scratch_bytes(cfg, context)
+    ffn = 3 * T * cfg.d_ff * 4
+    return hidden + max(attn, ffn) + UPCAST_BYTES + 2 * cfg.vocab_size * 4
+
+
+def slack_bytes(cfg: ModelConfig, context: int) -> int:
+    return prefill_scratch_bytes(cfg, context) + ALLOCATOR_SLACK_BYTES
+
+
+def tokenizer_bytes(tokenizer_file_bytes: int, lean: bool = True) -> int:
+    return TOKENIZER_RSS_PER_FILE_BYTE["lean" if lean else "tokenizers"] * tokenizer_file_bytes
 
 
 def compute_scratch_bytes(s: Sizes) -> int:
@@ -218,8 +254,8 @@ def _fixed_plan(s: Sizes, context: int, mode: str, selector: int, draft: int = 0
     the budget (its total is the mode's minimum budget)."""
     dense = dense_resident_bytes(s.cfg, s.dense_file_bytes, s.embed_bytes, context)
     records, buffers = dram_ffn_bytes(s) if mode == "none" else (0, stream_buffer_bytes(s))
-    return BudgetPlan(mode, None, context, dense, records, 0, 0, buffers, kv_cache_bytes(s.cfg, context),
-                      selector, tokenizer_bytes(s.tokenizer_file_bytes), SLACK_BYTES, draft)
+    return BudgetPlan(mode, None, context, dense, records, 0, 0, buffers, kv_cache_bytes(s.cfg, context, kv_itemsize(s.ffn_dtype)),
+                      selector, tokenizer_bytes(s.tokenizer_file_bytes, s.lean_tokenizer), slack_bytes(s.cfg, context), draft)
 
 
 def minimum_budget(src: Bundle | Sizes, context: int, offload: str = "window", selector: int = 0,
@@ -258,7 +294,7 @@ def plan_budget(src: Bundle | Sizes, budget: int | None, context: int, offload: 
             f"--dram-budget {fmt_bytes(budget)} is too small for this model: the dense part "
             f"({fmt_bytes(plan.dense_bytes)}), KV cache at {context} tokens ({fmt_bytes(plan.kv_bytes)}), "
             f"tokenizer ({fmt_bytes(plan.tokenizer_bytes)}){pred} and buffers "
-            f"({fmt_bytes(plan.buffer_bytes + SLACK_BYTES)}) need at least {fmt_bytes(fixed)}; raise the "
+            f"({fmt_bytes(plan.buffer_bytes + plan.slack_bytes)}) need at least {fmt_bytes(fixed)}; raise the "
             "budget or lower --context"
             + ("; the threshold predictor holds the gate rows, --predictor lowrank does not"
                if selector and selector >= cfg.n_layers * cfg.d_ff * cfg.d_model else ""))

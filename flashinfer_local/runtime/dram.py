@@ -29,7 +29,7 @@ SPLIT_DOWN = True
 
 def splits_down(cfg, layout: fmt.RecordLayout) -> bool:
     """Whether ``RecordFFN`` moves this layout's down columns into an int8 down matrix."""
-    return SPLIT_DOWN and layout.field("down").dtype == "q8" and cfg.d_ff % 32 == 0
+    return SPLIT_DOWN and layout.field("down").dtype in ("q8", "q5", "q4") and cfg.d_ff % 32 == 0
 
 
 def selected_ids(mask: torch.Tensor) -> np.ndarray:
@@ -144,9 +144,9 @@ class RecordFFN(_InDRAM):
     """Every record of every layer held in DRAM as records (the all-in-memory mode for int8/int4
     bundles: computing on the quantized records is what makes them fast and small).
 
-    Where the down columns are q8 (every int8/int4 bundle) and d_ff is a multiple of 32, they move
-    out of the records at load into a down matrix [d, d_ff] (int8, groups of 32 along d_ff:
-    dequantized from the records and requantized, one more rounding of the down weights), and
+    Where d_ff is a multiple of 32, the down columns (q8, q5 or q4) move out of the records at load
+    into a down matrix [d, d_ff] (int8, groups of 32 along d_ff: dequantized from the records and
+    requantized, one more rounding of the down weights, 8-bit so small beside theirs), and
     decode computes the activations h from the gate/up part of the records and then down @ h as an
     int8 matrix-vector product on an int8 copy of h, as llama.cpp does. Measured on
     Qwen2.5-Coder-1.5B int4, this halves the FFN's compute: the per-record down axpy had to stay in
@@ -189,19 +189,15 @@ class RecordFFN(_InDRAM):
         return down.matmul(torch.from_numpy(k.h[:T]))
 
 
-def _down_matrix(rec: np.ndarray, lay: fmt.RecordLayout, block: int = 256) -> QuantMatrix:
-    """The q8 down columns of one layer's records [d_ff, record_bytes] as an int8 matrix [d, d_ff]
-    (groups of 32 along d_ff), built ``block`` output rows at a time so that the f32 scratch stays
-    a few MiB rather than the whole layer's down weights."""
-    f, sf = lay.field("down"), lay.field("down.scale")
-    codes = rec[:, f.offset:f.offset + f.nbytes].view(np.int8)                       # [d_ff, d]
-    scales = rec[:, sf.offset:sf.offset + sf.nbytes].view(np.float16)                # [d_ff, d / 32]
-    d_ff, d = codes.shape
+def _down_matrix(rec: np.ndarray, lay: fmt.RecordLayout, block: int = 1024) -> QuantMatrix:
+    """The down columns of one layer's records [d_ff, record_bytes] as an int8 matrix [d, d_ff]
+    (groups of 32 along d_ff), built ``block`` records at a time so that the f32 scratch stays a
+    few MiB rather than the whole layer's down weights."""
+    d_ff, d = rec.shape[0], lay.field("down").count
     q, s = np.empty((d, d_ff), np.int8), np.empty((d, d_ff // 32), np.float16)
-    for a in range(0, d, block):
-        b = min(d, a + block)
-        w = codes[:, a:b].astype(np.float32) * np.repeat(scales[:, a // 32:b // 32].astype(np.float32), 32, axis=1)
-        q[a:b], s[a:b] = quantize_q8(np.ascontiguousarray(w.T))
+    for a in range(0, d_ff, block):
+        b = min(d_ff, a + block)
+        q[:, a:b], s[:, a // 32:b // 32] = quantize_q8(np.ascontiguousarray(fmt.field_values(rec[a:b], lay, "down").T))
     return QuantMatrix(q, s)
 
 

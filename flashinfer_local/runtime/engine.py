@@ -31,9 +31,10 @@ from storage.reader import Bundle
 
 from flashinfer_local.kernels import QuantMatrix
 from flashinfer_local.models import build_model
-from flashinfer_local.models.common import KVCache
+from flashinfer_local.models.common import KVCache, kv_itemsize
 from flashinfer_local.runtime.backend import FFNCounters, array_bytes
-from flashinfer_local.runtime.budget import draft_model_bytes, kv_cache_bytes, plan_budget, selector_bytes
+from flashinfer_local.runtime.budget import (PREFILL_TOKENS, Sizes, draft_model_bytes, kv_cache_bytes,
+                                             plan_budget, selector_bytes)
 from flashinfer_local.runtime.dram import make_dram_ffn
 from flashinfer_local.runtime.options import EngineOptions
 from flashinfer_local.runtime.rss import rss_bytes
@@ -94,7 +95,7 @@ class Engine:
         self.context = min(opts.context, cfg.max_position)
         self.tokenizer = self._shared_tokenizer or Tokenizer(self.bundle)
         draft_path, draft_bytes = self._draft_bytes(opts)
-        self.plan = plan_budget(self.bundle, opts.dram_budget, self.context, opts.offload,
+        self.plan = plan_budget(Sizes.of(self.bundle, self.tokenizer.lean), opts.dram_budget, self.context, opts.offload,
                                 selector_bytes(opts.selector, self.bundle, opts.predictor), opts.evict, draft_bytes)
         self.offload, self.dram_budget = self.plan.mode, opts.dram_budget
         if opts.draft == "self" and self.offload != "window":
@@ -119,7 +120,7 @@ class Engine:
         if opts.draft in (None, "lookup"):
             return None, 0
         if opts.draft == "self":                   # its own KV cache; the weights are the target's
-            return None, kv_cache_bytes(self.config, self.context)
+            return None, kv_cache_bytes(self.config, self.context, kv_itemsize(self.bundle.ffn_dtype))
         path = Path(opts.draft)
         if not (path / fmt.MANIFEST).exists():
             raise FlashinferError(f"draft {opts.draft!r} is not lookup, self or a bundle directory; convert a "
@@ -168,9 +169,17 @@ class Engine:
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, pos: int, cache: KVCache, last_only: bool = True) -> torch.Tensor:
         """tokens [T] at positions [pos, pos + T) -> logits [1 or T, vocab]; writes their keys and
-        values into ``cache``."""
+        values into ``cache``. A prompt longer than PREFILL_TOKENS runs in near-equal chunks (each
+        above SMALL_T tokens, so each is a prefill), which bounds its activations to what the plan's
+        slack counts (``budget.prefill_scratch_bytes``)."""
         self.ffn.start_token()
-        return self.model.forward(tokens, pos, cache, last_only)
+        T = tokens.shape[0]
+        if T <= PREFILL_TOKENS:
+            return self.model.forward(tokens, pos, cache, last_only)
+        n = -(-T // PREFILL_TOKENS)
+        cuts = [T * i // n for i in range(n + 1)]
+        out = [self.model.forward(tokens[a:b], pos + a, cache, last_only) for a, b in zip(cuts, cuts[1:])]
+        return out[-1] if last_only else torch.cat(out)
 
     # ---------------------------------------------------------------- hooks for measurement
     @contextlib.contextmanager
@@ -203,7 +212,7 @@ class Engine:
                 "or generate fewer tokens" + (", or open the engine with a longer context" if longer else ""),
                 cli=f"prompt + --max-tokens = {capacity} tokens exceeds the {what}; shorten the prompt or "
                     "lower --max-tokens" + (", or raise --context" if longer else ""))
-        return KVCache(self.config, capacity)
+        return KVCache(self.config, capacity, kv_itemsize(self.bundle.ffn_dtype))
 
     def session(self, capacity: int | None = None):
         """A :class:`~flashinfer_local.runtime.session.Session`: a KV cache kept across calls (and,

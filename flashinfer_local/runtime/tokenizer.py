@@ -1,8 +1,45 @@
 """Text <-> token ids, chat templates, and text that grows token by token, from a bundle's tokenizer."""
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 from storage.errors import FlashinferError
 from storage.reader import Bundle
+
+from . import bpe
+
+log = logging.getLogger(__name__)
+
+
+class _HFTokenizer:
+    """HF ``tokenizers`` behind the interface of :class:`bpe.ByteLevelBPE`, for the files it lacks."""
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer as HFTokenizer
+        self._tok = HFTokenizer.from_file(str(path))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def vocabulary(self) -> dict[str, int]:
+        return self._tok.get_vocab(with_added_tokens=True)
+
+
+def load_text_tokenizer(path: Path):
+    """The lean byte-level BPE (:mod:`.bpe`, a few MiB) where it gives exactly the ids HF
+    ``tokenizers`` would, else ``tokenizers`` itself (~10-20x the file's size in RSS)."""
+    try:
+        return bpe.load(path)
+    except bpe.UnsupportedTokenizer as e:
+        log.info("tokenizer: %s; using HF tokenizers", e)
+        return _HFTokenizer(path)
 
 
 class Tokenizer:
@@ -15,8 +52,7 @@ class Tokenizer:
         self._tok = None
         path = bundle.tokenizer_file
         if path is not None:
-            from tokenizers import Tokenizer as HFTokenizer
-            self._tok = HFTokenizer.from_file(str(path))
+            self._tok = load_text_tokenizer(path)
         eos = set(bundle.config.eos_token_ids)
         if self._tok is not None and self.eos_token:
             tid = self._tok.token_to_id(self.eos_token)
@@ -25,13 +61,18 @@ class Tokenizer:
         self.eos_token_ids = frozenset(eos)
 
     @property
+    def lean(self) -> bool:
+        """Whether the lean BPE (not HF tokenizers) holds the vocabulary: what the budget plans for."""
+        return not isinstance(self._tok, _HFTokenizer)
+
+    @property
     def available(self) -> bool:
         """Whether text can be encoded/decoded (the bundle carries a tokenizer)."""
         return self._tok is not None
 
     def vocabulary(self) -> dict[str, int]:
         """Token -> id, special tokens included (a draft model must have the same)."""
-        return self._need().get_vocab(with_added_tokens=True)
+        return self._need().vocabulary()
 
     def _need(self):
         if self._tok is None:
@@ -41,7 +82,7 @@ class Tokenizer:
 
     def encode(self, text: str, special: bool = True) -> list[int]:
         """Token ids of ``text``; ``special`` adds BOS the way the model expects."""
-        ids = self._need().encode(text, add_special_tokens=special).ids
+        ids = self._need().encode(text, add_special_tokens=special)
         if special and self.add_bos and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
             ids = [self.bos_token_id] + ids
         return ids
@@ -63,7 +104,7 @@ class Tokenizer:
         text = env.from_string(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "")
-        return self._need().encode(text, add_special_tokens=False).ids
+        return self._need().encode(text, add_special_tokens=False)
 
 
 class IncrementalDecoder:
