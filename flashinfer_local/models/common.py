@@ -15,7 +15,7 @@ from storage.config import ModelConfig
 from flashinfer_local.kernels import SMALL_T, QuantMatrix
 
 
-UPCAST_BYTES = 16 << 20     # f32 weight scratch of one prefill matmul step (counted in the budget's slack)
+UPCAST_BYTES = 8 << 20      # f32 weight scratch of one prefill matmul step (counted in the budget's slack)
 
 
 def by_token(T: int) -> bool:
@@ -114,7 +114,7 @@ def kv_itemsize(ffn_dtype: str) -> int:
     return 4 if ffn_dtype == "f32" else 2
 
 # a prefill's attention scores are computed this many bytes (f32) of [queries, keys] at a time
-ATTN_BLOCK_BYTES = 16 << 20
+ATTN_BLOCK_BYTES = 4 << 20
 
 
 class KVCache:
