@@ -404,6 +404,9 @@ def warm_up() -> None:
             k.begin(np.ones((2, 32), np.float32))
             k.activations(recs, np.arange(2), np.arange(2), np.ones((2, 2), np.bool_))
             k.down(recs, np.array([0, -1]), np.arange(2), recs)
+            if dtype not in ("f16", "f32"):      # a prefill's f32 fields
+                for name in ("gate", "up", "down") if gated else ("up", "down"):
+                    k.dequantize(recs, name, np.empty((2, 32), np.float32))
     for m in (QuantMatrix(np.zeros((2, 32), np.int8), np.zeros((2, 1), np.float16)),
               QuantMatrix(np.zeros((2, 16), np.uint8), np.zeros((2, 2), np.float16))):
         for T in (1, 2, SMALL_T + 1):

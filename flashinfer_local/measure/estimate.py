@@ -165,7 +165,7 @@ def report_lines(e: dict, facts: dict) -> list[str]:
     if facts.get("dtype"):
         lines.append(f"* this bundle's precision (its files: {fmt_bytes(facts['bundle']['total_bytes'])})")
     per_layer = sorted(set(kv["per_layer_per_token_bytes"]))
-    lines.append(f"KV cache (f32): {fmt_bytes(kv['per_token_bytes'])}/token"
+    lines.append(f"KV cache (f16): {fmt_bytes(kv['per_token_bytes'])}/token"
                  + ("" if len(per_layer) == 1 else f" (per layer {fmt_bytes(per_layer[0])} to "
                                                      f"{fmt_bytes(per_layer[-1])}: variable GQA)")
                  + f", {fmt_bytes(kv['bytes'])} at {kv['tokens']} tokens (+ rotary tables "

@@ -37,7 +37,7 @@ from flashinfer_local.runtime.budget import (PREFILL_TOKENS, Sizes, draft_model_
                                              plan_budget, selector_bytes)
 from flashinfer_local.runtime.dram import make_dram_ffn
 from flashinfer_local.runtime.options import EngineOptions
-from flashinfer_local.runtime.rss import rss_bytes
+from flashinfer_local.runtime.rss import pin_malloc_thresholds, rss_bytes
 from flashinfer_local.runtime.selection import AllSelector, make_selector
 from flashinfer_local.runtime.streaming import StreamingFFN
 from flashinfer_local.runtime.tokenizer import Tokenizer
@@ -79,6 +79,7 @@ class Engine:
         self._shared_tokenizer = tokenizer
         self.draft_engine = None
         torch.set_num_threads(opts.threads or min(os.cpu_count() or 1, 8))
+        pin_malloc_thresholds()
         if opts.offload != "none" or opts.draft is not None:    # (a verification runs the T-token kernels)
             from flashinfer_local.kernels import warm_up
             warm_up()

@@ -14,6 +14,23 @@ def rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
+def pin_malloc_thresholds(nbytes: int = 1 << 20) -> None:
+    """Fix glibc's mmap and trim thresholds (Linux; elsewhere nothing). By default glibc raises its
+    mmap threshold to the size of each large block freed, up to 32 MiB, after which a prefill's
+    temporaries of a few MiB come from the heap and stay resident once freed: measured 13 MiB above
+    the plan on a 2048-token Qwen2.5-0.5B prompt. With the thresholds fixed, blocks above ``nbytes``
+    are mapped and unmapped whole."""
+    import ctypes
+    import ctypes.util
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt(-3, nbytes)       # M_MMAP_THRESHOLD
+        libc.mallopt(-1, nbytes)       # M_TRIM_THRESHOLD
+    except (OSError, AttributeError, TypeError):   # not glibc
+        pass
+
+
 class PeakRSS:
     """Samples RSS every ``period`` seconds on a daemon thread; ``peak`` is the highest seen.
 
