@@ -82,7 +82,8 @@ class Precision:
     head (and an embedding tied to it) in q8. Measured on Qwen2.5-Coder-1.5B (README, bundle
     format): down columns at q4 cost 1.5% perplexity, the head at q4 0.5%; on Qwen2.5-Coder-0.5B,
     whose matrices are Q5_0, q4 attention cost 3%.
-    ``int4-q8`` keeps the down columns and every dense matrix in q8 (format version 2's int4).
+    ``int4-q8`` keeps the down columns and every dense matrix in q8 (format version 2's int4; the
+    gate/up codes still by the rule).
     ``int8``: q8 everywhere."""
     ffn: str                      # a key of FFN_DTYPES
     down: str | None = None       # quantized records: the down column's codes (None: by the rule above)
@@ -117,7 +118,7 @@ def quantized_dense(cfg: ModelConfig, ffn_dtype: str, version: int = FORMAT_VERS
 
 
 def dense_matrix_dtypes(cfg: ModelConfig, precision: Precision, version: int = FORMAT_VERSION,
-                        four_bit=lambda name: True) -> dict[str, str]:
+                        four_bit=lambda name: False) -> dict[str, str]:
     """name -> codes ("q8" or "q4") of each quantized dense matrix. q8: ``name`` I8 [out, in] and
     ``name.scale`` F16 [out, in / 32]; q4: ``name`` U8 [out, in / 2] (packed as in
     ``storage.quant``) and ``name.scale`` F16 [out, in / 16], each row's group scales then its

@@ -295,12 +295,13 @@ def test_int4_precision_mixes():
     assert lay.record_bytes == lay.payload_bytes == 3072
     assert record_layout(cfg(1536, False), "int4", "q4").record_bytes == 3072
     assert record_layout(cfg(1536, False), "int4", "q8").record_bytes == 3584
-    m = fmt.dense_matrix_dtypes(cfg(1536, False), fmt.Precision.named("int4"))
+    m = fmt.dense_matrix_dtypes(cfg(1536, False), fmt.Precision.named("int4"), four_bit=lambda n: True)
     assert m["layers.0.q.weight"] == "q4" and m["lm_head"] == "q8" and m["embed"] == "q4"
+    assert set(fmt.dense_matrix_dtypes(cfg(1536, False), fmt.Precision.named("int4")).values()) == {"q8"}
     # matrices go to q4 only where the checkpoint stores them in 4 bits
     m = fmt.dense_matrix_dtypes(cfg(1536, False), fmt.Precision.named("int4"), four_bit=lambda n: n.endswith("q.weight"))
     assert m["layers.0.q.weight"] == "q4" and m["layers.0.v.weight"] == "q8" and m["embed"] == "q8"
-    assert fmt.dense_matrix_dtypes(cfg(576, True), fmt.Precision.named("int4"))["embed"] == "q8"   # the head
+    assert fmt.dense_matrix_dtypes(cfg(576, True), fmt.Precision.named("int4"), four_bit=lambda n: True)["embed"] == "q8"
     assert set(fmt.dense_matrix_dtypes(cfg(1536, False), fmt.Precision.named("int4-q8")).values()) == {"q8"}
     old = fmt.dense_matrix_dtypes(cfg(1536, False), fmt.Precision.named("int4"), version=2)
     assert "embed" not in old and set(old.values()) == {"q8"}

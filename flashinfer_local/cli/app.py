@@ -67,7 +67,8 @@ def _precision(b) -> str:
     """Each part's precision, e.g. 'attention q4, embedding + tied head q4, norms/biases f32;
     ffn int4 (gate q4, up q4, down q8)'; q8/q4 are groups of 32 with f16 scales (q4: and minimums)."""
     qd, dense = b.quantized_dense, b.dense_dtype
-    attn = qd.get("layers.0.q.weight", dense)
+    kinds = sorted({v for n, v in qd.items() if n.startswith("layers.")}, reverse=True)
+    attn = "/".join(kinds) + (" (by the checkpoint's tensors)" if len(kinds) > 1 else "") if kinds else dense
     if b.config.tie_embeddings:
         head = f"embedding + tied head {qd.get('embed', dense)}"
     else:
