@@ -155,7 +155,7 @@ class Engine:
         """``forward`` with each FFN restricted to the neurons the window holds: reads nothing and
         leaves the window as it is (the self draft)."""
         with self.ffn.resident_only():
-            return self.model.forward(tokens, pos, cache, last_only)
+            return self._chunked(tokens, pos, cache, last_only)
 
     # ---------------------------------------------------------------- the per-token path
     def _ffn_step(self, layer: int, x: torch.Tensor) -> torch.Tensor:
@@ -174,6 +174,9 @@ class Engine:
         above SMALL_T tokens, so each is a prefill), which bounds its activations to what the plan's
         slack counts (``budget.prefill_scratch_bytes``)."""
         self.ffn.start_token()
+        return self._chunked(tokens, pos, cache, last_only)
+
+    def _chunked(self, tokens: torch.Tensor, pos: int, cache: KVCache, last_only: bool) -> torch.Tensor:
         T = tokens.shape[0]
         if T <= PREFILL_TOKENS:
             return self.model.forward(tokens, pos, cache, last_only)
