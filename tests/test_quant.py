@@ -146,8 +146,9 @@ def test_float_record_kernel_matches_numpy(gated, dtype, d):
 
 
 def test_int8_matvec_matches_numpy_and_the_portable_path():
-    """QuantMatrix's decode matvec against numpy on the same codes and int8 x; the generic-vector
-    code (what a CPU without AVX2 compiles) gives the same values as the AVX2 integer code."""
+    """QuantMatrix's decode matvec against numpy on the same codes and int8 x, and the q5 dot; the
+    generic-vector code (what a CPU without AVX2 compiles) gives the same values as the AVX2
+    integer code for q8, q4 and q5."""
     import numba
     from flashinfer_local.kernels import vecdot
     from flashinfer_local.kernels import QuantMatrix, U
@@ -164,16 +165,19 @@ def test_int8_matvec_matches_numpy_and_the_portable_path():
     quantize_x(x, m.xq[0], m.xd[0], m.xs[0])
     p, s4, mn = quant.quantize_q4(w)
     rec4 = np.concatenate([p, s4.view(np.uint8), mn.view(np.uint8)], axis=1)   # [50, 80 + 10 + 10]
+    p5, s5, m5 = quant.quantize_q5(w)
+    rec5 = np.concatenate([p5, s5.view(np.uint8), m5.view(np.uint8)], axis=1)  # [50, 100 + 10 + 10]
 
     def build():
         @numba.njit
-        def both(q, s16, rec4, rec16, xq, xd, xs, y8, y4):
+        def all3(q, s16, rec4, rec16, rec5, rec5_16, xq, xd, xs, y8, y4, y5):
             for r in range(q.shape[0]):
                 y8[r] = vecdot.qdot_q8(q, s16, U(r), U(0), U(0), xq, xd, U(0), 5)
                 y4[r] = vecdot.qdot_q4(rec4, rec16, U(r), U(0), U(40), U(45), xq, xd, xs, U(0), 5)
-        y8, y4 = np.zeros(50, np.float32), np.zeros(50, np.float32)
-        both(q, m.scales16, rec4, rec4.view(np.uint16), m.xq, m.xd, m.xs, y8, y4)
-        return y8, y4
+                y5[r] = vecdot.qdot_q5(rec5, rec5_16, U(r), U(0), U(50), U(55), U(80), xq, xd, xs, U(0), 5)
+        y8, y4, y5 = np.zeros(50, np.float32), np.zeros(50, np.float32), np.zeros(50, np.float32)
+        all3(q, m.scales16, rec4, rec4.view(np.uint16), rec5, rec5.view(np.uint16), m.xq, m.xd, m.xs, y8, y4, y5)
+        return y8, y4, y5
     fast = build()
     saved = vecdot.AVX2
     try:
@@ -182,6 +186,10 @@ def test_int8_matvec_matches_numpy_and_the_portable_path():
     finally:
         vecdot.AVX2 = saved
     np.testing.assert_allclose(fast[0], want, atol=1e-5 * np.abs(want).max())
+    # q5 against numpy: the codes' term on int8 x, the minimums' on the float sums of x
+    w5, mins = quant.dequantize_q5(p5, s5, m5).astype(np.float64), np.repeat(m5.astype(np.float64), 32, axis=1)
+    want5 = (w5 - mins) @ xhat + mins @ x.astype(np.float64)
+    np.testing.assert_allclose(fast[2], want5, atol=1e-5 * np.abs(want5).max())
     for a, b in zip(fast, portable):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max())
 
