@@ -162,7 +162,7 @@ class RecordFFN(_InDRAM):
         for i in range(cfg.n_layers):
             rec = bundle.read_ffn_layer(i)
             if split:
-                self.down.append(_down_matrix(rec, lay))
+                self.down.append(_down_matrix(rec, self.compute.kernel))
                 rec = np.ascontiguousarray(rec[:, :down.offset])            # the gate/up part
             self.records.append(rec)
         self.all_rows = np.arange(cfg.d_ff)
@@ -189,15 +189,17 @@ class RecordFFN(_InDRAM):
         return down.matmul(torch.from_numpy(k.h[:T]))
 
 
-def _down_matrix(rec: np.ndarray, lay: fmt.RecordLayout, block: int = 1024) -> QuantMatrix:
+def _down_matrix(rec: np.ndarray, kernel: RecordKernel, block: int = 1024) -> QuantMatrix:
     """The down columns of one layer's records [d_ff, record_bytes] as an int8 matrix [d, d_ff]
-    (groups of 32 along d_ff), built ``block`` records at a time so that the f32 scratch stays a
-    few MiB rather than the whole layer's down weights."""
-    d_ff, d = rec.shape[0], lay.field("down").count
+    (groups of 32 along d_ff), dequantized by the kernel ``block`` records at a time so that the
+    f32 scratch stays a few MiB rather than the whole layer's down weights."""
+    d_ff, d = rec.shape[0], kernel.d
     q, s = np.empty((d, d_ff), np.int8), np.empty((d, d_ff // 32), np.float16)
+    buf = np.empty((min(block, d_ff), d), np.float32)
     for a in range(0, d_ff, block):
         b = min(d_ff, a + block)
-        q[:, a:b], s[:, a // 32:b // 32] = quantize_q8(np.ascontiguousarray(fmt.field_values(rec[a:b], lay, "down").T))
+        cols = kernel.dequantize(rec[a:b], "down", buf)                              # [b - a, d]
+        q[:, a:b], s[:, a // 32:b // 32] = quantize_q8(np.ascontiguousarray(cols.T))
     return QuantMatrix(q, s)
 
 
