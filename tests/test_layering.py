@@ -6,7 +6,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = "flashinfer_local"
-HIGHER = {f"{PKG}.measure", f"{PKG}.workflows", f"{PKG}.cli"}
+HIGHER = {f"{PKG}.measure", f"{PKG}.workflows", f"{PKG}.server", f"{PKG}.cli"}
 FORBIDDEN = {
     "storage": {"predictors", PKG},
     "predictors": {PKG},
@@ -14,7 +14,8 @@ FORBIDDEN = {
     f"{PKG}/models": {f"{PKG}.runtime"} | HIGHER,
     f"{PKG}/runtime": HIGHER,
     f"{PKG}/measure": {f"{PKG}.cli"},
-    f"{PKG}/workflows": {f"{PKG}.cli"},
+    f"{PKG}/workflows": {f"{PKG}.cli", f"{PKG}.server"},
+    f"{PKG}/server": {f"{PKG}.cli"},
 }
 MAX_LINES = 500
 

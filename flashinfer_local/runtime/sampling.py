@@ -80,6 +80,7 @@ class Sample:
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
+    cached_tokens: int = 0       # prompt tokens the session's cache already held (not computed again)
     generated_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0        # time of all decode steps (forwards after the prefill, drafting included)
@@ -96,7 +97,8 @@ class GenerationStats:
 
     @property
     def prefill_tokens_per_s(self) -> float:
-        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+        """Prompt tokens computed (not those found in the cache) per second of prefill."""
+        return (self.prompt_tokens - self.cached_tokens) / self.prefill_s if self.prefill_s else 0.0
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -121,7 +123,8 @@ class GenerationStats:
                 "verify_ms_per_token": 1000 * (self.decode_s - self.draft_s) / n}
 
     def to_dict(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "generated_tokens": self.generated_tokens,
+        return {"prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
+                "generated_tokens": self.generated_tokens,
                 "prefill_s": self.prefill_s, "decode_s": self.decode_s, "decode_steps": self.decode_steps,
                 "decode_tokens": self.decode_tokens, "speculation": self.speculation(),
                 "prefill_tokens_per_s": self.prefill_tokens_per_s,

@@ -82,6 +82,7 @@ class Session:
         first = capacity if capacity is not None else min(FIRST_CAPACITY, engine.kv_limit)
         self.cache = engine.new_cache(first)
         self.draft = None                    # the engine's speculative draft for this session (made on first use)
+        self.reused = 0                      # prompt tokens the last prefill found in the cache
 
     @property
     def pos(self) -> int:
@@ -121,6 +122,7 @@ class Session:
                 break
             common += 1
         self.rollback(min(common, len(ids) - 1))        # the last id is always run: its logits
+        self.reused = self.pos
         return self.append(ids[self.pos:], last_only=True)[-1]
 
     def generate(self, prompt, max_tokens: int = 128, sampling: SamplingParams | None = None,
@@ -157,6 +159,7 @@ class Session:
             if draft is not None:
                 draft.prepare(ids)
             st.prefill_s = time.perf_counter() - t0
+            st.cached_tokens = self.reused
             after_prefill, memory = eng.counters(), eng.memory_facts()    # the arrays are fixed
 
             def step(tok, text, sample):

@@ -1,0 +1,133 @@
+"""One engine, one generation at a time: a thread that takes jobs from a bounded queue.
+
+The worker keeps one :class:`~flashinfer_local.runtime.session.Session` for every request, so a
+request that extends the previous one (a chat's next turn: the same messages and one more) finds
+its prefix in the KV cache and computes only the new tokens. A job's text goes back to the event
+loop that submitted it through an asyncio queue; cancelling a job (its client went away) stops its
+generation at the next token, and the next job starts at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+
+from storage.errors import FlashinferError
+
+from flashinfer_local.runtime.sampling import SamplingParams
+from flashinfer_local.server.protocol import APIError, Request, finish, usage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    """How a job ended: its OpenAI finish reason and usage (None: it was cancelled)."""
+    reason: str | None
+    usage: dict
+
+
+class Job:
+    def __init__(self, req: Request, ids: list[int], max_tokens: int, loop: asyncio.AbstractEventLoop):
+        self.req, self.ids, self.max_tokens = req, ids, max_tokens
+        self.loop = loop
+        self.events: asyncio.Queue = asyncio.Queue()       # ("text", str) ... then ("done", Outcome) or ("error", APIError)
+        self.cancelled = threading.Event()
+
+    def emit(self, kind: str, value) -> None:
+        """From the worker thread: hand an event to the submitting loop (a closed loop drops it)."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:
+            self.cancelled.set()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def sampling(self) -> SamplingParams:
+        r = self.req
+        if r.temperature == 0 or r.top_p == 0:
+            return SamplingParams(temperature=0.0, seed=r.seed)
+        return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=0, seed=r.seed)
+
+
+class Worker:
+    def __init__(self, engine, queue_size: int):
+        self.engine = engine
+        self.session = engine.session()
+        self.jobs: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.queue_size = queue_size
+        self._stop = threading.Event()
+        self.served = self.cancelled = 0          # jobs finished; of them, stopped by their client
+        self._thread = threading.Thread(target=self._run, name="flashinfer-generate", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Queue a job, or refuse it with a 429 when the queue is full."""
+        if self._stop.is_set():
+            raise APIError(503, "the server is shutting down", kind="server_error")
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            raise APIError(429, f"the server is busy: {self.queue_size} requests are already waiting for the "
+                           "one engine; retry shortly", kind="rate_limit_error", code="queue_full") from None
+
+    def halt(self) -> None:
+        """Take no more jobs and end the running one at its next token (a shutdown's first step:
+        its stream then ends, so the HTTP server need not wait for it)."""
+        self._stop.set()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop after the current token: the running job is cancelled, waiting ones get an error."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        while True:
+            try:
+                self.jobs.get_nowait().emit("error", APIError(503, "the server is shutting down", kind="server_error"))
+            except queue.Empty:
+                return
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job = self.jobs.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if job.cancelled.is_set():
+                continue
+            self._generate(job)
+            self.served += 1
+
+    def _generate(self, job: Job) -> None:
+        s, st = self.session, None
+        try:
+            gen = s.generate(job.ids, max_tokens=job.max_tokens, sampling=job.sampling(), stop=job.req.stop)
+            try:
+                for step in gen:
+                    st = step.stats
+                    if step.text:
+                        job.emit("text", step.text)
+                    if job.cancelled.is_set() or self._stop.is_set():
+                        self.cancelled += 1
+                        job.emit("done", Outcome(None, {}))
+                        return
+            finally:
+                gen.close()
+        except FlashinferError as e:
+            job.emit("error", APIError(400, str(e)))
+            return
+        except Exception as e:                        # a bug: say so, and start the next job on a fresh cache
+            log.exception("generation failed")
+            self.session = self.engine.session()
+            job.emit("error", APIError(500, f"generation failed: {type(e).__name__}: {e}", kind="server_error"))
+            return
+        if st is None:     # nothing generated: max_tokens 0, or an end-of-sequence token first
+            reason, done, cached = ("length" if job.max_tokens == 0 else "stop"), 0, s.reused
+        else:
+            reason, done, cached = st.finish_reason, st.generated_tokens, st.cached_tokens
+        job.emit("done", Outcome(finish(reason), usage(len(job.ids), done, cached)))
