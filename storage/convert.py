@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -231,11 +232,21 @@ def _write_bundle(src: Source, tmp: Path, dtype: str, progress: bool) -> None:
     (tmp / fmt.MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
+def _bytes_of(p: Path) -> int:
+    try:
+        return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.iterdir() if f.is_file())
+    except OSError:
+        return 0
+
+
 def convert(src_path: str | Path | Source, out: str | Path, dtype: str | fmt.Precision = "f16",
-            force: bool = False, progress: bool = True) -> Path:
+            force: bool = False, progress: bool | None = None) -> Path:
     """Convert a checkpoint (HF folder or GGUF file, or an open :class:`Source`) into a bundle
     directory at ``out``; ``dtype`` a name of ``format.CONVERT_DTYPES`` (or a ``format.Precision``
-    spelled out, for measurements)."""
+    spelled out, for measurements). ``progress``: a line at once and a bar on stderr (default:
+    when stderr is a terminal)."""
+    if progress is None:
+        progress = sys.stderr.isatty()
     if not isinstance(dtype, fmt.Precision) and dtype not in fmt.CONVERT_DTYPES:
         raise OptionError("dtype", f"{dtype} is not supported (choose one of: {', '.join(fmt.CONVERT_DTYPES)})")
     out = Path(out).absolute()
@@ -247,6 +258,9 @@ def convert(src_path: str | Path | Source, out: str | Path, dtype: str | fmt.Pre
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     t0 = time.perf_counter()
+    if progress and not isinstance(src_path, Source):      # opening a large GGUF takes seconds: say so first
+        size = _bytes_of(Path(src_path))
+        print(f"convert: reading {src_path} ({size / 2**30:.2f}GiB) into {out} ...", file=sys.stderr, flush=True)
     with (src_path if isinstance(src_path, Source) else open_source(src_path)) as src:
         tmp.mkdir()
         try:

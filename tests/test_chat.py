@@ -78,3 +78,17 @@ def test_a_full_context_offers_to_drop_the_oldest_turns(smollm_bundle):
     child.sendline("/exit")
     child.expect(pexpect.EOF)
     assert "Traceback" not in re.sub(r"\s+", " ", child.before)
+
+
+def test_ctrl_c_during_run_prints_the_text_and_its_figures(smollm_bundle):
+    child = pexpect.spawn(sys.executable, ["-m", "flashinfer_local", "run", str(smollm_bundle("int8")), "--chat",
+                                           "-p", "Write a very long story about a dragon.", "-n", "2000"],
+                          encoding="utf-8", timeout=90)
+    child.expect(r"\w+ \w+ \w+ \w+ \w+")
+    child.sendintr()
+    child.expect(r"\[stopped by Ctrl-C after (\d+) tokens\]")
+    assert 0 < int(child.match.group(1)) < 2000
+    child.expect(r"generated \d+ tokens, [\d.]+ tok/s")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 130 and "Traceback" not in child.before

@@ -154,7 +154,11 @@ def test_bad_counts_and_unwritable_paths_are_one_line_errors(tiny_bundle, tmp_pa
     r = cli("run", path, "-p", "hi", "-n", "2", "--stats-json", tmp_path / "missing" / "s.json")
     one_line_error(r, "cannot write", "missing")                # refused before generating
     one_line_error(cli("run", path, "-p", "hi", "--window", "0"), "--window 0 must be at least 1")
-    one_line_error(cli("run", path, "-p", "hi", "--system", "be brief"), "--system needs --chat")
+    r = cli("run", path, "-p", "hi", "--system", "be brief", "-n", "2")      # --system implies --chat
+    assert r.exit_code == 0, r.output
+    one_line_error(cli("run", path, "-n", "2"), "give the prompt with -p TEXT")
+    one_line_error(cli("run", path, "-p", "hi", "--prompt-file", tmp_path / "nope.txt"), "not both")
+    one_line_error(cli("run", path, "--prompt-file", tmp_path / "nope.txt"), "cannot read --prompt-file")
     r = cli("run", path, "-p", "hi", "--chat", "--system", "be brief", "-n", "3", "--temperature", "0")
     assert r.exit_code == 0, r.output
     # the library's error speaks of arguments, the CLI's of flags

@@ -78,7 +78,7 @@ def test_oracle_selects_the_requested_share(tiny_bundle):
 def test_too_small_budget_names_the_minimum(tiny_bundle):
     path = tiny_bundle("llama", "f32")
     need = minimum_budget(Bundle(path), CTX)
-    with pytest.raises(FlashinferError, match="need at least"):
+    with pytest.raises(FlashinferError, match="needs at least"):
         Engine(path, offload="window", dram_budget=need - 1, context=CTX)
     with pytest.raises(FlashinferError, match="--offload window"):
         Engine(path, offload="none", dram_budget=1 << 20)

@@ -11,7 +11,8 @@ import click
 from storage.errors import FlashinferError
 
 from flashinfer_local.cli.app import _writable, _write, main
-from flashinfer_local.cli.options import engine_options, generation_options, prompt_options, take_engine_options
+from flashinfer_local.cli.options import (engine_options, generation_options, prompt_options, read_prompt,
+                                         take_engine_options)
 from flashinfer_local.units import fmt_bytes
 
 
@@ -28,7 +29,7 @@ from flashinfer_local.units import fmt_bytes
               help="With --sweep: report the smallest budget whose decode reaches this many tokens/s.")
 @click.option("--json-only", is_flag=True, hidden=True, help="Write profile.json only, print nothing "
               "(the per-budget runs of --sweep).")
-def profile(model, prompt, max_tokens, temperature, top_p, top_k, seed, chat, dtype, out, sweep, target_tps,
+def profile(model, prompt, prompt_file, max_tokens, temperature, top_p, top_k, seed, chat, dtype, out, sweep, target_tps,
             json_only, **engine):
     """Generate from MODEL while recording where the memory goes (RSS over time by owner, per phase),
     SSD bytes read per token and the window cache; writes profile.json and PNG charts to --out.
@@ -38,6 +39,7 @@ def profile(model, prompt, max_tokens, temperature, top_p, top_k, seed, chat, dt
 
     opts = take_engine_options(engine)
     sampling = SamplingParams(temperature, top_p, top_k, seed)
+    prompt = read_prompt(prompt, prompt_file)
     if target_tps is not None and sweep is None:
         raise FlashinferError("--target-tps needs --sweep (the budgets to search)")
     if sweep is not None and opts.dram_budget is not None:

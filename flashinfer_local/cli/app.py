@@ -14,7 +14,9 @@ import click
 from storage.errors import FlashinferError
 from storage.format import CONVERT_DTYPES
 
-from flashinfer_local.cli.options import engine_options, generation_options, prompt_options, take_engine_options
+from flashinfer_local.cli.interrupt import StopOnInterrupt
+from flashinfer_local.cli.options import (engine_options, generation_options, prompt_options, read_prompt,
+                                         take_engine_options)
 from flashinfer_local.units import fmt_bytes
 
 
@@ -35,7 +37,7 @@ def main(verbose: int):
     """Run language models larger than your DRAM from a bundled store on the SSD."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    for name in ("flashinfer_local.resolve", "flashinfer_local.fetch"):   # say what first use does
+    for name in ("flashinfer_local.workflows", "storage.convert"):   # say what first use does
         logging.getLogger(name).setLevel(min(level, logging.INFO))
 
 
@@ -150,14 +152,16 @@ def _predictor_lines(b) -> list[str]:
 @click.argument("model", required=False)
 @generation_options(128, None, "Random seed for sampling.")
 @click.option("--stop", multiple=True, help="Stop when the text reaches this string (repeatable; not printed).")
-@click.option("--system", default=None, help="With --chat: a system message before the prompt.")
+@click.option("--system", default=None, help="A system message before the prompt (implies --chat).")
 @prompt_options
 @engine_options
 @click.option("--stats", is_flag=True, help="Print speed and memory figures to stderr at the end.")
 @click.option("--stats-json", type=click.Path(path_type=Path), help="Write the figures as JSON.")
-def run(model, prompt, max_tokens, temperature, top_p, top_k, seed, stop, system, chat, dtype, stats,
+def run(model, prompt, prompt_file, max_tokens, temperature, top_p, top_k, seed, stop, system, chat, dtype, stats,
         stats_json, **engine):
-    """Generate text from MODEL (a bundle, an HF folder, a GGUF file; default: SmolLM2-135M-Instruct)."""
+    """Generate text from MODEL: a bundle, an HF folder, a GGUF file, or a known model's name
+    (NAME or NAME:DTYPE, fetched and converted on first use; default: smollm2-135m). Ctrl-C stops
+    the generation and prints its figures."""
     from flashinfer_local.runtime.engine import Engine
     from flashinfer_local.runtime.rss import PeakRSS
     from flashinfer_local.runtime.sampling import GenerationStats, SamplingParams
@@ -165,9 +169,9 @@ def run(model, prompt, max_tokens, temperature, top_p, top_k, seed, stop, system
 
     opts = take_engine_options(engine)
     sampling = SamplingParams(temperature, top_p, top_k, seed)
-    if system is not None and not chat:
-        raise FlashinferError("--system needs --chat (a system message is part of the chat template)")
+    prompt = read_prompt(prompt, prompt_file)
     if system is not None:
+        chat = True
         prompt = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
     _writable(stats_json)
     path = resolve_model(model, dtype=dtype, progress=sys.stderr.isatty())
@@ -175,10 +179,15 @@ def run(model, prompt, max_tokens, temperature, top_p, top_k, seed, stop, system
     with PeakRSS() as peak:
         eng = Engine(path, opts)
         st, text = None, []
-        for step in eng.generate(prompt, max_tokens=max_tokens, sampling=sampling, chat=chat, stop=stop):
-            click.echo(step.text, nl=False)
-            text.append(step.text)
-            st = step.stats
+        with StopOnInterrupt() as intr:
+            gen = eng.generate(prompt, max_tokens=max_tokens, sampling=sampling, chat=chat, stop=stop)
+            for step in gen:
+                click.echo(step.text, nl=False)
+                text.append(step.text)
+                st = step.stats
+                if intr.hit:
+                    break
+            gen.close()
         click.echo()
     eng.close()
     if st is None:
@@ -186,17 +195,32 @@ def run(model, prompt, max_tokens, temperature, top_p, top_k, seed, stop, system
     st.peak_rss_bytes = peak.peak
     baseline = eng.runtime_baseline_bytes
     out = {"model": str(path), "text": "".join(text), **st.to_dict(), "runtime_baseline_bytes": baseline,
-           "peak_rss_above_baseline_bytes": st.peak_rss_bytes - baseline}
-    if stats:
+           "peak_rss_above_baseline_bytes": st.peak_rss_bytes - baseline, "interrupted": intr.hit}
+    if intr.hit:
+        click.echo(f"[stopped by Ctrl-C after {st.generated_tokens} tokens]", err=True)
+    if stats or intr.hit:
         for line in _stats_lines(st, baseline, opts.dram_budget):
             click.echo(line, err=True)
     if stats_json:
         _write(stats_json, json.dumps(out, indent=1))
+    if intr.hit:
+        sys.exit(130)
+
+
+def _rate(tokens: int, seconds: float) -> str:
+    """'in 35 ms, 114.3 tok/s' (a rate only where there is a time to divide by)."""
+    if not tokens or seconds <= 0:
+        return "n/a"
+    return f"{1000 * seconds:.0f} ms, {tokens / seconds:.1f} tok/s"
 
 
 def _stats_lines(st, baseline: int, budget: int | None) -> list[str]:
-    lines = [f"prompt {st.prompt_tokens} tokens, {st.prefill_tokens_per_s:.1f} tok/s | generated "
-             f"{st.generated_tokens} tokens, {st.decode_tokens_per_s:.1f} tok/s | peak RSS "
+    computed = st.prompt_tokens - st.cached_tokens
+    cached = f", {st.cached_tokens} from the cache" if st.cached_tokens else ""
+    decode = (f"{st.decode_tokens_per_s:.1f} tok/s ({1000 * st.decode_s / st.decode_tokens:.1f} ms/token)"
+              if st.decode_tokens else "decode speed n/a (the first token comes from the prefill)")
+    lines = [f"prompt {st.prompt_tokens} tokens{cached}: {_rate(computed, st.prefill_s)} | generated "
+             f"{st.generated_tokens} tokens, {decode} | peak RSS "
              f"{fmt_bytes(st.peak_rss_bytes)} ({fmt_bytes(st.peak_rss_bytes - baseline)} above the "
              f"runtime's {fmt_bytes(baseline)})"]
     x = st.extra
@@ -212,10 +236,10 @@ def _stats_lines(st, baseline: int, budget: int | None) -> list[str]:
                      f"{fmt_bytes(budget) if budget else 'unlimited'}: dense {fmt_bytes(x['dense_bytes'])}, "
                      f"window cache {fmt_bytes(x['window_cache_bytes'])} ({x['cache_rows_per_layer']} "
                      f"rows/layer), buffers {fmt_bytes(x['buffer_bytes'])}, KV {fmt_bytes(x['kv_cache_bytes'])}"
-                     f" | read {fmt_bytes(x['flash_bytes_per_token'])}/token in {x['read_ops']} reads of "
-                     f"{fmt_bytes(x['mean_read_bytes'])} | cache hit rate {100 * x['cache_hit_rate']:.1f}% | "
-                     f"ms/token: I/O wait {ms['io_wait']:.1f}, bookkeeping {ms['bookkeeping']:.1f}, "
-                     f"compute {ms['compute']:.1f}, selection {ms['selection']:.1f}")
+                     f" | per decode token: read {fmt_bytes(x['flash_bytes_per_token'])} in "
+                     f"{x['read_ops_per_token']:.1f} reads of {fmt_bytes(x['decode_mean_read_bytes'])} | cache hit "
+                     f"rate {100 * x['cache_hit_rate']:.1f}% | ms/token: I/O wait {ms['io_wait']:.1f}, bookkeeping "
+                     f"{ms['bookkeeping']:.1f}, compute {ms['compute']:.1f}, selection {ms['selection']:.1f}")
     return lines
 
 

@@ -1,7 +1,6 @@
 """`chat` (a multi-turn conversation in the terminal) and `serve` (an OpenAI-compatible local server)."""
 from __future__ import annotations
 
-import signal
 import socket
 import sys
 from dataclasses import replace
@@ -12,6 +11,7 @@ import click
 from storage.errors import FlashinferError
 
 from flashinfer_local.cli.app import _stats_lines, main
+from flashinfer_local.cli.interrupt import StopOnInterrupt
 from flashinfer_local.cli.options import engine_options, sampling_options, take_engine_options
 from flashinfer_local.units import fmt_bytes
 
@@ -19,25 +19,6 @@ COMMANDS = {"/reset": "forget the conversation (the system message stays)",
             "/system TEXT": "set the system message (empty: none) and start over",
             "/stats": "speed, memory and cache figures of the last answer",
             "/exit": "leave (Ctrl-D too)"}
-
-
-class StopOnInterrupt:
-    """Within the block, the first Ctrl-C sets ``hit`` (the loop stops at the next token); a
-    second one interrupts at once."""
-
-    def __enter__(self):
-        self.hit = False
-        self._prev = signal.signal(signal.SIGINT, self._on)
-        return self
-
-    def _on(self, signum, frame):
-        if self.hit:
-            raise KeyboardInterrupt
-        self.hit = True
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self._prev)
-        return False
 
 
 def open_engine(model, dtype: str, opts):

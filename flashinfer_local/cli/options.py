@@ -2,7 +2,12 @@
 plus the sampling options `run` and `profile` share."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import click
+
+from storage.errors import FlashinferError
 
 from flashinfer_local.runtime.options import EngineOptions, cli_fields
 from flashinfer_local.units import parse_size
@@ -58,5 +63,24 @@ def generation_options(max_tokens: int, seed: int | None, seed_help: str):
         fn = sampling_options(fn)
         fn = click.option("-n", "--max-tokens", type=click.IntRange(min=0), default=max_tokens, show_default=True,
                           help="Tokens to generate at most.")(fn)
-        return click.option("-p", "--prompt", required=True, help="Prompt text.")(fn)
+        fn = click.option("--prompt-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                          help="Read the prompt from this file.")(fn)
+        return click.option("-p", "--prompt", default=None, help="Prompt text (- reads it from standard input).")(fn)
     return apply
+
+
+def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    """-p TEXT, -p - (standard input) or --prompt-file FILE -> the prompt text."""
+    if (prompt is None) == (prompt_file is None):
+        raise FlashinferError("give the prompt with -p TEXT, -p - (standard input) or --prompt-file FILE"
+                              if prompt is None else "give -p or --prompt-file, not both")
+    if prompt_file is not None:
+        try:
+            return prompt_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise FlashinferError(f"cannot read --prompt-file {prompt_file}: {getattr(e, 'strerror', None) or e}") from None
+    if prompt == "-":
+        if sys.stdin.isatty():
+            click.echo("reading the prompt from standard input (end it with Ctrl-D)", err=True)
+        return sys.stdin.read()
+    return prompt

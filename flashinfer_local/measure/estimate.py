@@ -172,11 +172,9 @@ def report_lines(e: dict, facts: dict) -> list[str]:
                  f"{fmt_bytes(kv['rope_tables_bytes'])})")
     f16 = e["precisions"].get(facts.get("dtype") or "f16")
     mb = f16["minimum_budget"]
-    lines.append(f"streaming minimum at {e['context']} tokens ({facts.get('dtype') or 'f16'}): dense "
-                 f"{fmt_bytes(mb['dense_bytes'])} + KV {fmt_bytes(mb['kv_bytes'])} + buffers "
-                 f"{fmt_bytes(mb['buffer_bytes'])} + tokenizer {fmt_bytes(mb['tokenizer_bytes'])} + slack {fmt_bytes(mb['slack_bytes'])}"
-                 + (f" + draft {fmt_bytes(mb['draft_bytes'])}" if mb.get("draft_bytes") else "") + " = "
-                 f"{fmt_bytes(mb['streaming_bytes'])}"
+    lines.append(f"streaming minimum at {e['context']} tokens ({facts.get('dtype') or 'f16'}): "
+                 + budget_mod.parts_text(mb["dense_bytes"], mb["kv_bytes"], mb["buffer_bytes"], mb["tokenizer_bytes"],
+                                         mb["slack_bytes"], draft=mb.get("draft_bytes", 0))
                  + ("" if mb["streaming_bytes"] <= mb["in_dram_bytes"] else
                     "; above the all-in-DRAM size, so the minimum is to hold it all"))
     lines.append("min budget: the smallest --dram-budget that runs; all in DRAM: from this budget on, "

@@ -272,6 +272,16 @@ def draft_model_bytes(src: Bundle | Sizes, context: int) -> int:
     return p.total_bytes - p.tokenizer_bytes - p.slack_bytes
 
 
+def parts_text(dense: int, kv: int, buffers: int, tokenizer: int, slack: int, predictor: int = 0,
+               draft: int = 0) -> str:
+    """The fixed parts of a plan as `run`'s budget error and `estimate` both name them:
+    "dense 206.87MiB + KV 25.00MiB + ... = 351.99MiB"."""
+    parts = [("dense", dense), ("KV", kv), ("buffers", buffers), ("tokenizer", tokenizer), ("slack", slack),
+             ("predictor", predictor), ("draft", draft)]
+    return (" + ".join(f"{k} {fmt_bytes(v)}" for k, v in parts if v or k not in ("predictor", "draft"))
+            + f" = {fmt_bytes(sum(v for _, v in parts))}")
+
+
 def plan_budget(src: Bundle | Sizes, budget: int | None, context: int, offload: str | None = None,
                 selector: int = 0, evict: str = "recency", draft: int = 0) -> BudgetPlan:
     """Split ``budget`` bytes (None: no limit) between owners. ``offload`` None chooses: none when
@@ -288,14 +298,11 @@ def plan_budget(src: Bundle | Sizes, budget: int | None, context: int, offload: 
         if offload == "none":
             raise FlashinferError(f"--dram-budget {fmt_bytes(budget)} cannot hold this model in DRAM "
                                   f"(needs about {fmt_bytes(fixed)}); use --offload window")
-        pred = f", predictor ({fmt_bytes(selector)})" if selector else ""
-        pred += f", draft ({fmt_bytes(draft)})" if draft else ""
         raise FlashinferError(
-            f"--dram-budget {fmt_bytes(budget)} is too small for this model: the dense part "
-            f"({fmt_bytes(plan.dense_bytes)}), KV cache at {context} tokens ({fmt_bytes(plan.kv_bytes)}), "
-            f"tokenizer ({fmt_bytes(plan.tokenizer_bytes)}){pred} and buffers "
-            f"({fmt_bytes(plan.buffer_bytes + plan.slack_bytes)}) need at least {fmt_bytes(fixed)}; raise the "
-            "budget or lower --context"
+            f"--dram-budget {fmt_bytes(budget)} is too small for this model: streaming it at {context} tokens "
+            f"needs at least " + parts_text(plan.dense_bytes, plan.kv_bytes, plan.buffer_bytes, plan.tokenizer_bytes,
+                                            plan.slack_bytes, selector, draft)
+            + "; raise the budget or lower --context"
             + ("; the threshold predictor holds the gate rows, --predictor lowrank does not"
                if selector and selector >= cfg.n_layers * cfg.d_ff * cfg.d_model else ""))
     plan = replace(plan, budget_bytes=budget)

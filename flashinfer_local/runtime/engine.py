@@ -274,7 +274,8 @@ class Engine:
         d = now - since
         return {"flash_bytes_read": now.flash_bytes_read, "read_ops": now.read_ops,
                 "mean_read_bytes": now.flash_bytes_read / now.read_ops if now.read_ops else 0,
-                "flash_bytes_per_token": d.flash_bytes_read / n,
+                "flash_bytes_per_token": d.flash_bytes_read / n, "read_ops_per_token": d.read_ops / n,
+                "decode_mean_read_bytes": d.flash_bytes_read / d.read_ops if d.read_ops else 0,
                 "gap_bytes_per_token": d.gap_bytes_read / n,     # part of the above read through gaps
                 "cache_hit_rate": d.hits / d.lookups if d.lookups else 0.0,
                 "ms_per_token": {"io_wait": 1000 * d.io_wait_s / n, "bookkeeping": 1000 * d.bookkeeping_s / n,

@@ -9,7 +9,7 @@ from storage import format as fmt
 from storage.convert import convert
 from storage.errors import FlashinferError
 
-from flashinfer_local.workflows.fetch import DEFAULT_MODEL, cache_root, fetch
+from flashinfer_local.workflows.fetch import DEFAULT_MODEL, MODELS, cache_root, fetch
 
 log = logging.getLogger(__name__)
 
@@ -26,14 +26,21 @@ DRAFT_DTYPE = "int4"      # a draft checkpoint converts to the smallest bundle: 
 
 
 def resolve_model(model: str | None, dtype: str = "f16", progress: bool = True, what: str = "MODEL") -> Path:
-    """MODEL -> bundle directory. None is the default model, fetched and converted on first use."""
-    if model is None:
-        src = fetch(DEFAULT_MODEL)
+    """MODEL -> bundle directory: a path (bundle, HF folder, GGUF file), a known model's name
+    (fetched and converted on first use), a cached bundle's name, or None for the default model."""
+    from flashinfer_local.workflows.library import find_bundle
+    name, _, tag = (model or "").partition(":")          # ollama-style NAME:DTYPE, e.g. qwen2.5-coder-1.5b:int4
+    if name in MODELS and tag in fmt.CONVERT_DTYPES and not Path(model).exists():
+        model, dtype = name, tag
+    if model is None or (model in MODELS and not Path(model).exists()):
+        src = fetch(model or DEFAULT_MODEL)
     else:
         src = Path(model)
         if not src.exists():
-            raise FlashinferError(f"{what} '{model}' not found: give a bundle directory, an HF "
-                                  "checkpoint folder or a GGUF file"
+            if (cached := find_bundle(model)) is not None:
+                return cached
+            raise FlashinferError(f"{what} '{model}' not found: give a bundle directory, an HF checkpoint folder, "
+                                  f"a GGUF file or a known model ({', '.join(MODELS)})"
                                   + (" (or omit it for the default model)" if what == "MODEL" else ""))
         if src.is_dir() and (src / fmt.MANIFEST).exists():
             return src
