@@ -237,3 +237,13 @@ def test_a_port_in_use_is_a_clean_error(small_server):
                        env={**os.environ})
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert f"cannot listen on 127.0.0.1:{small_server.port}" in r.stderr
+
+
+def test_a_model_larger_than_its_budget_is_served_streamed(smollm_bundle):
+    s = Server(smollm_bundle("int8"), "--offload", "window", "--dram-budget", "220MiB")
+    try:
+        r = _ask(s.client(), "Japan")
+        assert "Tokyo" in r.choices[0].message.content
+    finally:
+        code, err = s.stop()
+    assert "streamed from the SSD: window offload, budget 220.00MiB" in err and code == 0

@@ -1,8 +1,11 @@
 """`chat` (a multi-turn conversation in the terminal) and `serve` (an OpenAI-compatible local server)."""
 from __future__ import annotations
 
+import signal
 import socket
 import sys
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -127,7 +130,7 @@ def chat(model, max_tokens, temperature, top_p, top_k, seed, system, dtype, **en
         raise FlashinferError(f"{name} has no chat template; use run -p for plain continuation")
     conv = Conversation(eng, system, max_tokens, sampling)
     read = _reader()
-    click.echo(f"chatting with {name} ({eng.offload} offload, context {conv.context} tokens); "
+    click.echo(f"chatting with {name} ({_mode(eng)}, context {conv.context} tokens); "
                + ", ".join(COMMANDS) + "; Ctrl-C stops an answer", err=True)
     try:
         while True:
@@ -157,6 +160,10 @@ def chat(model, max_tokens, temperature, top_p, top_k, seed, system, dtype, **en
                 _answer(conv, read, line)
     finally:
         eng.close()
+
+
+def _mode(eng) -> str:
+    return "all in DRAM" if eng.offload == "none" else f"streamed from the SSD: {eng.offload} offload"
 
 
 def _check_port(host: str, port: int) -> None:
@@ -191,18 +198,27 @@ def serve(model, host, port, api_key, queue_size, dtype, **engine):
     eng, name = open_engine(model, dtype, opts)
     try:
         srv = Server(eng, name, api_key, queue_size)
+        web = uvicorn.Server(uvicorn.Config(srv.app(), host=host, port=port, log_level="warning",
+                                            access_log=False, timeout_graceful_shutdown=10))
+        http = threading.Thread(target=web.run, name="http", daemon=True)    # its event loop; the
+        http.start()                                                         # generation stays here
+
+        def stop(signum, frame):          # Ctrl-C: end the running generation, then the server
+            srv.worker.halt()
+            web.should_exit = True
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, stop)
+        while not web.started and http.is_alive():
+            time.sleep(0.05)
+        if not web.started:
+            raise FlashinferError(f"the server could not start on {host}:{port}; see the message above")
         budget = f", budget {fmt_bytes(eng.dram_budget)}" if eng.dram_budget else ""
-        click.echo(f"serving {name} ({eng.offload} offload{budget}, context {srv.context} tokens) at "
+        click.echo(f"serving {name} ({_mode(eng)}{budget}, context {srv.context} tokens) at "
                    f"http://{host}:{port}/v1 ; Ctrl-C stops", err=True)
-        class Uvicorn(uvicorn.Server):
-            def handle_exit(self, sig, frame):          # Ctrl-C: end the running generation first
-                srv.worker.halt()
-                super().handle_exit(sig, frame)
-        try:       # uvicorn raises the Ctrl-C it caught again once it has shut down
-            Uvicorn(uvicorn.Config(srv.app(), host=host, port=port, log_level="warning", access_log=False,
-                                   timeout_graceful_shutdown=10)).run()
-        except KeyboardInterrupt:
-            pass
+        srv.worker.run(alive=http.is_alive)
+        srv.worker.close()                # waiting requests get 503
+        web.should_exit = True
+        http.join(15)
         click.echo(f"stopped after {srv.worker.served} requests", err=True)
     finally:
         eng.close()

@@ -50,6 +50,7 @@ class Tokenizer:
         self.add_bos = bool(info.get("add_bos"))
         self.bos_token_id = bundle.config.bos_token_id
         self._tok = None
+        self._template = None
         path = bundle.tokenizer_file
         if path is not None:
             self._tok = load_text_tokenizer(path)
@@ -95,13 +96,15 @@ class Tokenizer:
         if not self.chat_template:
             raise FlashinferError("this model has no chat template; give plain text or token ids",
                                   cli="this model has no chat template; run without --chat")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        if self._template is None:           # compiled once: a chat template takes ~10-30 ms to compile
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
 
-        def raise_exception(msg):
-            raise FlashinferError(f"chat template: {msg}")
-        env.globals["raise_exception"] = raise_exception
-        text = env.from_string(self.chat_template).render(
+            def raise_exception(msg):
+                raise FlashinferError(f"chat template: {msg}")
+            env.globals["raise_exception"] = raise_exception
+            self._template = env.from_string(self.chat_template)
+        text = self._template.render(
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "")
         return self._need().encode(text, add_special_tokens=False)

@@ -44,6 +44,11 @@ class Server:
         self.context = min(engine.kv_limit, engine.context)
         self.worker = Worker(engine, queue_size)
         self.started = int(time.time())
+        if engine.tokenizer.chat_template:           # compile the template before the first request
+            try:
+                engine.encode_prompt([{"role": "user", "content": "hi"}])
+            except Exception:                        # a template that needs more: the request will say
+                pass
 
     # ------------------------------------------------------------ request -> job
     def _ids(self, req: api.Request) -> list[int]:
@@ -97,42 +102,52 @@ class Server:
             elif value.reason is None:                     # cancelled: the client is gone
                 return JSONResponse({}, status_code=499)
             else:
-                return JSONResponse(api.response(job.req, self.model_name, "".join(text), value.reason, value.usage))
+                return JSONResponse(api.response(job.req, self.model_name, "".join(text), value.reason, value.usage,
+                                                       value.timings))
         return JSONResponse({}, status_code=499)                 # the client went away while it waited
 
     async def chat_completions(self, http: HTTPRequest):
         return await self.completions(http, chat=True)
 
     async def _events(self, http: HTTPRequest, job: Job):
-        """The job's events until its end; cancels the job when the client disconnects."""
+        """The job's events until its end: ("text", str) ... then ("done", Outcome) or ("error",
+        APIError). A watcher cancels the job when the client disconnects (the worker then ends it
+        at its next token, or skips it if it is still waiting)."""
+        async def watch():
+            while not await http.is_disconnected():
+                await asyncio.sleep(POLL_S)
+            job.cancel()
+        watcher = asyncio.create_task(watch())
         try:
             while True:
-                try:
-                    kind, value = await asyncio.wait_for(job.events.get(), POLL_S)
-                except asyncio.TimeoutError:
-                    if await http.is_disconnected():
-                        return
-                    continue
+                kind, value = await job.events.get()
                 yield kind, value
                 if kind != "text":
                     return
         finally:
+            watcher.cancel()
             job.cancel()
 
     async def _stream(self, http: HTTPRequest, job: Job):
+        """Server-sent events; text that arrived while the last write went out leaves in one write."""
         req, name = job.req, self.model_name
         if req.chat:
             yield api.sse(api.chunk(req, name, role=True))
+        out = []
         async for kind, value in self._events(http, job):
             if kind == "text":
-                yield api.sse(api.chunk(req, name, text=value))
+                out.append(api.sse(api.chunk(req, name, text=value)))
+                if not job.events.empty():
+                    continue
             elif kind == "error":
-                yield api.sse(value.body())
+                out.append(api.sse(value.body()))
             elif value.reason is not None:
-                yield api.sse(api.chunk(req, name, reason=value.reason))
+                out.append(api.sse(api.chunk(req, name, reason=value.reason, timings=value.timings)))
                 if req.include_usage:
-                    yield api.sse(api.chunk(req, name, use=value.usage))
-        yield api.sse(b"[DONE]")
+                    out.append(api.sse(api.chunk(req, name, use=value.usage)))
+            yield b"".join(out)
+            out = []
+        yield b"".join(out) + api.sse(b"[DONE]")
 
     async def models(self, http: HTTPRequest):
         return JSONResponse({"object": "list", "data": [
@@ -146,11 +161,10 @@ class Server:
     def app(self) -> Starlette:
         @asynccontextmanager
         async def lifespan(app):
-            self.worker.start()
             try:
                 yield
             finally:
-                await run_in_threadpool(self.worker.close)
+                self.worker.halt()
 
         async def http_error(request, exc: HTTPException):
             msg = {404: f"no route {request.url.path}; this server answers /v1/chat/completions, "

@@ -169,7 +169,7 @@ def finish(reason: str | None) -> str:
     return "length" if reason == "length" else "stop"
 
 
-def response(req: Request, model: str, text: str, reason: str, use: dict) -> dict:
+def response(req: Request, model: str, text: str, reason: str, use: dict, timings: dict | None = None) -> dict:
     if req.chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                   "finish_reason": reason}
@@ -177,12 +177,15 @@ def response(req: Request, model: str, text: str, reason: str, use: dict) -> dic
     else:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
         kind, prefix = "text_completion", "cmpl-"
-    return {"id": prefix + req.id, "object": kind, "created": req.created, "model": model,
-            "choices": [choice], "usage": use}
+    out = {"id": prefix + req.id, "object": kind, "created": req.created, "model": model,
+           "choices": [choice], "usage": use}
+    if timings:
+        out["timings"] = timings          # not OpenAI's: the engine's own figures (clients ignore it)
+    return out
 
 
 def chunk(req: Request, model: str, text: str | None = None, reason: str | None = None, role: bool = False,
-          use: dict | None = None) -> dict:
+          use: dict | None = None, timings: dict | None = None) -> dict:
     """One server-sent event's body: a piece of text, the first (role) or last (reason) chunk, or
     the usage chunk (no choices)."""
     if req.chat:
@@ -196,6 +199,8 @@ def chunk(req: Request, model: str, text: str | None = None, reason: str | None 
            "choices": [] if use is not None else choices}
     if use is not None or req.include_usage:
         out["usage"] = use
+    if timings:
+        out["timings"] = timings
     return out
 
 
