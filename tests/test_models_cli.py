@@ -46,3 +46,17 @@ def test_list_run_by_name_and_rm(tmp_path, monkeypatch):
     assert r.exit_code == 1 and r.output.startswith("Error: nothing named 'nothing-here'")
     r = cli.invoke(main, ["run", "no-such-model", "-p", "hi"])
     assert r.exit_code == 1 and "known model" in r.output
+
+
+def test_convert_draws_nothing_when_stderr_is_not_a_terminal(tiny_ckpt, tmp_path, capfd):
+    import flashinfer_local as fl
+    src = tiny_ckpt("llama")
+    capfd.readouterr()                   # (making the checkpoint draws transformers' own bar)
+    fl.convert(src, tmp_path / "b")
+    assert capfd.readouterr().err == ""
+
+
+def test_stats_say_n_a_where_there_is_nothing_to_divide(tiny_bundle):
+    r = CliRunner().invoke(main, ["run", str(tiny_bundle("llama")), "-p", "hi", "-n", "1", "--stats"])
+    assert r.exit_code == 0, r.output
+    assert "decode speed n/a" in r.output and "0.0 tok/s" not in r.output

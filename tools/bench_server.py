@@ -5,7 +5,8 @@ short requests per minute one engine answers for several clients at once.
     python tools/bench_server.py BUNDLE [BUNDLE ...] [--tokens 128] [--rounds 3] [--clients 4]
 
 Per bundle and round, interleaved: `run --stats-json` in its own interpreter (time to first token
-= its prefill, decode tok/s from its stats), then a fresh `serve` in its own interpreter with one
+from the generate call to the first token: tokenizing, prefill, the first sample; decode tok/s
+from its stats), then a fresh `serve` in its own interpreter with one
 streaming chat request from the `openai` client (time to first token = request sent to first text
 chunk, decode tok/s = tokens after the first over the time after it), once read with plain
 http.client and once with the `openai` client (whose parsing shares the cores with the engine).
@@ -45,7 +46,7 @@ def cli_row(bundle: Path, tokens: int, extra: list[str]) -> dict:
                         str(tokens), "--temperature", "0", "--stats-json", str(out), *extra],
                        check=True, capture_output=True)
         s = json.loads(out.read_text())
-    return {"ttft_s": s["prefill_s"], "decode_tps": s["decode_tokens_per_s"], "tokens": s["generated_tokens"],
+    return {"ttft_s": s["time_to_first_token_s"], "decode_tps": s["decode_tokens_per_s"], "tokens": s["generated_tokens"],
             "text": s["text"]}
 
 

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -180,8 +181,10 @@ def run(model, prompt, prompt_file, max_tokens, temperature, top_p, top_k, seed,
         eng = Engine(path, opts)
         st, text = None, []
         with StopOnInterrupt() as intr:
+            t0, first = time.perf_counter(), None      # time to first token: tokenizing, prefill, a sample
             gen = eng.generate(prompt, max_tokens=max_tokens, sampling=sampling, chat=chat, stop=stop)
             for step in gen:
+                first = first or time.perf_counter() - t0
                 click.echo(step.text, nl=False)
                 text.append(step.text)
                 st = step.stats
@@ -195,7 +198,8 @@ def run(model, prompt, prompt_file, max_tokens, temperature, top_p, top_k, seed,
     st.peak_rss_bytes = peak.peak
     baseline = eng.runtime_baseline_bytes
     out = {"model": str(path), "text": "".join(text), **st.to_dict(), "runtime_baseline_bytes": baseline,
-           "peak_rss_above_baseline_bytes": st.peak_rss_bytes - baseline, "interrupted": intr.hit}
+           "peak_rss_above_baseline_bytes": st.peak_rss_bytes - baseline, "interrupted": intr.hit,
+           "time_to_first_token_s": first}
     if intr.hit:
         click.echo(f"[stopped by Ctrl-C after {st.generated_tokens} tokens]", err=True)
     if stats or intr.hit:

@@ -96,7 +96,7 @@ class Server:
         text = []
         async for kind, value in self._events(http, job):
             if kind == "text":
-                text.append(value)
+                text += value
             elif kind == "error":
                 return _error(value)
             elif value.reason is None:                     # cancelled: the client is gone
@@ -110,7 +110,7 @@ class Server:
         return await self.completions(http, chat=True)
 
     async def _events(self, http: HTTPRequest, job: Job):
-        """The job's events until its end: ("text", str) ... then ("done", Outcome) or ("error",
+        """The job's events until its end: ("text", [str]) ... then ("done", Outcome) or ("error",
         APIError). A watcher cancels the job when the client disconnects (the worker then ends it
         at its next token, or skips it if it is still waiting)."""
         async def watch():
@@ -135,8 +135,8 @@ class Server:
             yield api.sse(api.chunk(req, name, role=True))
         out = []
         async for kind, value in self._events(http, job):
-            if kind == "text":
-                out.append(api.sse(api.chunk(req, name, text=value)))
+            if kind == "text":          # one event per token, written together
+                out += [api.sse(api.chunk(req, name, text=piece)) for piece in value]
                 if not job.events.empty():
                     continue
             elif kind == "error":
