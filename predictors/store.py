@@ -15,6 +15,7 @@ was. The bundle's manifest does not list these files: a bundle without them is c
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -48,10 +49,23 @@ def available(bundle_dir: Path) -> list[str]:
     return [k for k in reversed(KINDS) if predictor_path(bundle_dir, k).exists()]
 
 
+def data_sha256(tensors: dict[str, np.ndarray]) -> str:
+    """One sha256 over every tensor (name, dtype, shape, bytes, in name order): stored in the header
+    by ``save`` and checked by ``load``, so damaged predictor bytes are an error, not a different
+    selection of neurons."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        a = np.ascontiguousarray(tensors[k])
+        h.update(f"{k}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
 def save(bundle_dir: Path, kind: str, tensors: dict[str, np.ndarray], meta: dict) -> Path:
     """Write atomically: temporary file in the same directory, fsync, rename, fsync the directory."""
     path = predictor_path(bundle_dir, kind)
-    header = {"predictor": json.dumps({"format_version": FORMAT_VERSION, "kind": kind, **meta})}
+    header = {"predictor": json.dumps({"format_version": FORMAT_VERSION, "kind": kind, **meta,
+                                       "data_sha256": data_sha256(tensors)})}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -84,9 +98,13 @@ def load(bundle_dir: Path, kind: str, cfg: ModelConfig) -> tuple[dict[str, np.nd
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:        # noqa: BLE001 - OSError, KeyError, JSON and safetensors' own errors
         raise BundleError(f"{path}: unreadable predictor file ({e}); re-run calibrate") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"{path}: predictor format version {meta.get('format_version')!r}, this version "
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        v = meta.get("format_version") if isinstance(meta, dict) else meta
+        raise BundleError(f"{path}: predictor format version {str(v)[:20]}, this version "
                           f"reads {FORMAT_VERSION}; re-run calibrate")
+    want_sum = meta.get("data_sha256")
+    if want_sum is not None and want_sum != data_sha256(tensors):   # (files before the checksum have none)
+        raise BundleError(f"{path}: damaged (its tensors do not match their checksum); re-run calibrate")
     want = {"freq": (cfg.d_ff,), "cutoffs": (len(GRID),)}
     if kind == "lowrank":
         want["bias"] = (cfg.d_ff,)

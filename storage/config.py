@@ -12,9 +12,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from .errors import UnsupportedModelError
+from .errors import CheckpointError, UnsupportedModelError
 
 ARCHS = ("llama", "qwen2", "opt")
+LIMITS = {"vocab_size": 1 << 22, "max_position": 1 << 22, "n_layers": 4096, "n_heads": 4096, "head_dim": 4096}
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,16 @@ class ModelConfig:
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise UnsupportedModelError(
-                f"architecture '{self.arch}' is not supported (supported: {', '.join(ARCHS)})")
+                f"architecture '{str(self.arch)[:40]}' is not supported (supported: {', '.join(ARCHS)})")
+        for name in ("vocab_size", "d_model", "d_ff", "n_layers", "n_heads", "head_dim", "max_position"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= LIMITS.get(name, 1 << 24):
+                raise CheckpointError(f"{name} {str(v)[:30]} must be a whole number from 1 to "
+                                      f"{LIMITS.get(name, 1 << 24)}: the model's metadata is damaged")
+        if not (isinstance(self.norm_eps, (int, float)) and 0 < self.norm_eps < 1):
+            raise CheckpointError(f"norm_eps {self.norm_eps} must be a small positive number")
+        if self.activation not in ("silu", "relu"):
+            raise UnsupportedModelError(f"activation {str(self.activation)[:30]!r} is not supported (silu, relu)")
         if len(self.n_kv_heads) != self.n_layers:
             raise UnsupportedModelError(
                 f"n_kv_heads lists {len(self.n_kv_heads)} layers but the model has {self.n_layers}")

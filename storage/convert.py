@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import format as fmt
+from . import validate
 from . import quant
 from .config import ModelConfig
 from .errors import CheckpointError, FlashinferError, OptionError
@@ -38,22 +39,12 @@ def dense_dtype(dtype: str) -> str:
 def dense_specs(cfg: ModelConfig, dtype: str, four_bit=lambda name: False) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
     """(name, dtype, shape) of every dense tensor, derived from the config, the ``convert --dtype``
     name and which matrices the checkpoint stores in 4 bits (``format.dense_matrix_dtypes``)."""
-    d, hd, H = cfg.d_model, cfg.head_dim, cfg.n_heads
     precision = fmt.Precision.named(dtype)
     big = np.dtype(fmt.DTYPES[dense_dtype(precision.ffn)])
     quantized = fmt.dense_matrix_dtypes(cfg, precision, fmt.FORMAT_VERSION, four_bit)
     specs = []
     for name in fmt.dense_tensor_names(cfg):
-        leaf = name.split(".", 2)[-1] if name.startswith("layers.") else name
-        kv = cfg.n_kv_heads[int(name.split(".")[1])] if name.startswith("layers.") else 0
-        shape = {
-            "embed": (cfg.vocab_size, d), "lm_head": (cfg.vocab_size, d),
-            "pos_embed": (cfg.max_position + cfg.position_offset, d),
-            "q.weight": (H * hd, d), "q.bias": (H * hd,),
-            "k.weight": (kv * hd, d), "k.bias": (kv * hd,),
-            "v.weight": (kv * hd, d), "v.bias": (kv * hd,),
-            "o.weight": (d, H * hd), "o.bias": (d,), "down_bias": (d,),
-        }.get(leaf, (d,))  # norms
+        shape = fmt.dense_shape(cfg, name)
         if quantized.get(name) == "q8":
             specs.append((name, np.dtype(np.int8), shape))
             specs.append((name + ".scale", np.dtype(np.float16), (shape[0], shape[1] // quant.GROUP)))
@@ -229,7 +220,9 @@ def _write_bundle(src: Source, tmp: Path, dtype: str, progress: bool) -> None:
                 "n_neurons": cfg.d_ff, "layout": layout.to_dict()},
         "files": files,
     }
-    (tmp / fmt.MANIFEST).write_text(json.dumps(manifest, indent=1))
+    raw = json.dumps(manifest, indent=1).encode()
+    (tmp / fmt.MANIFEST).write_bytes(raw)
+    (tmp / fmt.MANIFEST_SUM).write_text(f"{validate.sha256_hex(raw)}  {fmt.MANIFEST}\n")
 
 
 def _bytes_of(p: Path) -> int:

@@ -38,12 +38,14 @@ directory; bump ``FORMAT_VERSION`` only when an old reader would misread the bun
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from . import validate
 from .config import ModelConfig
 from .errors import BundleError
 
@@ -53,6 +55,7 @@ FORMAT_VERSION = 3
 # dense matrix in q8 (see ``dense_matrix_dtypes``)
 READS_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
+MANIFEST_SUM = "manifest.sha256"   # the manifest's own sha256 (bundles before it have none)
 DENSE_FILE = "dense.safetensors"
 FFN_FILE = "ffn.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
@@ -134,6 +137,21 @@ def dense_matrix_dtypes(cfg: ModelConfig, precision: Precision, version: int = F
 
 def ffn_tensor_name(layer: int) -> str:
     return f"layers.{layer}.ffn"
+
+
+def dense_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
+    """The logical shape of dense tensor ``name`` (a q4 matrix stores half as many columns of bytes)."""
+    d, hd, H = cfg.d_model, cfg.head_dim, cfg.n_heads
+    leaf = name.split(".", 2)[-1] if name.startswith("layers.") else name
+    kv = cfg.n_kv_heads[int(name.split(".")[1])] if name.startswith("layers.") else 0
+    return {
+        "embed": (cfg.vocab_size, d), "lm_head": (cfg.vocab_size, d),
+        "pos_embed": (cfg.max_position + cfg.position_offset, d),
+        "q.weight": (H * hd, d), "q.bias": (H * hd,),
+        "k.weight": (kv * hd, d), "k.bias": (kv * hd,),
+        "v.weight": (kv * hd, d), "v.bias": (kv * hd,),
+        "o.weight": (d, H * hd), "o.bias": (d,), "down_bias": (d,),
+    }.get(leaf, (d,))  # norms
 
 
 def dense_tensor_names(cfg: ModelConfig) -> list[str]:
@@ -289,34 +307,48 @@ def field_values(records: np.ndarray, layout: RecordLayout, name: str) -> np.nda
 
 # ---------------------------------------------------------------- safetensors headers
 
-def read_safetensors_header(path: Path) -> tuple[dict, int]:
+def read_safetensors_header(path: Path, header_sha256: str | None = None, fd: int | None = None) -> tuple[dict, int]:
     """Parse and validate a safetensors header; returns (tensors, data_start).
 
     ``tensors`` maps name -> {"dtype", "shape", "data_offsets"} with offsets relative to data_start.
-    Checks that offsets are in bounds, contiguous and match shapes, and that the file is not truncated.
+    Checks every entry's types, that offsets are in bounds, contiguous and match shapes, that the
+    file is not truncated, and (``header_sha256``, from the manifest) that the header is the one
+    the bundle was written with.
     """
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
+        opened = fd is None
+        fd = os.open(path, os.O_RDONLY) if opened else fd       # ``fd``: the file already open
+        try:
+            size = os.fstat(fd).st_size
+            head = os.pread(fd, 8, 0)
             if len(head) < 8:
                 raise BundleError(f"{path}: truncated safetensors file ({size} bytes); re-run convert")
             (n,) = struct.unpack("<Q", head)
             if n > min(size - 8, 100 << 20):
                 raise BundleError(f"{path}: corrupted safetensors header (length {n}); re-run convert")
-            meta = json.loads(f.read(n))
+            raw = os.pread(fd, n, 8)
+        finally:
+            if opened:
+                os.close(fd)
+        if header_sha256 is not None and validate.sha256_hex(head + raw) != header_sha256:
+            raise BundleError(f"{path}: its header does not match the manifest (damaged, or the file comes from "
+                              "another conversion); re-run convert")
+        meta = json.loads(raw)
     except (OSError, ValueError, UnicodeDecodeError) as e:
         if isinstance(e, BundleError):
             raise
         raise BundleError(f"{path}: unreadable safetensors file ({e}); re-run convert") from None
+    if not isinstance(meta, dict):
+        raise BundleError(f"{path}: the safetensors header is not an object; re-run convert")
     meta.pop("__metadata__", None)
     data_start = 8 + n
+    spans = {name: validate.check_header_entry(path, name, t) for name, t in meta.items()}
     end = 0
-    for name, t in sorted(meta.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-        dt = NP_DTYPE.get(t.get("dtype"))
+    for name, (a, b) in sorted(spans.items(), key=lambda kv: kv[1]):
+        t = meta[name]
+        dt = NP_DTYPE.get(t["dtype"])
         if dt is None:
-            raise BundleError(f"{path}: tensor '{name}' has unsupported dtype {t.get('dtype')}")
-        a, b = t["data_offsets"]
+            raise BundleError(f"{path}: tensor '{name}' has unsupported dtype {t['dtype']}")
         want = int(np.prod(t["shape"], dtype=np.int64)) * dt.itemsize
         if a != end or b - a != want:
             raise BundleError(f"{path}: tensor '{name}' has inconsistent offsets; re-run convert")
@@ -329,25 +361,40 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
 
 
 def load_manifest(bundle: Path) -> dict:
-    """Read and check ``manifest.json``: format name, version and required keys."""
+    """Read and check ``manifest.json``: its checksum (``manifest.sha256``, where the bundle has
+    one), the format name and version, and every field's type (``validate.check_manifest``)."""
     path = Path(bundle) / MANIFEST
     if not Path(bundle).is_dir():
         raise BundleError(f"{bundle}: not a bundle directory (convert a checkpoint with "
                           "`flashinfer-local convert SRC OUT`)")
     try:
-        m = json.loads(path.read_text())
+        raw = path.read_bytes()
+        if len(raw) > 64 << 20:
+            raise BundleError(f"{path}: {len(raw)} bytes is not a manifest; re-run convert")
+        sums = Path(bundle) / MANIFEST_SUM
+        if sums.exists():
+            want = sums.read_text(errors="replace").split()[:1]
+            if want != [validate.sha256_hex(raw)]:
+                raise BundleError(f"{path}: damaged or modified (its sha256 does not match {MANIFEST_SUM}); "
+                                  "re-run convert")
+        m = json.loads(raw)
     except FileNotFoundError:
         raise BundleError(f"{bundle}: no {MANIFEST}; this is not a complete bundle, re-run convert") from None
-    except ValueError as e:
+    except (ValueError, UnicodeDecodeError) as e:
         raise BundleError(f"{path}: corrupted manifest ({e}); re-run convert") from None
+    except OSError as e:
+        raise BundleError(f"{path}: unreadable ({e.strerror or e})") from None
+    if not isinstance(m, dict):
+        raise BundleError(f"{path}: the manifest is a JSON {type(m).__name__}, not an object; re-run convert")
     if m.get("format") != FORMAT_NAME:
-        raise BundleError(f"{path}: format '{m.get('format')}' is not {FORMAT_NAME}")
+        raise BundleError(f"{path}: format {str(m.get('format'))[:40]!r} is not {FORMAT_NAME}")
     v = m.get("format_version")
-    if v not in READS_VERSIONS:
-        raise BundleError(f"{path}: bundle format version {v} is not supported by this flashinfer-local "
+    if not validate.is_int(v) or v not in READS_VERSIONS:
+        raise BundleError(f"{path}: bundle format version {str(v)[:20]} is not supported by this flashinfer-local "
                           f"(reads versions {', '.join(map(str, READS_VERSIONS))}); re-convert the checkpoint "
                           "with this version")
-    for k in ("config", "dense", "ffn", "files"):
-        if k not in m:
-            raise BundleError(f"{path}: manifest lacks '{k}'; re-run convert")
+    validate.check_manifest(m, path, (DENSE_FILE, FFN_FILE, TOKENIZER_FILE))
+    for k in (DENSE_FILE, FFN_FILE):
+        if k not in m["files"]:
+            raise BundleError(f"{path}: files lacks {k}; re-run convert")
     return m

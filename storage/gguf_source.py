@@ -16,12 +16,14 @@ from __future__ import annotations
 import logging
 import mmap
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
 
 from .config import ModelConfig
 from .errors import CheckpointError, UnsupportedModelError
+from .gguf_check import check_gguf
 from .gguf_tokenizer import build_tokenizer_json
 from .source import Source, TokenizerInfo
 
@@ -65,19 +67,30 @@ class GGUFSource(Source):
 
         self.path = Path(path).resolve()
         try:
+            with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                check_gguf(self.path, m)          # lengths, types and offsets, before the reader trusts them
             self._reader = gguf.GGUFReader(self.path)
+        except CheckpointError:
+            raise
         except Exception as e:   # the reader raises ValueError/struct.error/... on damaged files
             raise CheckpointError(f"{self.path}: not a readable GGUF file ({e})") from None
         self._dequantize = gguf.quants.dequantize
-        self._tensors = {t.name: t for t in self._reader.tensors}
-        arch = self._meta("general.architecture")
-        if arch not in SUPPORTED_ARCHS:
-            raise UnsupportedModelError(
-                f"{self.path.name}: GGUF architecture '{arch}' is not supported "
-                f"(supported: {', '.join(SUPPORTED_ARCHS)})")
-        self.arch = arch
-        self.tokenizer, vocab_from_tokens = self._read_tokenizer()
-        self.config = self._read_config(vocab_from_tokens)
+        try:
+            self._tensors = {t.name: t for t in self._reader.tensors}
+            arch = self._meta("general.architecture")
+            if arch not in SUPPORTED_ARCHS:
+                raise UnsupportedModelError(
+                    f"{self.path.name}: GGUF architecture '{str(arch)[:40]}' is not supported "
+                    f"(supported: {', '.join(SUPPORTED_ARCHS)})")
+            self.arch = arch
+            self.tokenizer, vocab_from_tokens = self._read_tokenizer()
+            self.config = self._read_config(vocab_from_tokens)
+        except CheckpointError:
+            raise
+        except (UnicodeDecodeError, ValueError, TypeError, KeyError, IndexError, OverflowError, ZeroDivisionError,
+                AttributeError, struct.error) as e:          # a damaged value of the right shape
+            raise CheckpointError(f"{self.path}: damaged GGUF metadata ({type(e).__name__}: {str(e)[:100]}); "
+                                  "fetch or export the file again") from None
         st = self.path.stat()
         self.identity = {"kind": "gguf", "name": self.path.name, "path": str(self.path),
                          "bytes": st.st_size, "mtime": st.st_mtime}

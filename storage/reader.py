@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import hashlib
 import mmap
+import os
 from pathlib import Path
 
 import numpy as np
 
 from . import format as fmt
+from . import validate
 from .config import ModelConfig
 from .errors import BundleError, FlashinferError
 
@@ -17,34 +19,84 @@ class Bundle:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.manifest = m = fmt.load_manifest(self.path)
+        self._fds: dict[str, int] = {}
+        self._dense_map = None
+        self._sizes = None
         try:
-            self.config = ModelConfig.from_dict(m["config"])
-            self.layout = fmt.RecordLayout.from_dict(m["ffn"]["layout"])
-        except FlashinferError:
+            for attempt in range(3):           # a `convert --force` may swap the bundle while it opens
+                self._open()
+                if fmt.load_manifest(self.path) == self.manifest:
+                    break                      # the files held open belong to this manifest
+                self._close_fds()
+            else:
+                raise BundleError(f"{self.path}: the bundle keeps changing while it is opened; wait for the "
+                                  "convert that replaces it to finish")
+        except BaseException:
+            self._close_fds()
             raise
-        except (KeyError, TypeError, ValueError) as e:
-            raise BundleError(f"{self.path / fmt.MANIFEST}: malformed config or layout ({e}); "
-                              "re-run convert") from None
+
+    def _open(self) -> None:
+        self.manifest = m = fmt.load_manifest(self.path)       # every field's type checked
+        mpath = self.path / fmt.MANIFEST
         self.format_version = m["format_version"]
         self.dense_dtype = m["dense"]["dtype"]
         self.ffn_dtype = m["ffn"]["dtype"]
         if self.ffn_dtype not in fmt.FFN_DTYPES or self.dense_dtype not in fmt.DTYPES:
-            raise BundleError(f"{self.path / fmt.MANIFEST}: record precision {self.ffn_dtype!r} / dense "
+            raise BundleError(f"{mpath}: record precision {self.ffn_dtype!r} / dense "
                               f"{self.dense_dtype!r} is not one this version reads "
                               f"({', '.join(fmt.FFN_DTYPES)}); upgrade flashinfer-local or re-run convert")
-        for name, info in m["files"].items():
+        validate.check_config_dict(m["config"], mpath)
+        try:
+            self.config = ModelConfig.from_dict(m["config"])
+            self.layout = fmt.RecordLayout.from_dict(m["ffn"]["layout"])
+        except FlashinferError as e:
+            raise BundleError(f"{mpath}: {e}; re-run convert") from None
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"{mpath}: malformed config or layout ({e}); re-run convert") from None
+        validate.check_layout(self.layout, self._expected_layout(), mpath)
+        files = m["files"]
+        for name, info in files.items():
             f = self.path / name
-            if not f.exists():
-                raise BundleError(f"{f}: missing; the bundle is incomplete, re-run convert")
-            if f.stat().st_size != info["bytes"]:
-                raise BundleError(f"{f}: {f.stat().st_size} bytes, manifest says {info['bytes']} "
+            try:
+                fd = self._fds[name] = os.open(f, os.O_RDONLY)       # held: the same inode from now on
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                raise BundleError(f"{f}: missing; the bundle is incomplete, re-run convert") from None
+            size = os.fstat(fd).st_size
+            if size != info["bytes"]:
+                raise BundleError(f"{f}: {size} bytes, manifest says {info['bytes']} "
                                   "(truncated or modified); re-run convert")
-        self._dense_meta, self._dense_start = fmt.read_safetensors_header(self.path / fmt.DENSE_FILE)
-        self._ffn_meta, self._ffn_start = fmt.read_safetensors_header(self.path / fmt.FFN_FILE)
+        self._dense_meta, self._dense_start = fmt.read_safetensors_header(
+            self.path / fmt.DENSE_FILE, files[fmt.DENSE_FILE].get("header_sha256"), self._fds[fmt.DENSE_FILE])
+        self._ffn_meta, self._ffn_start = fmt.read_safetensors_header(
+            self.path / fmt.FFN_FILE, files[fmt.FFN_FILE].get("header_sha256"), self._fds[fmt.FFN_FILE])
         self._check_tensors()
-        self._dense_map = None
-        self._sizes = None
+
+    def _close_fds(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
+    def file_path(self, name: str) -> Path:
+        """A path that opens the very file this bundle opened (Linux: through /proc, so a bundle
+        replaced on disk since cannot mix in; elsewhere the file's own path)."""
+        fd = self._fds.get(name)
+        proc = Path(f"/proc/self/fd/{fd}")
+        return proc if fd is not None and proc.exists() else self.path / name
+
+    def _expected_layout(self):
+        """The layout the format defines for this config and precision (int4: with the codes the
+        stored layout names for down and gate/up, if they are ones the format knows)."""
+        down = gate_up = None
+        if self.ffn_dtype == "int4":
+            kinds = {f.name: f.dtype for f in self.layout.fields}
+            down, gate_up = kinds.get("down"), kinds.get("up")
+            if (gate_up, down) not in fmt.INT4_CODES:
+                raise BundleError(f"{self.path / fmt.MANIFEST}: ffn.layout's codes {gate_up}/{down} are not "
+                                  "ones this format writes; re-run convert")
+        try:
+            return fmt.record_layout(self.config, self.ffn_dtype, down, gate_up)
+        except (ValueError, KeyError) as e:
+            raise BundleError(f"{self.path / fmt.MANIFEST}: ffn.layout: {e}; re-run convert") from None
 
     def _check_tensors(self) -> None:
         cfg = self.config
@@ -52,6 +104,7 @@ class Bundle:
         for name in names:
             if name not in self._dense_meta:
                 raise BundleError(f"{self.path / fmt.DENSE_FILE}: tensor '{name}' missing; re-run convert")
+        self._check_dense_shapes()
         for i in range(cfg.n_layers):
             t = self._ffn_meta.get(fmt.ffn_tensor_name(i))
             if t is None or t["shape"] != [cfg.d_ff, self.layout.record_bytes]:
@@ -59,6 +112,25 @@ class Bundle:
                                   "re-run convert")
             if self.ffn_offset(i) % fmt.TENSOR_ALIGN:
                 raise BundleError(f"{self.path / fmt.FFN_FILE}: layer {i} records are not 4 KiB aligned")
+
+    def _check_dense_shapes(self) -> None:
+        """Every dense tensor has the shape and dtype its role needs, so no model code indexes past it."""
+        qd = self.quantized_dense
+        for name in fmt.dense_tensor_names(self.config):
+            rows_cols = fmt.dense_shape(self.config, name)
+            t, kind = self._dense_meta[name], qd.get(name)
+            if kind is None:
+                ok = tuple(t["shape"]) == rows_cols and t["dtype"] in ("F16", "F32")
+            else:
+                r, c = rows_cols
+                sc = self._dense_meta[name + ".scale"]
+                want = (r, c // 2) if kind == "q4" else (r, c)
+                groups = (2 if kind == "q4" else 1) * c // 32
+                ok = (tuple(t["shape"]) == want and t["dtype"] == ("U8" if kind == "q4" else "I8")
+                      and tuple(sc["shape"]) == (r, groups) and sc["dtype"] == "F16")
+            if not ok:
+                raise BundleError(f"{self.path / fmt.DENSE_FILE}: tensor '{name}' has shape {t['shape']} "
+                                  f"{t['dtype']}, not what {self.config.arch} needs; re-run convert")
 
     # ---- dense part
     @property
@@ -73,8 +145,7 @@ class Bundle:
     def dense(self, name: str) -> np.ndarray:
         """A dense tensor as a read-only-in-spirit copy-on-write memory map (pages load on use)."""
         if self._dense_map is None:
-            with open(self.path / fmt.DENSE_FILE, "rb") as f:
-                self._dense_map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._dense_map = mmap.mmap(self._fds[fmt.DENSE_FILE], 0, access=mmap.ACCESS_COPY)
         t = self._dense_meta[name]
         a, b = t["data_offsets"]
         dt = fmt.NP_DTYPE[t["dtype"]]
@@ -111,7 +182,7 @@ class Bundle:
         """All records of one layer, read into memory: [d_ff, record_bytes] uint8."""
         n, rb = self.config.d_ff, self.layout.record_bytes
         out = np.empty((n, rb), np.uint8)
-        with open(self.ffn_path, "rb", buffering=0) as f:
+        with open(self.file_path(fmt.FFN_FILE), "rb", buffering=0) as f:
             f.seek(self.ffn_offset(layer))
             got = f.readinto(memoryview(out).cast("B"))
         if got != out.nbytes:
@@ -131,7 +202,7 @@ class Bundle:
     @property
     def tokenizer_file(self) -> Path | None:
         name = self.manifest["tokenizer"].get("file")
-        return self.path / name if name else None
+        return self.file_path(name) if name else None        # (a plain name: validate.check_manifest)
 
     def sizes(self) -> dict:
         """Bytes per file and part, record size and padding (computed once: a bundle is immutable)."""
@@ -156,11 +227,13 @@ class Bundle:
         }
 
     def verify(self, progress=None) -> list[str]:
-        """Recompute every file's sha256; returns the names that do not match (empty: all good)."""
+        """Recompute every file's sha256; returns the names that do not match (empty: all good).
+        The manifest itself is checked against ``manifest.sha256`` whenever the bundle is opened
+        (bundles written before that file existed have none)."""
         bad = []
         for name, info in self.manifest["files"].items():
             h = hashlib.sha256()
-            with open(self.path / name, "rb") as f:
+            with open(self.file_path(name), "rb") as f:
                 while chunk := f.read(16 << 20):
                     h.update(chunk)
                     if progress:
@@ -176,3 +249,4 @@ class Bundle:
             except BufferError:  # arrays still view it; the map closes when they are gone
                 pass
             self._dense_map = None
+        self._close_fds()

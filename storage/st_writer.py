@@ -49,7 +49,9 @@ class SafetensorsWriter:
         self._next = 0
         self._hash = hashlib.sha256()
         self._f = open(self.path, "wb")
-        self._put(struct.pack("<Q", len(raw)) + raw)
+        head = struct.pack("<Q", len(raw)) + raw
+        self.header_sha256 = hashlib.sha256(head).hexdigest()
+        self._put(head)
 
     def _put(self, buf) -> None:
         self._f.write(buf)
@@ -67,14 +69,15 @@ class SafetensorsWriter:
         self._next += 1
 
     def close(self) -> dict:
-        """Finish the file (all declared tensors must be written); returns {bytes, sha256}."""
+        """Finish the file (all declared tensors must be written); returns {bytes, sha256,
+        header_sha256} (the header's own hash: the reader checks it on every open)."""
         if self._next != len(self._specs):
             raise ValueError(f"{self.path}: closed after {self._next} of {len(self._specs)} tensors")
         self._f.flush()
         import os
         os.fsync(self._f.fileno())
         self._f.close()
-        return {"bytes": self.total_bytes, "sha256": self._hash.hexdigest()}
+        return {"bytes": self.total_bytes, "sha256": self._hash.hexdigest(), "header_sha256": self.header_sha256}
 
     def abort(self) -> None:
         if not self._f.closed:

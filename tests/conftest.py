@@ -60,3 +60,13 @@ def smollm_bundle(tmp_path_factory):
             made[dtype] = convert(smollm_gguf(), out, dtype=dtype, progress=False)
         return made[dtype]
     return get
+
+
+def rewrite_manifest(bundle: Path, manifest: dict) -> None:
+    """Write a manifest as another writer would, with its checksum (a test's stand-in for a
+    different converter version)."""
+    import hashlib
+    import json
+    raw = json.dumps(manifest).encode()
+    (bundle / "manifest.json").write_bytes(raw)
+    (bundle / "manifest.sha256").write_text(hashlib.sha256(raw).hexdigest() + "  manifest.json\n")

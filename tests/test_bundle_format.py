@@ -4,6 +4,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import rewrite_manifest
 import torch
 from safetensors import safe_open
 
@@ -81,7 +82,7 @@ def test_wrong_format_version_is_refused(tiny_bundle, tmp_path):
     path = shutil.copytree(tiny_bundle("llama", "f32"), tmp_path / "b")
     m = json.loads((path / fmt.MANIFEST).read_text())
     m["format_version"] = 99
-    (path / fmt.MANIFEST).write_text(json.dumps(m))
+    rewrite_manifest(path, m)
     with pytest.raises(BundleError, match="version 99"):
         Bundle(path)
 

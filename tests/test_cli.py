@@ -4,6 +4,7 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
+from conftest import rewrite_manifest
 
 from flashinfer_local.cli import main
 from storage import format as fmt
@@ -61,7 +62,7 @@ def test_bad_inputs_give_one_line_errors(tiny_ckpt, tiny_bundle, tmp_path):
     b = shutil.copytree(tiny_bundle("llama", "f32"), tmp_path / "b")
     m = json.loads((b / fmt.MANIFEST).read_text())
     m["format_version"] = 7
-    (b / fmt.MANIFEST).write_text(json.dumps(m))
+    rewrite_manifest(b, m)
     one_line_error(cli("inspect", b), "version 7")
     one_line_error(cli("run", b, "-p", "x"), "version 7")
     # truncated records

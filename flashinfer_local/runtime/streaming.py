@@ -23,6 +23,7 @@ import time
 import numpy as np
 import torch
 
+from storage import format as fmt
 from storage.direct_io import RecordReader, aligned_empty
 from storage.reader import Bundle
 from storage.window_cache import LayerWindow
@@ -45,7 +46,7 @@ class StreamingFFN:
                  direct: bool = True, evict: str = "recency", read_gap: int = MAX_GAP_BYTES):
         cfg, lay = bundle.config, bundle.layout
         self.cfg = cfg
-        self.reader = RecordReader(bundle.ffn_path, lay.record_bytes,
+        self.reader = RecordReader(bundle.file_path(fmt.FFN_FILE), lay.record_bytes,
                                    [bundle.ffn_offset(i) for i in range(cfg.n_layers)],
                                    threads=io_threads, max_gap_bytes=read_gap, direct=direct)
         self.scratch = [aligned_empty((CHUNK_ROWS, lay.record_bytes)) for _ in range(SCRATCH_BUFFERS)]

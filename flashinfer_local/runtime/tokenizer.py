@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from storage.errors import FlashinferError
+from storage.errors import BundleError, FlashinferError
 from storage.reader import Bundle
 
 from . import bpe
@@ -34,12 +34,19 @@ class _HFTokenizer:
 
 def load_text_tokenizer(path: Path):
     """The lean byte-level BPE (:mod:`.bpe`, a few MiB) where it gives exactly the ids HF
-    ``tokenizers`` would, else ``tokenizers`` itself (~10-20x the file's size in RSS)."""
+    ``tokenizers`` would, else ``tokenizers`` itself (~10-20x the file's size in RSS). A file
+    neither can read is a BundleError."""
     try:
-        return bpe.load(path)
-    except bpe.UnsupportedTokenizer as e:
-        log.info("tokenizer: %s; using HF tokenizers", e)
-        return _HFTokenizer(path)
+        try:
+            return bpe.load(path)
+        except bpe.UnsupportedTokenizer as e:
+            log.info("tokenizer: %s; using HF tokenizers", e)
+            return _HFTokenizer(path)
+    except FlashinferError:
+        raise
+    except Exception as e:               # tokenizers raises a bare Exception on a damaged file
+        raise BundleError(f"{path}: unreadable tokenizer ({str(e)[:120]}); the bundle is damaged, re-run convert "
+                          "(inspect --verify names damaged files)") from None
 
 
 class Tokenizer:
