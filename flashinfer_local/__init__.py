@@ -12,25 +12,41 @@ Python API::
     chat = eng.session()                               # a KV cache kept across calls
     messages = [{"role": "user", "content": "Write a haiku about SSDs."}]
     reply = "".join(s.text for s in chat.generate(messages, max_tokens=64))
+
+The names below load on first use (PEP 562), so that importing the package, and so starting the
+command line, costs nothing until torch is needed (and Ctrl-C during start-up is one line).
 """
+from importlib import import_module
+
 from storage import __version__
-from storage.convert import convert
 from storage.errors import FlashinferError
 
-from flashinfer_local.runtime.engine import Engine
-from flashinfer_local.runtime.options import EngineOptions
-from flashinfer_local.runtime.sampling import GenerationStats, SamplingParams, Step
-from flashinfer_local.runtime.session import Session
-from flashinfer_local.workflows.calibrate import calibrate
+_LAZY = {
+    "Engine": "flashinfer_local.runtime.engine", "EngineOptions": "flashinfer_local.runtime.options",
+    "GenerationStats": "flashinfer_local.runtime.sampling", "SamplingParams": "flashinfer_local.runtime.sampling",
+    "Step": "flashinfer_local.runtime.sampling", "Session": "flashinfer_local.runtime.session",
+    "calibrate": "flashinfer_local.workflows.calibrate", "convert": "storage.convert",
+    "Conversation": "flashinfer_local.workflows.conversation",
+}
 
 
-def load(model=None, dtype: str = "f16", options: EngineOptions | dict | None = None, **overrides) -> Engine:
-    """Open MODEL (bundle, HF folder, GGUF file, or None for the default model) as an Engine;
-    ``options``/``overrides``: any :class:`EngineOptions` field (``dram_budget``, ``offload``, ...)."""
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'flashinfer_local' has no attribute {name!r}")
+
+
+def load(model=None, dtype: str = "f16", options=None, **overrides):
+    """Open MODEL (bundle, HF folder, GGUF file, a known model's name, or None for the default
+    model) as an Engine; ``options``/``overrides``: any :class:`EngineOptions` field
+    (``dram_budget``, ``offload``, ...)."""
+    from flashinfer_local.runtime.engine import Engine
     from flashinfer_local.workflows.resolve import resolve_model
     return Engine(resolve_model(None if model is None else str(model), dtype=dtype, progress=False),
                   options, **overrides)
 
 
 __all__ = ["Engine", "EngineOptions", "GenerationStats", "SamplingParams", "Session", "Step", "FlashinferError",
-           "calibrate", "convert", "load", "__version__"]
+           "Conversation", "calibrate", "convert", "load", "__version__"]

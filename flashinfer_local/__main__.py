@@ -1,3 +1,3 @@
-from flashinfer_local.cli import main
+from flashinfer_local.cli import entry
 
-main(prog_name="flashinfer-local")
+entry()

@@ -12,7 +12,9 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -150,7 +152,8 @@ def _write_bundle(src: Source, tmp: Path, dtype: str, progress: bool) -> None:
     free = shutil.disk_usage(tmp).free
     if free < need + (64 << 20):
         raise FlashinferError(f"not enough disk space in {tmp.parent}: the bundle needs "
-                              f"{need / 2**30:.2f}GiB, {free / 2**30:.2f}GiB is free")
+                              f"{need / 2**30:.2f}GiB plus a 64MiB margin, {free / 2**30:.2f}GiB is free; "
+                              "free some space or choose another OUT")
     files = {}
     with _progress(need, progress, "convert") as bar:
         w = SafetensorsWriter(tmp / fmt.DENSE_FILE, dspecs)
@@ -225,6 +228,53 @@ def _write_bundle(src: Source, tmp: Path, dtype: str, progress: bool) -> None:
     (tmp / fmt.MANIFEST_SUM).write_text(f"{validate.sha256_hex(raw)}  {fmt.MANIFEST}\n")
 
 
+def _swap(tmp: Path, out: Path) -> None:
+    """Put the complete bundle ``tmp`` at ``out``, replacing any old one, with Ctrl-C held off so the
+    renames happen together (a kill between them is undone by the next convert: ``_remove_stale``)."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        if old.exists() and not out.exists():
+            old.rename(out)                      # put the old bundle back
+        raise
+    finally:
+        if main_thread:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove what an interrupted convert of ``out`` left beside it (``.OUT.partial-PID``,
+    ``.OUT.old-PID`` of processes that are gone); an ``.old`` left where OUT itself is missing
+    (killed between the two renames) is put back first."""
+    for p in sorted(out.parent.glob(f".{out.name}.*-*")):
+        kind, _, pid = p.name[len(out.name) + 2:].partition("-")
+        if kind not in ("partial", "old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if kind == "old" and not out.exists() and (p / fmt.MANIFEST).exists():
+            p.rename(out)
+            log.warning("restored %s from an interrupted convert", out)
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        log.warning("removed %s, left by an interrupted convert (process %s)", p, pid)
+
+
 def _bytes_of(p: Path) -> int:
     try:
         return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.iterdir() if f.is_file())
@@ -243,36 +293,35 @@ def convert(src_path: str | Path | Source, out: str | Path, dtype: str | fmt.Pre
     if not isinstance(dtype, fmt.Precision) and dtype not in fmt.CONVERT_DTYPES:
         raise OptionError("dtype", f"{dtype} is not supported (choose one of: {', '.join(fmt.CONVERT_DTYPES)})")
     out = Path(out).absolute()
+    if out.parent.is_dir():
+        _remove_stale(out)
     if out.exists() and not force:
         raise FlashinferError(f"{out} already exists; pass --force to replace it")
     if out.exists() and not (out / fmt.MANIFEST).exists() and any(out.iterdir()):
         raise FlashinferError(f"{out} exists and is not a bundle; refusing to replace it, choose another OUT")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FlashinferError(f"cannot create {out.parent}: {e.strerror or e}; choose another OUT") from None
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise FlashinferError(f"cannot write into {out.parent} (not writable); choose another OUT")
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     t0 = time.perf_counter()
     if progress and not isinstance(src_path, Source):      # opening a large GGUF takes seconds: say so first
         size = _bytes_of(Path(src_path))
         print(f"convert: reading {src_path} ({size / 2**30:.2f}GiB) into {out} ...", file=sys.stderr, flush=True)
-    with (src_path if isinstance(src_path, Source) else open_source(src_path)) as src:
-        tmp.mkdir()
-        try:
+    try:
+        with (src_path if isinstance(src_path, Source) else open_source(src_path)) as src:
+            tmp.mkdir()
             _write_bundle(src, tmp, dtype, progress)
-        except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if e.errno == errno.ENOSPC:
-                raise FlashinferError(f"disk full while writing the bundle in {out.parent}; "
-                                      "free some space and re-run convert (nothing was written)") from None
-            raise
-        except BaseException:  # includes KeyboardInterrupt: leave nothing behind
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
+        _swap(tmp, out)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise FlashinferError(f"disk full while writing the bundle in {out.parent}; "
+                                  "free some space and re-run convert (nothing was written)") from None
+        raise FlashinferError(f"cannot write the bundle in {out.parent}: {e.strerror or e}") from None
+    finally:      # whatever happened (an error, Ctrl-C), nothing partial stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
     log.info("converted %s -> %s in %.1fs", src_path, out, time.perf_counter() - t0)
     return out

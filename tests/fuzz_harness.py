@@ -117,6 +117,21 @@ def mutate_safetensors(data: bytes, rng: random.Random, region: str) -> bytes:
     return data[:rng.randrange(0, len(data))]
 
 
+def _copy(src: Path, dst: Path) -> None:
+    """A copy of a bundle whose files are hard links (a mutation writes a new file over its link)."""
+    def link(a, b):
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+    shutil.copytree(src, dst, copy_function=link)
+
+
+def _rewrite(path: Path, data: bytes) -> None:
+    path.unlink()
+    path.write_bytes(data)
+
+
 def bundle_mutants(bundle: Path, out: Path, n: int, seed: int) -> list[tuple[str, Path]]:
     """``n`` mutated copies of ``bundle`` under ``out``: (what was done, path)."""
     rng = random.Random(seed)
@@ -124,7 +139,7 @@ def bundle_mutants(bundle: Path, out: Path, n: int, seed: int) -> list[tuple[str
     made = []
     for i in range(n):
         dst = out / f"m{i:04d}"
-        shutil.copytree(bundle, dst)
+        _copy(bundle, dst)
         name = rng.choice(files + ["manifest.json"] * 3)         # the manifest most often
         data = (dst / name).read_bytes()
         if name.endswith(".json") and rng.random() < 0.85:
@@ -136,7 +151,7 @@ def bundle_mutants(bundle: Path, out: Path, n: int, seed: int) -> list[tuple[str
             new, what = flip_bytes(data, rng), "byte"
         else:
             new, what = data[:rng.randrange(0, max(1, len(data)))], "truncate"
-        (dst / name).write_bytes(new)
+        _rewrite(dst / name, new)
         made.append((f"{name}:{what}", dst))
     return made
 
@@ -185,10 +200,10 @@ def predictor_mutants(bundle: Path, kind: str, out: Path, n: int, seed: int) -> 
     made = []
     for i in range(n):
         dst = out / f"p{i:04d}"
-        shutil.copytree(bundle, dst)
+        _copy(bundle, dst)
         data = (dst / name).read_bytes()
         region = rng.choice(["length", "header", "header", "header", "data", "truncate"])
-        (dst / name).write_bytes(mutate_safetensors(data, rng, region))
+        _rewrite(dst / name, mutate_safetensors(data, rng, region))
         made.append((f"{name}:{region}", dst))
     return made
 

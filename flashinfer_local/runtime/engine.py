@@ -104,8 +104,9 @@ class Engine:
             raise FlashinferError(why + f"offload={self.offload!r}; use offload='window', draft='lookup' or a draft model",
                                   cli=why + f"--offload {self.offload}; use --offload window, --draft lookup or a "
                                   "draft model")
-        # longest cache a session may hold: the planned context under a budget, else the model's
-        self.kv_limit = self.context if opts.dram_budget is not None else cfg.max_position
+        # longest cache a session may hold: the planned context (--context), in every mode, so what
+        # the plan counted is what a prompt may use
+        self.kv_limit = self.context
         if draft_path is not None:
             self._open_draft_model(draft_path, opts)
         self.weights = _dense_weights(self.bundle)
@@ -209,7 +210,8 @@ class Engine:
     # ---------------------------------------------------------------- caches and prompts
     def new_cache(self, capacity: int) -> KVCache:
         if capacity > self.kv_limit:
-            what = f"{'planned' if self.kv_limit == self.context else 'model'} context of {self.kv_limit}"
+            what = (f"planned context of {self.kv_limit}" if self.kv_limit < self.config.max_position
+                    else f"model's context of {self.kv_limit}")
             longer = self.kv_limit < self.config.max_position
             raise FlashinferError(
                 f"the prompt and the tokens to generate ({capacity}) exceed the {what}; shorten the prompt "

@@ -52,7 +52,8 @@ class EngineOptions:
                              "distribution.")
     draft_tokens: str = _opt("auto", "Tokens drafted per verification, 1-15, or auto (adapts to the recent "
                              "acceptance).")
-    context: int = _opt(2048, "Longest prompt + generation planned for (sizes the KV cache in the budget).")
+    context: int = _opt(2048, "Longest prompt + generation (the KV cache's size, counted in the budget; a "
+                        "longer request is refused, in every mode). At most the model's own context.")
     direct: bool = _opt(True, "Read records with direct I/O (bypassing the page cache).", cli=False)
     read_gap: int = _opt(MAX_GAP_BYTES, "Read through gaps of up to this many bytes between wanted records "
                          "rather than issue another request.", unit="bytes", cli=False)

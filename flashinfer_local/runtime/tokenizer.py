@@ -110,10 +110,19 @@ class Tokenizer:
             def raise_exception(msg):
                 raise FlashinferError(f"chat template: {msg}")
             env.globals["raise_exception"] = raise_exception
-            self._template = env.from_string(self.chat_template)
-        text = self._template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+            from jinja2 import TemplateError
+            try:
+                self._template = env.from_string(self.chat_template)
+            except TemplateError as e:
+                raise FlashinferError(f"the model's chat template does not compile ({str(e)[:160]}); run without "
+                                      "--chat") from None
+        from jinja2 import TemplateError
+        try:
+            text = self._template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        except TemplateError as e:            # incl. the sandbox's SecurityError on an escape attempt
+            raise FlashinferError(f"the chat template refused these messages: {type(e).__name__}: {str(e)[:160]}") from None
         return self._need().encode(text, add_special_tokens=False)
 
 
