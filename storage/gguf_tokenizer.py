@@ -97,8 +97,12 @@ def build_tokenizer_json(model: str, pre: str | None, tokens: list[str], token_t
             raise CheckpointError(f"{where}: malformed BPE merge {m!r} (expected 'left right')")
         pairs.append((parts[0], parts[1]))
 
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False,
-                              ignore_merges=ignore_merges))
+    try:
+        tk = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False,
+                                  ignore_merges=ignore_merges))
+    except Exception as e:           # tokenizers raises a bare Exception, e.g. a merge of unknown tokens
+        raise CheckpointError(f"{where}: the tokenizer's vocabulary and merges do not fit together "
+                              f"({str(e)[:100]}); the file is damaged, fetch or export it again") from None
     if make_norm is not None:
         tk.normalizer = make_norm()
     tk.pre_tokenizer = make_pre()

@@ -147,3 +147,49 @@ def test_f16_bundle_close_to_f32(tiny_bundle, arch):
         a = e32.forward(torch.tensor([t]), pos, c32)
         b = e16.forward(torch.tensor([t]), pos, c16)
         assert torch.allclose(a, b, atol=2e-2 * a.abs().max())
+
+
+def test_a_bundle_replaced_while_open_keeps_reading_its_own_files(tiny_ckpt, tiny_bundle, tmp_path):
+    """`convert --force` swaps a bundle under a process that has it open: the process keeps its own
+    files (held open), never the new ones."""
+    import numpy as np
+    path = shutil.copytree(tiny_bundle("llama", "f32"), tmp_path / "b")
+    b = Bundle(path)
+    emb, rec = np.array(b.dense("embed")), b.read_ffn_layer(0)
+    convert(tiny_ckpt("llama"), path, dtype="int8", force=True, progress=False)
+    assert Bundle(path).ffn_dtype == "int8"
+    np.testing.assert_array_equal(b.dense("embed"), emb)
+    np.testing.assert_array_equal(b.read_ffn_layer(0), rec)
+    assert b.verify() == []
+    b.close()
+
+
+def test_an_open_retries_when_the_manifest_changes_under_it(tiny_bundle, tmp_path, monkeypatch):
+    path = shutil.copytree(tiny_bundle("llama", "f32"), tmp_path / "b")
+    real, calls = fmt.load_manifest, {"n": 0}
+
+    def swapping(p):
+        calls["n"] += 1
+        m = real(p)
+        return {**m, "created": "a moment later"} if calls["n"] == 2 else m   # the 2nd read sees a swap
+    monkeypatch.setattr(fmt, "load_manifest", swapping)
+    b = Bundle(path)
+    assert calls["n"] == 4 and b.config.n_layers > 0           # opened twice, checked twice
+    b.close()
+
+
+def test_what_a_killed_convert_left_is_cleaned_up(tiny_ckpt, tiny_bundle, tmp_path):
+    out = tmp_path / "b"
+    shutil.copytree(tiny_bundle("llama", "f32"), tmp_path / ".b.old-999999999")      # killed between renames
+    (tmp_path / ".b.partial-999999998").mkdir()                                       # killed while writing
+    (tmp_path / ".b.partial-999999998" / "dense.safetensors").write_bytes(b"x" * 100)
+    convert(tiny_ckpt("llama"), out, dtype="f32", force=True, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+    assert Bundle(out).verify() == []
+
+
+def test_a_damaged_gguf_vocabulary_is_a_checkpoint_error():
+    from storage.gguf_tokenizer import build_tokenizer_json
+    tokens = [chr(c) for c in range(97, 123)]
+    with pytest.raises(CheckpointError, match="do not fit together"):
+        build_tokenizer_json("gpt2", "default", tokens, None, ["a zz"], "tiny.gguf")
