@@ -14,8 +14,10 @@ interpreter, medians of the rounds:
   is not ours to change). Eviction time is not counted.
 Per row: decode tok/s, time to first token, disk bytes read per token, peak RSS, and whether its
 greedy text equals the first row's (same model, other precisions: reported, not required).
-Writes Markdown and JSON (``--out``). accelerate disk offload and AirLLM rows are not implemented
-yet: the table says so.
+- with ``--f16-bundle``: this engine's f16 bundle and accelerate (transformers on the same GGUF in
+  fp16, ``max_memory`` capping the CPU at the same budget, the rest offloaded to disk and its pages
+  pushed out after every token) at ``--f16-share`` of the f16 bundle's size.
+Writes Markdown and JSON (``--out``). AirLLM rows are not implemented yet.
 """
 from __future__ import annotations
 
@@ -59,6 +61,14 @@ def llama_row(python: str, gguf: Path, page_out: bool, prompt: str, tokens: int)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def accelerate_row(gguf: Path, budget: int, prompt: str, tokens: int) -> dict:
+    r = subprocess.run([sys.executable, str(HERE / "peers" / "accelerate_row.py"), str(gguf), "--budget", str(budget),
+                        "--prompt", prompt, "--tokens", str(tokens)], capture_output=True, text=True)
+    if r.returncode:
+        return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1][:200]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def median_row(runs: list[dict]) -> dict:
     ok = [r for r in runs if "error" not in r]
     if not ok:
@@ -75,11 +85,11 @@ def _mib(b: float) -> str:
 def table(rows: list[dict]) -> str:
     """Markdown of rows {"budget_pct", "budget_bytes", "name", "condition", + median_row's keys}; the
     ratio column compares each row with the llama.cpp row of the same budget."""
-    lines = ["| budget | row | condition | decode tok/s | x llama.cpp | TTFT | read/token | peak RSS | same text as first row |",
+    lines = ["| budget | row | condition | decode tok/s | x peer | TTFT | read/token | peak RSS | same text as first row |",
              "|---|---|---|---:|---:|---:|---:|---:|---|"]
     first_text = next((r["text"] for r in rows if "text" in r), None)
     for r in rows:
-        ref = next((x for x in rows if x["budget_pct"] == r["budget_pct"] and x["name"] == "llama.cpp"
+        ref = next((x for x in rows if x["budget_pct"] == r["budget_pct"] and x["name"] in ("llama.cpp", "accelerate fp16")
                     and "decode_tps" in x), None)
         head = f"| {r['budget_pct']}% ({_mib(r['budget_bytes'])}) | {r['name']} | {r['condition']} |"
         if "error" in r:
@@ -101,6 +111,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument("--llama-python", default=sys.executable, help="an interpreter with llama-cpp-python")
+    ap.add_argument("--f16-bundle", type=Path, default=None,
+                    help="this engine's f16 bundle: adds rows at --f16-share of its size, next to accelerate")
+    ap.add_argument("--f16-share", type=int, default=50, help="%% of the f16 bundle's size for those rows")
     ap.add_argument("--engine-args", default="", help="more options for this engine's rows, e.g. '--context 512'")
     ap.add_argument("--out", type=Path, default=Path("bench-out/peers"))
     a = ap.parse_args()
@@ -130,13 +143,30 @@ def main():
         for name, cond, _ in specs:
             rows.append({"budget_pct": pct, "budget_bytes": budget, "name": name, "condition": cond,
                          **median_row(runs[name])})
+    if a.f16_bundle is not None:
+        f16 = sum(f.stat().st_size for f in a.f16_bundle.iterdir() if f.is_file())
+        budget = f16 * a.f16_share // 100
+        specs = [("flashinfer-local f16", f"--dram-budget {_mib(budget)} {a.engine_args}".strip(),
+                  lambda: engine_row(a.f16_bundle, budget, a.prompt, a.tokens, a.engine_args.split())),
+                 ("accelerate fp16", "max_memory cpu, the rest offloaded to disk, pages out after every token",
+                  lambda: accelerate_row(a.gguf, budget, a.prompt, a.tokens))]
+        runs = {name: [] for name, _, _ in specs}
+        for r in range(a.rounds):
+            for name, _, fn in (specs if r % 2 == 0 else specs[::-1]):
+                runs[name].append(fn())
+                x = runs[name][-1]
+                print(f"f16 {a.f16_share}% round {r + 1} {name}: " + (x.get("error") or f"{x['decode_tps']:.2f} tok/s"),
+                      file=sys.stderr, flush=True)
+        for name, cond, _ in specs:
+            rows.append({"budget_pct": f"f16 {a.f16_share}", "budget_bytes": budget, "name": name, "condition": cond,
+                         **median_row(runs[name])})
     a.out.mkdir(parents=True, exist_ok=True)
     md = table(rows)
     (a.out / "peers.md").write_text(md + "\n")
     (a.out / "peers.json").write_text(json.dumps({"gguf": str(a.gguf), "tokens": a.tokens, "rounds": a.rounds,
                                                   "rows": rows}, indent=1))
     print(md)
-    print("\naccelerate disk offload and AirLLM: not implemented in this version of the tool")
+    print("\nAirLLM: not implemented in this version of the tool")
 
 
 if __name__ == "__main__":
