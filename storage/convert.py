@@ -47,16 +47,10 @@ def dense_specs(cfg: ModelConfig, dtype: str, four_bit=lambda name: False) -> li
     specs = []
     for name in fmt.dense_tensor_names(cfg):
         shape = fmt.dense_shape(cfg, name)
-        if quantized.get(name) == "q8":
-            specs.append((name, np.dtype(np.int8), shape))
-            specs.append((name + ".scale", np.dtype(np.float16), (shape[0], shape[1] // quant.GROUP)))
-            continue
-        if quantized.get(name) == "q4":        # packed codes; scales then minimums per row
-            specs.append((name, np.dtype(np.uint8), (shape[0], shape[1] // 2)))
-            specs.append((name + ".scale", np.dtype(np.float16), (shape[0], 2 * shape[1] // quant.GROUP)))
-            continue
-        dt = np.dtype(np.float32) if name.endswith(SMALL) else big
-        specs.append((name, dt, shape))
+        if name in quantized:
+            specs += fmt.quantized_matrix_specs(name, shape, quantized[name])
+        else:
+            specs.append((name, np.dtype(np.float32) if name.endswith(SMALL) else big, shape))
     return specs
 
 

@@ -154,6 +154,16 @@ def dense_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
     }.get(leaf, (d,))  # norms
 
 
+def quantized_matrix_specs(name: str, shape: tuple[int, int], kind: str) -> list[tuple[str, np.dtype, tuple]]:
+    """(name, dtype, shape) of the two tensors a q8 or q4 matrix of logical ``shape`` is stored as:
+    the codes (q4: two per byte) and the f16 group scales (q4: scales then minimums per row)."""
+    from . import quant
+    r, c = shape
+    if kind == "q8":
+        return [(name, np.dtype(np.int8), (r, c)), (name + ".scale", np.dtype(np.float16), (r, c // quant.GROUP))]
+    return [(name, np.dtype(np.uint8), (r, c // 2)), (name + ".scale", np.dtype(np.float16), (r, 2 * c // quant.GROUP))]
+
+
 def dense_tensor_names(cfg: ModelConfig) -> list[str]:
     """Every dense tensor of a model, in the order the converter writes them."""
     names = ["embed"]

@@ -117,17 +117,12 @@ class Bundle:
         """Every dense tensor has the shape and dtype its role needs, so no model code indexes past it."""
         qd = self.quantized_dense
         for name in fmt.dense_tensor_names(self.config):
-            rows_cols = fmt.dense_shape(self.config, name)
-            t, kind = self._dense_meta[name], qd.get(name)
-            if kind is None:
-                ok = tuple(t["shape"]) == rows_cols and t["dtype"] in ("F16", "F32")
+            shape, t = fmt.dense_shape(self.config, name), self._dense_meta[name]
+            if name in qd:
+                ok = all(tuple(self._dense_meta[n]["shape"]) == sh and fmt.NP_DTYPE[self._dense_meta[n]["dtype"]] == dt
+                         for n, dt, sh in fmt.quantized_matrix_specs(name, shape, qd[name]))
             else:
-                r, c = rows_cols
-                sc = self._dense_meta[name + ".scale"]
-                want = (r, c // 2) if kind == "q4" else (r, c)
-                groups = (2 if kind == "q4" else 1) * c // 32
-                ok = (tuple(t["shape"]) == want and t["dtype"] == ("U8" if kind == "q4" else "I8")
-                      and tuple(sc["shape"]) == (r, groups) and sc["dtype"] == "F16")
+                ok = tuple(t["shape"]) == shape and t["dtype"] in ("F16", "F32")
             if not ok:
                 raise BundleError(f"{self.path / fmt.DENSE_FILE}: tensor '{name}' has shape {t['shape']} "
                                   f"{t['dtype']}, not what {self.config.arch} needs; re-run convert")

@@ -161,7 +161,7 @@ def gguf_mutants(gguf: Path, out: Path, n: int, seed: int) -> list[tuple[str, Pa
     file, where the keys, types, counts and offsets are), a length field set huge, truncations."""
     rng = random.Random(seed)
     data = gguf.read_bytes()
-    meta_end = _gguf_data_start(data)
+    meta_end = _gguf_data_start(gguf, len(data))
     made = []
     for i in range(n):
         r = rng.random()
@@ -182,16 +182,13 @@ def gguf_mutants(gguf: Path, out: Path, n: int, seed: int) -> list[tuple[str, Pa
     return made
 
 
-def _gguf_data_start(data: bytes) -> int:
+def _gguf_data_start(path: Path, size: int) -> int:
+    """Where the GGUF's tensor data begins (the metadata and tensor table lie before it)."""
     try:
         from gguf import GGUFReader
-        import tempfile
-        with tempfile.NamedTemporaryFile(suffix=".gguf") as f:
-            f.write(data)
-            f.flush()
-            return int(GGUFReader(f.name).data_offset)
+        return int(GGUFReader(path).data_offset)
     except Exception:
-        return min(len(data), 1 << 16)
+        return min(size, 1 << 16)
 
 
 def predictor_mutants(bundle: Path, kind: str, out: Path, n: int, seed: int) -> list[tuple[str, Path]]:

@@ -102,6 +102,19 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def run_specs(specs: list, rounds: int, label: str) -> dict[str, list[dict]]:
+    """Every (name, condition, fn) of ``specs`` once per round, the order reversed every other round
+    so drift hits all rows alike -> {name: [each round's result]}."""
+    runs = {name: [] for name, _, _ in specs}
+    for r in range(rounds):
+        for name, _, fn in (specs if r % 2 == 0 else specs[::-1]):
+            x = fn()
+            runs[name].append(x)
+            print(f"{label} round {r + 1} {name}: " + (x.get("error") or f"{x['decode_tps']:.2f} tok/s, "
+                  f"{_mib(x['read_bytes_per_token'])}/token"), file=sys.stderr, flush=True)
+    return runs
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gguf", type=Path, required=True)
@@ -133,13 +146,7 @@ def main():
             cond = "mmap, pages out after every token" if pct < 100 else "mmap, fits"
             specs.append(("llama.cpp", cond, lambda pct=pct: llama_row(a.llama_python, a.gguf, pct < 100, a.prompt,
                                                                          a.tokens)))
-        runs = {name: [] for name, _, _ in specs}
-        for r in range(a.rounds):
-            for name, _, fn in (specs if r % 2 == 0 else specs[::-1]):
-                runs[name].append(fn())
-                x = runs[name][-1]
-                print(f"{pct}% round {r + 1} {name}: " + (x.get("error") or f"{x['decode_tps']:.2f} tok/s, "
-                      f"{_mib(x['read_bytes_per_token'])}/token"), file=sys.stderr, flush=True)
+        runs = run_specs(specs, a.rounds, f"{pct}%")
         for name, cond, _ in specs:
             rows.append({"budget_pct": pct, "budget_bytes": budget, "name": name, "condition": cond,
                          **median_row(runs[name])})
@@ -150,13 +157,7 @@ def main():
                   lambda: engine_row(a.f16_bundle, budget, a.prompt, a.tokens, a.engine_args.split())),
                  ("accelerate fp16", "max_memory cpu, the rest offloaded to disk, pages out after every token",
                   lambda: accelerate_row(a.gguf, budget, a.prompt, a.tokens))]
-        runs = {name: [] for name, _, _ in specs}
-        for r in range(a.rounds):
-            for name, _, fn in (specs if r % 2 == 0 else specs[::-1]):
-                runs[name].append(fn())
-                x = runs[name][-1]
-                print(f"f16 {a.f16_share}% round {r + 1} {name}: " + (x.get("error") or f"{x['decode_tps']:.2f} tok/s"),
-                      file=sys.stderr, flush=True)
+        runs = run_specs(specs, a.rounds, f"f16 {a.f16_share}%")
         for name, cond, _ in specs:
             rows.append({"budget_pct": f"f16 {a.f16_share}", "budget_bytes": budget, "name": name, "condition": cond,
                          **median_row(runs[name])})

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -35,7 +34,7 @@ def profile(model, prompt, prompt_file, max_tokens, temperature, top_p, top_k, s
     SSD bytes read per token and the window cache; writes profile.json and PNG charts to --out.
     With --sweep, compares budgets instead (tokens/s, bytes/token, peak RSS; sweep.json, sweep.png)."""
     from flashinfer_local.runtime.sampling import SamplingParams
-    from flashinfer_local.workflows.resolve import resolve_draft, resolve_model
+    from flashinfer_local.workflows.resolve import resolve_run
 
     opts = take_engine_options(engine)
     sampling = SamplingParams(temperature, top_p, top_k, seed)
@@ -44,8 +43,7 @@ def profile(model, prompt, prompt_file, max_tokens, temperature, top_p, top_k, s
         raise FlashinferError("--target-tps needs --sweep (the budgets to search)")
     if sweep is not None and opts.dram_budget is not None:
         raise FlashinferError("--sweep sets the budgets itself; drop --dram-budget")
-    path = resolve_model(model, dtype=dtype, progress=sys.stderr.isatty() and not json_only)
-    opts = replace(opts, draft=resolve_draft(opts.draft, progress=sys.stderr.isatty() and not json_only))
+    path, opts = resolve_run(model, dtype, opts, progress=sys.stderr.isatty() and not json_only)
     out = out or Path(f"profile-{path.name}")
     _make_dir(out)
     if sweep is not None:

@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -166,7 +165,7 @@ def run(model, prompt, prompt_file, max_tokens, temperature, top_p, top_k, seed,
     from flashinfer_local.runtime.engine import Engine
     from flashinfer_local.runtime.rss import PeakRSS
     from flashinfer_local.runtime.sampling import GenerationStats, SamplingParams
-    from flashinfer_local.workflows.resolve import resolve_draft, resolve_model
+    from flashinfer_local.workflows.resolve import resolve_run
 
     opts = take_engine_options(engine)
     sampling = SamplingParams(temperature, top_p, top_k, seed)
@@ -175,8 +174,7 @@ def run(model, prompt, prompt_file, max_tokens, temperature, top_p, top_k, seed,
         chat = True
         prompt = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
     _writable(stats_json)
-    path = resolve_model(model, dtype=dtype, progress=sys.stderr.isatty())
-    opts = replace(opts, draft=resolve_draft(opts.draft, progress=sys.stderr.isatty()))
+    path, opts = resolve_run(model, dtype, opts, progress=sys.stderr.isatty())
     with PeakRSS() as peak:
         eng = Engine(path, opts)
         st, text = None, []

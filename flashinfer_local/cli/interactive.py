@@ -6,7 +6,6 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -15,7 +14,7 @@ from storage.errors import FlashinferError
 
 from flashinfer_local.cli.app import _stats_lines, main
 from flashinfer_local.cli.interrupt import StopOnInterrupt
-from flashinfer_local.cli.options import engine_options, sampling_options, take_engine_options
+from flashinfer_local.cli.options import dtype_option, engine_options, sampling_options, take_engine_options
 from flashinfer_local.units import fmt_bytes
 
 COMMANDS = {"/reset": "forget the conversation (the system message stays)",
@@ -27,10 +26,8 @@ COMMANDS = {"/reset": "forget the conversation (the system message stays)",
 def open_engine(model, dtype: str, opts):
     """MODEL (bundle, checkpoint, known name, or None: the default) -> (an open Engine, its name)."""
     from flashinfer_local.runtime.engine import Engine
-    from flashinfer_local.workflows.resolve import resolve_draft, resolve_model
-    progress = sys.stderr.isatty()
-    path = resolve_model(model, dtype=dtype, progress=progress)
-    opts = replace(opts, draft=resolve_draft(opts.draft, progress=progress))
+    from flashinfer_local.workflows.resolve import resolve_run
+    path, opts = resolve_run(model, dtype, opts, progress=sys.stderr.isatty())
     click.echo(f"opening {path} ...", err=True)
     return Engine(path, opts), (model if model and not Path(model).exists() else path.name)
 
@@ -114,8 +111,7 @@ def _stats(conv, eng) -> None:
 @sampling_options
 @click.option("--seed", type=int, default=None, help="Random seed for sampling.")
 @click.option("--system", default=None, help="A system message before the conversation.")
-@click.option("--dtype", type=click.Choice(["f32", "f16", "int8", "int4"]), default="f16", show_default=True,
-              help="Precision used when MODEL is a checkpoint converted on first use.")
+@dtype_option
 @engine_options
 def chat(model, max_tokens, temperature, top_p, top_k, seed, system, dtype, **engine):
     """Talk with MODEL in the terminal, turn by turn (its chat template; earlier turns stay in the
@@ -184,8 +180,7 @@ def _check_port(host: str, port: int) -> None:
 @click.option("--api-key", default=None, help="Require Authorization: Bearer KEY on every request but /health.")
 @click.option("--queue", "queue_size", type=click.IntRange(min=1), default=8, show_default=True,
               help="Requests that may wait while one generates; more get 429.")
-@click.option("--dtype", type=click.Choice(["f32", "f16", "int8", "int4"]), default="f16", show_default=True,
-              help="Precision used when MODEL is a checkpoint converted on first use.")
+@dtype_option
 @engine_options
 def serve(model, host, port, api_key, queue_size, dtype, **engine):
     """Serve MODEL over the OpenAI API: /v1/chat/completions, /v1/completions, /v1/models, /health.

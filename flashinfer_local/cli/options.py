@@ -49,10 +49,15 @@ def sampling_options(fn):
     return fn
 
 
+def dtype_option(fn):
+    """--dtype: how a checkpoint given as MODEL is converted on first use."""
+    return click.option("--dtype", type=click.Choice(["f32", "f16", "int8", "int4"]), default="f16",
+                        show_default=True, help="Precision used when MODEL is a checkpoint converted on first use.")(fn)
+
+
 def prompt_options(fn):
     """--chat and --dtype: how the prompt is wrapped, how a checkpoint is converted on first use."""
-    fn = click.option("--dtype", type=click.Choice(["f32", "f16", "int8", "int4"]), default="f16",
-                      show_default=True, help="Precision used when MODEL is a checkpoint converted on first use.")(fn)
+    fn = dtype_option(fn)
     return click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")(fn)
 
 

@@ -136,7 +136,6 @@ class Engine:
         """Open the draft model all in DRAM (its tokenizer was checked by ``_draft_bytes``)."""
         self.draft_engine = Engine(path, offload="none", context=self.context, threads=opts.threads,
                                    tokenizer=self.tokenizer)               # one tokenizer in memory
-        self.draft_engine.kv_limit = min(self.draft_engine.kv_limit, self.context)
 
     def new_draft(self):
         """A fresh draft for one session (None: this engine does not speculate)."""

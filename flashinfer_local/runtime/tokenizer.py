@@ -103,6 +103,7 @@ class Tokenizer:
         if not self.chat_template:
             raise FlashinferError("this model has no chat template; give plain text or token ids",
                                   cli="this model has no chat template; run without --chat")
+        from jinja2 import TemplateError
         if self._template is None:           # compiled once: a chat template takes ~10-30 ms to compile
             from jinja2.sandbox import ImmutableSandboxedEnvironment
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -110,13 +111,11 @@ class Tokenizer:
             def raise_exception(msg):
                 raise FlashinferError(f"chat template: {msg}")
             env.globals["raise_exception"] = raise_exception
-            from jinja2 import TemplateError
             try:
                 self._template = env.from_string(self.chat_template)
             except TemplateError as e:
                 raise FlashinferError(f"the model's chat template does not compile ({str(e)[:160]}); run without "
                                       "--chat") from None
-        from jinja2 import TemplateError
         try:
             text = self._template.render(
                 messages=messages, add_generation_prompt=add_generation_prompt,

@@ -41,7 +41,7 @@ class Server:
 
     def __init__(self, engine, model_name: str, api_key: str | None = None, queue_size: int = 8):
         self.engine, self.model_name, self.api_key = engine, model_name, api_key
-        self.context = min(engine.kv_limit, engine.context)
+        self.context = engine.kv_limit
         self.worker = Worker(engine, queue_size)
         self.started = int(time.time())
         if engine.tokenizer.chat_template:           # compile the template before the first request

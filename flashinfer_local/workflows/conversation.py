@@ -32,7 +32,7 @@ class Conversation:
         self.sampling = sampling or SamplingParams()
         self.turns: list[dict] = []                 # user and assistant messages, in order
         self.session = engine.session()
-        self.context = min(engine.kv_limit, engine.context)
+        self.context = engine.kv_limit
         self.last: GenerationStats | None = None    # the last answer's stats
 
     def messages(self, user: str | None = None) -> list[dict]:

@@ -45,10 +45,11 @@ def entries() -> list[Entry]:
         p = model_path(name)
         out.append(Entry(name, "model", p, p.stat().st_size if p.exists() else 0, m["about"]))
     d = bundles_dir()
+    source = {p: n for n in MODELS for p in bundles_of(n)}          # bundle -> the known model it came from
     if d.is_dir():
         for p in sorted(d.iterdir()):
             if (p / fmt.MANIFEST).exists():
-                src = next((n for n in MODELS if p in bundles_of(n)), "")
+                src = source.get(p)
                 out.append(Entry(p.name, "bundle", p, _tree_bytes(p), f"from {src}" if src else ""))
     return out
 

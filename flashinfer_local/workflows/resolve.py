@@ -57,3 +57,11 @@ def resolve_draft(draft: str | None, progress: bool = True) -> str | None:
     if draft in (None, "lookup", "self"):
         return draft
     return str(resolve_model(draft, dtype=DRAFT_DTYPE, progress=progress, what="--draft"))
+
+
+def resolve_run(model: str | None, dtype: str, opts, progress: bool = True):
+    """MODEL and the engine options' --draft -> (the bundle path, the options with the draft
+    resolved): what every command that opens an engine does first."""
+    from dataclasses import replace
+    path = resolve_model(model, dtype=dtype, progress=progress)
+    return path, replace(opts, draft=resolve_draft(opts.draft, progress=progress))

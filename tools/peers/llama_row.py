@@ -8,7 +8,6 @@ not counted. Prints one JSON line: tok/s, time to first token, disk bytes read p
 """
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
