@@ -17,9 +17,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .store import GRID
+from .store import GRID, KEEP_GRID
 
 QUANTILE_SAMPLE = 1 << 23    # (token, neuron) values a quantile is taken from at most
+COACT_TOKENS = 512           # tokens co-activation is counted over
+COACT_NEIGHBOURS = 16        # most co-active neighbours stored per neuron
 
 
 def activations(x: torch.Tensor, w: dict[str, torch.Tensor], gated: bool) -> torch.Tensor:
@@ -68,6 +70,84 @@ def threshold(abs_a: torch.Tensor, sparsity: float, gated: bool, seed: int = 0) 
 def frequencies(abs_a: torch.Tensor, thr: float) -> np.ndarray:
     """freq [d_ff]: share of tokens on which each neuron is active."""
     return (abs_a > thr).float().mean(0).numpy().astype(np.float32)
+
+
+def keep_frequencies(score: torch.Tensor, cutoffs: np.ndarray) -> np.ndarray:
+    """keep [len(KEEP_GRID), d_ff] (f16): share of tokens on which the run-time selector keeps each
+    neuron (score above the layer's cutoff) at each sparsity of KEEP_GRID: what placement plans with."""
+    cut = np.interp(KEEP_GRID, GRID, cutoffs)
+    return np.stack([(score > float(c)).float().mean(0).numpy() for c in cut]).astype(np.float16)
+
+
+def window_statistics(score: torch.Tensor, cutoffs: np.ndarray, window: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(reads, occupancy), each [len(KEEP_GRID), d_ff] (f16), of each neuron in a recency window of
+    ``k`` tokens at each sparsity of KEEP_GRID, over scores [N, d_ff] of consecutive tokens in runs
+    of ``window`` (the calibration windows): reads = share of tokens that keep the neuron while none
+    of the k - 1 before did (a window miss); occupancy = share of tokens on which one of the last k
+    kept it (the window holds a row for it). What placement weighs a window row with: activations
+    come in runs, so these beat what the keep frequency alone predicts."""
+    cut = np.interp(KEEP_GRID, GRID, cutoffs)
+    reads = np.zeros((len(cut), score.shape[1]), np.float64)
+    occ = np.zeros_like(reads)
+    for a in range(0, score.shape[0], window):
+        s = score[a:a + window]
+        for j, c in enumerate(cut):
+            m = s > float(c)
+            recent = torch.zeros_like(m)
+            for d in range(1, k):
+                recent[d:] |= m[:-d]
+            reads[j] += (m & ~recent).sum(0).numpy()
+            occ[j] += (m | recent).sum(0).numpy()
+    n = max(1, score.shape[0])
+    return (reads / n).astype(np.float16), (occ / n).astype(np.float16)
+
+
+def coactivation(kept: torch.Tensor, k: int = COACT_NEIGHBOURS) -> tuple[np.ndarray, np.ndarray]:
+    """Each neuron's ``k`` most co-active neighbours from kept [N, d_ff] (bool, the selector's mask
+    over N tokens): (ids int32 [d_ff, k], weights f16 [d_ff, k]), strongest first, the weight the
+    Jaccard index |both| / |either| (0 for a neuron never kept)."""
+    m = kept.float()
+    both = m.T @ m                                                       # [d_ff, d_ff]
+    n = torch.diagonal(both).clone()
+    jac = both / (n[:, None] + n[None, :] - both).clamp_min(1.0)
+    jac.fill_diagonal_(-1.0)
+    w, ids = torch.topk(jac, min(k, m.shape[1] - 1), dim=1)
+    return ids.numpy().astype(np.int32), w.clamp_min(0).numpy().astype(np.float16)
+
+
+def mass_lost(score: torch.Tensor, abs_a: torch.Tensor, cutoffs: np.ndarray) -> np.ndarray:
+    """lost [len(KEEP_GRID)] (f32): share of the activation mass sum |a| on these (validation)
+    tokens that the neurons the selector drops at each sparsity of KEEP_GRID carry: the loss
+    ``layer_sparsities`` spends."""
+    total = float(abs_a.sum()) or 1.0
+    cut = np.interp(KEEP_GRID, GRID, cutoffs)
+    return np.array([float((abs_a * (score <= float(c))).sum()) / total for c in cut], np.float32)
+
+
+def layer_sparsities(lost: np.ndarray, target: float) -> np.ndarray:
+    """Per-layer sparsities (of KEEP_GRID) whose mean reaches ``target`` with the least total lost
+    mass: from all layers at 0, a step of 0.05 at a time to the layer whose loss grows least
+    (optimal for convex loss curves); lost [n_layers, len(KEEP_GRID)]."""
+    L, G = lost.shape
+    idx = np.zeros(L, np.int64)
+    need = int(np.ceil(target * L / (KEEP_GRID[1] - KEEP_GRID[0]) - 1e-6))    # steps in all
+    for _ in range(min(need, L * (G - 1))):
+        inc = np.where(idx < G - 1, lost[np.arange(L), np.minimum(idx + 1, G - 1)] - lost[np.arange(L), idx], np.inf)
+        idx[int(np.argmin(inc))] += 1
+    return KEEP_GRID[idx].astype(np.float64)
+
+
+def shares_mode(lost: np.ndarray | None, meta: dict, shares: str) -> str:
+    """"layer" when ``shares`` is auto and the predictor was calibrated with per-layer shares."""
+    return "layer" if shares == "auto" and lost is not None and "layer_default_sparsity" in meta else "uniform"
+
+
+def spread(lost: np.ndarray | None, mode: str, sparsity: float, n_layers: int) -> list[float]:
+    """Each layer's sparsity for a mean of ``sparsity``: the same in every layer, or (mode "layer")
+    the least-loss shares of ``layer_sparsities``."""
+    if mode == "layer" and lost is not None:
+        return [float(v) for v in layer_sparsities(lost, sparsity)]
+    return [float(sparsity)] * n_layers
 
 
 def natural_sparsity(abs_a: torch.Tensor) -> float:

@@ -8,6 +8,15 @@ was. The bundle's manifest does not list these files: a bundle without them is c
 
     freq.{l}        f32 [d_ff]       share of calibration tokens on which neuron j was active (|a| above
                                      the layer's threshold at the target sparsity): the placement input
+    keep.{l}        f16 [len(KEEP_GRID), d_ff]  share of calibration tokens on which the run-time
+                                     selector keeps neuron j at each sparsity of KEEP_GRID (placement plans
+                                     with the row of the sparsity it runs at; files before it have none)
+    wread.{l}, wocc.{l}  f16 [len(KEEP_GRID), d_ff]  in a recency window of WINDOW_STATS_K tokens:
+                                     share of tokens on which neuron j is a window miss / holds a row
+    coact.{l}, coact_w.{l}  int32 / f16 [d_ff, 16]  each neuron's most co-active neighbours at the
+                                     default sparsity and their Jaccard weights (what reorder follows)
+    lost.{l}        f32 [len(KEEP_GRID)]  share of the validation activation mass the neurons dropped at
+                                     each sparsity carry (how ``layer_shares`` spreads a sparsity)
     cutoffs.{l}     f32 [len(GRID)]  score quantiles of layer l at each sparsity of GRID: a token keeps
                                      neuron j when score_j > cutoff(sparsity)
     A.{l}, B.{l}    f16 [r_l, d], [d_ff, r_l]   (lowrank) score = B (A x) + bias
@@ -31,6 +40,8 @@ from storage.errors import BundleError, FlashinferError, OptionError
 FORMAT_VERSION = 1
 KINDS = ("threshold", "lowrank")
 GRID = np.round(np.arange(0, 100) / 100, 2)       # sparsities with a stored cutoff: 0.00 .. 0.99
+KEEP_GRID = GRID[::5]                              # sparsities with stored keep frequencies: 0.00 .. 0.95
+WINDOW_STATS_K = 4                                 # the recency window wread/wocc are measured for
 
 
 def grid_index(sparsity: float) -> int:
@@ -45,8 +56,9 @@ def predictor_path(bundle_dir: Path, kind: str) -> Path:
 
 
 def available(bundle_dir: Path) -> list[str]:
-    """Kinds calibrated for this bundle, lowrank first (it needs no gate rows in DRAM)."""
-    return [k for k in reversed(KINDS) if predictor_path(bundle_dir, k).exists()]
+    """Kinds calibrated for this bundle, threshold first: lowrank's calibrated default is 0.00 on the
+    SwiGLU models measured (README, Predictors), so threshold is the one that helps."""
+    return [k for k in KINDS if predictor_path(bundle_dir, k).exists()]
 
 
 def data_sha256(tensors: dict[str, np.ndarray]) -> str:
@@ -62,10 +74,14 @@ def data_sha256(tensors: dict[str, np.ndarray]) -> str:
 
 
 def save(bundle_dir: Path, kind: str, tensors: dict[str, np.ndarray], meta: dict) -> Path:
-    """Write atomically: temporary file in the same directory, fsync, rename, fsync the directory."""
     path = predictor_path(bundle_dir, kind)
-    header = {"predictor": json.dumps({"format_version": FORMAT_VERSION, "kind": kind, **meta,
-                                       "data_sha256": data_sha256(tensors)})}
+    return save_atomic(path, tensors, "predictor", {"format_version": FORMAT_VERSION, "kind": kind, **meta})
+
+
+def save_atomic(path: Path, tensors: dict[str, np.ndarray], key: str, meta: dict) -> Path:
+    """Write a safetensors file with ``meta`` (and the tensors' checksum) as the JSON header entry
+    ``key``, atomically: temporary file in the same directory, fsync, rename, fsync the directory."""
+    header = {key: json.dumps({**meta, "data_sha256": data_sha256(tensors)})}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -84,8 +100,14 @@ def save(bundle_dir: Path, kind: str, tensors: dict[str, np.ndarray], meta: dict
     return path
 
 
-def load(bundle_dir: Path, kind: str, cfg: ModelConfig) -> tuple[dict[str, np.ndarray], dict]:
-    """(tensors, meta) of a bundle's predictor, checked against the model's shapes."""
+def neuron_order(manifest: dict) -> str:
+    """The bundle's neuron order id (``reorder`` sets one; a converted bundle's is "original")."""
+    return manifest.get("neuron_order", "original")
+
+
+def load(bundle_dir: Path, kind: str, cfg: ModelConfig, order: str | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """(tensors, meta) of a bundle's predictor, checked against the model's shapes and (``order``:
+    the bundle's ``neuron_order``) made for the bundle's order of neurons."""
     path = predictor_path(bundle_dir, kind)
     if not path.exists():
         have = available(bundle_dir)
@@ -105,6 +127,9 @@ def load(bundle_dir: Path, kind: str, cfg: ModelConfig) -> tuple[dict[str, np.nd
     want_sum = meta.get("data_sha256")
     if want_sum is not None and want_sum != data_sha256(tensors):   # (files before the checksum have none)
         raise BundleError(f"{path}: damaged (its tensors do not match their checksum); re-run calibrate")
+    if order is not None and meta.get("neuron_order", "original") != order:
+        raise BundleError(f"{path}: stale: calibrated for another order of the FFN neurons than the bundle's "
+                          f"(the bundle was reordered since); re-run calibrate")
     want = {"freq": (cfg.d_ff,), "cutoffs": (len(GRID),)}
     if kind == "lowrank":
         want["bias"] = (cfg.d_ff,)
@@ -114,6 +139,16 @@ def load(bundle_dir: Path, kind: str, cfg: ModelConfig) -> tuple[dict[str, np.nd
             if t is None or t.shape != shape:
                 raise BundleError(f"{path}: tensor {name}.{layer} missing or misshapen (want {shape}); "
                                   "re-run calibrate")
+        lost = tensors.get(f"lost.{layer}")
+        if lost is not None and lost.shape != (len(KEEP_GRID),):
+            raise BundleError(f"{path}: tensor lost.{layer} misshapen; re-run calibrate")
+        for name in ("keep", "wread", "wocc"):
+            t = tensors.get(f"{name}.{layer}")
+            if t is not None and t.shape != (len(KEEP_GRID), cfg.d_ff):
+                raise BundleError(f"{path}: tensor {name}.{layer} misshapen; re-run calibrate")
+        ids = tensors.get(f"coact.{layer}")
+        if ids is not None and (ids.ndim != 2 or ids.shape[0] != cfg.d_ff or ids.min() < 0 or ids.max() >= cfg.d_ff):
+            raise BundleError(f"{path}: tensor coact.{layer} malformed; re-run calibrate")
         if kind == "lowrank":
             a, b = tensors.get(f"A.{layer}"), tensors.get(f"B.{layer}")
             if a is None or b is None or a.shape[1] != cfg.d_model or b.shape != (cfg.d_ff, a.shape[0]):

@@ -222,9 +222,9 @@ def _write_bundle(src: Source, tmp: Path, dtype: str, progress: bool) -> None:
     (tmp / fmt.MANIFEST_SUM).write_text(f"{validate.sha256_hex(raw)}  {fmt.MANIFEST}\n")
 
 
-def _swap(tmp: Path, out: Path) -> None:
+def swap_bundle(tmp: Path, out: Path) -> None:
     """Put the complete bundle ``tmp`` at ``out``, replacing any old one, with Ctrl-C held off so the
-    renames happen together (a kill between them is undone by the next convert: ``_remove_stale``)."""
+    renames happen together (a kill between them is undone by the next convert: ``remove_stale``)."""
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     main_thread = threading.current_thread() is threading.main_thread()
     if main_thread:
@@ -253,7 +253,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _remove_stale(out: Path) -> None:
+def remove_stale(out: Path) -> None:
     """Remove what an interrupted convert of ``out`` left beside it (``.OUT.partial-PID``,
     ``.OUT.old-PID`` of processes that are gone); an ``.old`` left where OUT itself is missing
     (killed between the two renames) is put back first."""
@@ -288,7 +288,7 @@ def convert(src_path: str | Path | Source, out: str | Path, dtype: str | fmt.Pre
         raise OptionError("dtype", f"{dtype} is not supported (choose one of: {', '.join(fmt.CONVERT_DTYPES)})")
     out = Path(out).absolute()
     if out.parent.is_dir():
-        _remove_stale(out)
+        remove_stale(out)
     if out.exists() and not force:
         raise FlashinferError(f"{out} already exists; pass --force to replace it")
     if out.exists() and not (out / fmt.MANIFEST).exists() and any(out.iterdir()):
@@ -309,7 +309,7 @@ def convert(src_path: str | Path | Source, out: str | Path, dtype: str | fmt.Pre
         with (src_path if isinstance(src_path, Source) else open_source(src_path)) as src:
             tmp.mkdir()
             _write_bundle(src, tmp, dtype, progress)
-        _swap(tmp, out)
+        swap_bundle(tmp, out)
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise FlashinferError(f"disk full while writing the bundle in {out.parent}; "

@@ -92,6 +92,9 @@ def check_manifest(m, path: Path, known_files: tuple[str, ...]) -> None:
     for k in ("kind", "name"):
         need(path, src, f"source.{k}", str, optional=True)
     need(path, m, "created_by", str, optional=True)
+    order = need(path, m, "neuron_order", str, optional=True)       # set by reorder
+    if order is not None and not 0 < len(order) <= 64:
+        raise _bad(path, "neuron_order", "must be a short id")
     tok = need(path, m, "tokenizer", dict)
     tf = need(path, tok, "tokenizer.file", str, optional=True)
     if tf is not None:

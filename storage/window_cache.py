@@ -105,7 +105,7 @@ class LayerWindow:
     """
 
     def __init__(self, n_neurons: int, record_bytes: int, capacity: int, window: int,
-                 rows: np.ndarray | None = None, evict: str = "recency"):
+                 rows: np.ndarray | None = None, evict: str = "recency", pinned: np.ndarray | None = None):
         if evict not in EVICT:
             raise ValueError(f"LayerWindow: evict must be one of {EVICT}, got {evict!r}")
         if n_neurons < 1 or record_bytes < 1 or capacity < 0 or window < 1:
@@ -131,6 +131,23 @@ class LayerWindow:
         self.freq = np.zeros(n_neurons if evict == "frequency" else 0, np.int64)
         self.n_used = 0
         self.token = -1
+        self.n_pinned = 0
+        if pinned is not None and len(pinned):
+            self._pin(np.asarray(pinned, np.int64))
+
+    def _pin(self, ids: np.ndarray) -> None:
+        """Rows [0, len(ids)) hold ``ids`` (sorted unique) for good: a placement's DRAM-pinned
+        neurons. They count as hits, are never expired, evicted or moved; the caller fills their
+        records (``rows[:n_pinned]``, in ``ids`` order) before the first plan."""
+        if len(ids) > self.capacity or (len(ids) > 1 and not (ids[1:] > ids[:-1]).all()) \
+                or ids[0] < 0 or ids[-1] >= self.n_neurons:
+            raise ValueError(f"LayerWindow: pinned must be at most {self.capacity} sorted unique ids "
+                             f"in [0, {self.n_neurons})")
+        k = len(ids)
+        self.ids[:k] = ids
+        self.slot[ids] = np.arange(k, dtype=np.int32)
+        self.uses[:k] = 1
+        self.n_used = self.n_pinned = k
 
     # ------------------------------------------------------------------ planning
     def plan(self, token: int, selected: np.ndarray) -> Plan:
@@ -165,7 +182,9 @@ class LayerWindow:
 
         # 2. expire: rows whose last use is `window` or more tokens ago. Hits now have
         #    last_used == token > token - window, so the current selection never expires.
+        #    Pinned rows never expire.
         dead = self.last_used[:n] <= token - self.window             # [n] rows to delete
+        dead[:self.n_pinned] = False
         n_expired = int(np.count_nonzero(dead))
 
         # 3. capacity: evict more rows (not selected now) until the misses fit, or none is left.
@@ -176,6 +195,7 @@ class LayerWindow:
         if need > 0:
             live = ~dead
             live[hit_rows0] = False
+            live[:self.n_pinned] = False
             cand = np.flatnonzero(live)                              # [c] evictable rows
             if self.evict == "frequency":
                 cand, miss_ids, lost = self._compete(token, cand, miss_ids, need)
@@ -276,7 +296,7 @@ class LayerWindow:
           that left the window unconditionally (a row selected now has last_used == token), and
           capacity eviction only ever deletes more, so no row is kept outside the window.
         """
-        n = self.n_used
+        n, p = self.n_used, self.n_pinned
         assert 0 <= n <= self.capacity, (n, self.capacity)
         ids = self.ids[:n]
         assert (self.ids[n:] == -1).all()
@@ -284,5 +304,6 @@ class LayerWindow:
         assert (self.slot[ids] == np.arange(n)).all(), "slot is not the inverse of ids"
         assert np.count_nonzero(self.slot >= 0) == n, "slot holds stale rows"
         assert (self.uses[:n] >= 1).all()
+        assert p <= n
         assert (self.last_used[:n] <= self.token).all()
-        assert (self.last_used[:n] > self.token - self.window).all(), "a row outlived the window"
+        assert (self.last_used[p:n] > self.token - self.window).all(), "a row outlived the window"

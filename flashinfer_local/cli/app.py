@@ -98,7 +98,8 @@ def inspect(bundle: Path, verify: bool, as_json: bool):
                                "source": m["source"], "format_version": m["format_version"],
                                "predictors": {k: {"default_sparsity": v["default_sparsity"],
                                                   "ranks": [r.get("rank") for r in v["layers"]]}
-                                              for k, v in preds.items() if v}}, indent=1))
+                                              for k, v in preds.items() if v},
+                               "placement": _placement_facts(b)}, indent=1))
     else:
         kv = sorted(set(cfg.n_kv_heads))
         click.echo(f"bundle      {b.path}  (format v{m['format_version']}, {m.get('created_by', '?')})")
@@ -115,7 +116,7 @@ def inspect(bundle: Path, verify: bool, as_json: bool):
                    f"padding {lay.padding_bytes} B/record, {fmt_bytes(s['ffn_padding_bytes'])} in all "
                    f"({100 * s['ffn_padding_bytes'] / s['ffn_bytes']:.1f}% of ffn)")
         click.echo(f"kv cache    {fmt_bytes(cfg.kv_bytes_per_token())} per token (f16)")
-        for line in _predictor_lines(b):
+        for line in _predictor_lines(b) + _placement_lines(b):
             click.echo(line)
     if verify:
         bad = b.verify()
@@ -123,6 +124,35 @@ def inspect(bundle: Path, verify: bool, as_json: bool):
             raise FlashinferError(f"checksum mismatch in {', '.join(bad)}: the bundle is corrupted; "
                                   "re-run convert")
         click.echo(f"verify      all {len(m['files'])} checksums match")
+
+
+def _placement_facts(b) -> dict | None:
+    """The stored placement's figures, checked (``stale``/``error`` say why run would refuse it)."""
+    from predictors import plan_file
+    if not plan_file.plan_path(b.path).exists():
+        return None
+    try:
+        _, _, meta = plan_file.load(b.path, b.manifest, b.config.n_layers, b.config.d_ff)
+    except FlashinferError as e:
+        return {"error": str(e)}
+    tot = {"device_neurons": sum(r["device"] for r in meta["layers"]),
+           "pinned_neurons": sum(r["pinned"] for r in meta["layers"]),
+           "window_rows": sum(r["window_rows"] for r in meta["layers"])}
+    return {k: meta[k] for k in ("solver", "dram_budget", "device", "gpu_mem", "selector", "predictor", "sparsity",
+                                 "objective_ms", "greedy_objective_ms", "predicted_tokens_per_s")} | tot
+
+
+def _placement_lines(b) -> list[str]:
+    f = _placement_facts(b)
+    if f is None:
+        return ["placement   none (flashinfer-local plan BUNDLE --dram-budget SIZE adds one)"]
+    if "error" in f:
+        return [f"placement   refused: {f['error']}"]
+    dev = f", {f['device_neurons']} on {f['device']}" if f["device"] != "none" else ""
+    return [f"placement   {f['solver']} for --dram-budget {fmt_bytes(f['dram_budget'])}: {f['pinned_neurons']} neurons pinned "
+            f"in DRAM, {f['window_rows']} window rows{dev}; selector {f['selector']}"
+            + (f" ({f['predictor']} at {f['sparsity']:.2f})" if f["predictor"] else "")
+            + f"; expected {f['predicted_tokens_per_s']:.2f} tok/s (greedy {1000 / f['greedy_objective_ms']:.2f})"]
 
 
 def _predictor_lines(b) -> list[str]:
@@ -141,7 +171,9 @@ def _predictor_lines(b) -> list[str]:
         dram = predictor_bytes(b, kind)
         what = (f"gate rows held in DRAM, {fmt_bytes(dram)} (counted in --dram-budget)" if kind == "threshold"
                 else f"rank {ranks[0] if len(ranks) == 1 else f'{ranks[0]}-{ranks[-1]}'}, {fmt_bytes(dram)} in DRAM")
-        out.append(f"predictor   {kind}: {what}; default sparsity {meta['default_sparsity']:.2f}, calibrated on "
+        layer = (f" ({meta['layer_default_sparsity']:.2f} with per-layer shares)"
+                 if "layer_default_sparsity" in meta else "")
+        out.append(f"predictor   {kind}: {what}; default sparsity {meta['default_sparsity']:.2f}{layer}, calibrated on "
                    f"{meta['train_tokens']} tokens")
     if not out:
         out.append("predictor   none (flashinfer-local calibrate BUNDLE adds one)")
@@ -237,12 +269,21 @@ def _stats_lines(st, baseline: int, budget: int | None) -> list[str]:
         lines.append(f"offload {x['offload']} ({x['selector']}), budget "
                      f"{fmt_bytes(budget) if budget else 'unlimited'}: dense {fmt_bytes(x['dense_bytes'])}, "
                      f"window cache {fmt_bytes(x['window_cache_bytes'])} ({x['cache_rows_per_layer']} "
-                     f"rows/layer), buffers {fmt_bytes(x['buffer_bytes'])}, KV {fmt_bytes(x['kv_cache_bytes'])}"
+                     f"rows/layer{_placed_text(x)}), buffers {fmt_bytes(x['buffer_bytes'])}, KV "
+                     f"{fmt_bytes(x['kv_cache_bytes'])}"
                      f" | per decode token: read {fmt_bytes(x['flash_bytes_per_token'])} in "
                      f"{x['read_ops_per_token']:.1f} reads of {fmt_bytes(x['decode_mean_read_bytes'])} | cache hit "
                      f"rate {100 * x['cache_hit_rate']:.1f}% | ms/token: I/O wait {ms['io_wait']:.1f}, bookkeeping "
                      f"{ms['bookkeeping']:.1f}, compute {ms['compute']:.1f}, selection {ms['selection']:.1f}")
     return lines
+
+
+def _placed_text(x: dict) -> str:
+    p = x.get("placement")
+    if not p:
+        return ""
+    dev = f", {p['device_neurons']} on {p['device']}" if p["device_neurons"] else ""
+    return f"; placement {p['solver']}: {p['pinned_neurons']} pinned{dev}"
 
 
 def _writable(path: Path | None) -> None:

@@ -22,9 +22,14 @@ def _click_type(f):
     return float if "float" in t else int if "int" in t else str
 
 
-def engine_options(fn):
-    """Add one click option per CLI field of EngineOptions (help, default and choices from it)."""
+def engine_options(fn=None, *, only: tuple[str, ...] | None = None):
+    """Add one click option per CLI field of EngineOptions (help, default and choices from it);
+    ``only``: just these fields (``engine_options(only=(...))`` as a decorator)."""
+    if fn is None:
+        return lambda f: engine_options(f, only=only)
     for f in reversed(cli_fields()):
+        if only is not None and f.name not in only:
+            continue
         default = f.default if f.metadata["unit"] != "bytes" or f.default is None else f"{f.default}B"
         fn = click.option(EngineOptions.label(f.name), f.name, type=_click_type(f), default=default,
                           show_default=default is not None, help=f.metadata["help"].replace("%", "%%"))(fn)
@@ -35,6 +40,8 @@ def take_engine_options(kwargs: dict) -> EngineOptions:
     """Remove the engine options from a command's keyword arguments -> EngineOptions."""
     values = {}
     for f in cli_fields():
+        if f.name not in kwargs:
+            continue
         v = kwargs.pop(f.name)
         values[f.name] = parse_size(v) if f.metadata["unit"] == "bytes" and v is not None else v
     return EngineOptions(**values)

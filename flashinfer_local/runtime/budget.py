@@ -81,6 +81,15 @@ class Sizes:
 
 
 @dataclass(frozen=True)
+class Placed:
+    """What a stored placement (``predictors.plan_file``) asks of the budget."""
+    pinned: tuple[int, ...]          # per layer: neurons pinned in DRAM
+    window_rows: tuple[int, ...]     # per layer: window rows beside them
+    device_dram_bytes: int = 0       # device-pinned neurons held in DRAM (a CPU device's tensors)
+    planned_budget: int | None = None  # the budget the placement was solved for (for the message)
+
+
+@dataclass(frozen=True)
 class BudgetPlan:
     mode: str                # none | window | naive
     budget_bytes: int | None  # None: no limit
@@ -95,6 +104,8 @@ class BudgetPlan:
     tokenizer_bytes: int
     slack_bytes: int
     draft_bytes: int = 0     # a speculative draft: a draft model in DRAM, or the self draft's KV cache
+    rows_per_layer: tuple = ()    # with a placement: each layer's window rows, pinned ones included
+    pinned_per_layer: tuple = ()  # with a placement: each layer's DRAM-pinned neurons (rows at the front)
 
     def owners(self) -> dict[str, int]:
         """Planned bytes by owner (the names ``measure.profile`` attributes RSS to)."""
@@ -283,9 +294,11 @@ def parts_text(dense: int, kv: int, buffers: int, tokenizer: int, slack: int, pr
 
 
 def plan_budget(src: Bundle | Sizes, budget: int | None, context: int, offload: str | None = None,
-                selector: int = 0, evict: str = "recency", draft: int = 0) -> BudgetPlan:
+                selector: int = 0, evict: str = "recency", draft: int = 0, placed: Placed | None = None) -> BudgetPlan:
     """Split ``budget`` bytes (None: no limit) between owners. ``offload`` None chooses: none when
-    everything fits the budget (or there is none), else window."""
+    everything fits the budget (or there is none), else window. ``placed``: in window mode, each
+    layer's pinned neurons and window rows as a stored placement says (what is left of the budget
+    adds rows to every layer)."""
     assert offload in (None, *OFFLOAD_MODES), offload          # EngineOptions validates user input
     s = Sizes.of(src)
     cfg = s.cfg
@@ -308,6 +321,30 @@ def plan_budget(src: Bundle | Sizes, budget: int | None, context: int, offload: 
     plan = replace(plan, budget_bytes=budget)
     if offload != "window":
         return plan
+    if placed is not None:
+        return _placed_plan(plan, s, budget, fixed, evict, placed)
     rows = window_rows(cfg, s.layout.record_bytes, (UNLIMITED if budget is None else budget) - fixed, evict)
     return replace(plan, cache_rows_per_layer=rows,
                    cache_bytes=window_cache_bytes(cfg, s.layout.record_bytes, rows, evict))
+
+
+def _placed_plan(plan: BudgetPlan, s: Sizes, budget: int | None, fixed: int, evict: str, placed: Placed) -> BudgetPlan:
+    """The window owner sized by a placement: per layer its pinned and window rows, plus an equal
+    share of what the budget has left; refused when the budget cannot hold the placement."""
+    cfg, rec = s.cfg, s.layout.record_bytes
+    rows = [p + w for p, w in zip(placed.pinned, placed.window_rows)]
+
+    def cache(rs):
+        return sum(wc.window_bytes(cfg.d_ff, rec, r, evict) + cfg.d_ff * wc.PLAN_SCRATCH_BYTES_PER_NEURON for r in rs)
+    need = cache(rows) + placed.device_dram_bytes
+    free = UNLIMITED if budget is None else budget - fixed
+    if need > free:
+        made = f" (it was solved for {fmt_bytes(placed.planned_budget)})" if placed.planned_budget else ""
+        raise FlashinferError(f"--dram-budget {fmt_bytes(budget)} cannot hold the bundle's stored placement{made}: "
+                              f"it needs {fmt_bytes(fixed + need)}; re-run flashinfer-local plan with this budget, "
+                              "or run with --placement none")
+    extra = min(cfg.d_ff, (free - need) // (cfg.n_layers * (rec + wc.ROW_META_BYTES)))
+    rows = tuple(min(cfg.d_ff, r + extra) for r in rows)
+    return replace(plan, cache_rows_per_layer=int(round(np.mean(rows))), rows_per_layer=rows,
+                   pinned_per_layer=tuple(placed.pinned), cache_bytes=cache(rows),
+                   ffn_dram_bytes=placed.device_dram_bytes)

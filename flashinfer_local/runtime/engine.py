@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from predictors import plan_file
+from predictors.placement import DEVICE, PINNED
 from storage import format as fmt
 from storage.errors import FlashinferError
 from storage.reader import Bundle
@@ -32,8 +34,9 @@ from storage.reader import Bundle
 from flashinfer_local.kernels import QuantMatrix
 from flashinfer_local.models import build_model
 from flashinfer_local.models.common import KVCache, kv_itemsize
+from flashinfer_local.runtime import placed
 from flashinfer_local.runtime.backend import FFNCounters, array_bytes
-from flashinfer_local.runtime.budget import (PREFILL_TOKENS, Sizes, draft_model_bytes, kv_cache_bytes,
+from flashinfer_local.runtime.budget import (PREFILL_TOKENS, Placed, Sizes, draft_model_bytes, kv_cache_bytes,
                                              plan_budget, selector_bytes)
 from flashinfer_local.runtime.dram import make_dram_ffn
 from flashinfer_local.runtime.options import EngineOptions
@@ -56,12 +59,33 @@ def _dense_weights(bundle: Bundle) -> dict:
     return w
 
 
-def make_backend(bundle: Bundle, plan, opts: EngineOptions):
-    """The FFN backend the plan asks for."""
+def make_backend(bundle: Bundle, plan, opts: EngineOptions, placement=None):
+    """The FFN backend the plan asks for (``placement``: a stored plan's (tiers, meta), window mode)."""
     if plan.mode == "none":
         return make_dram_ffn(bundle)
-    return StreamingFFN(bundle, plan, opts.window, io_threads=opts.io_threads, direct=opts.direct,
-                        evict=opts.evict, read_gap=opts.read_gap)
+    pinned = None if placement is None else placed.pinned_ids(placement[0])
+    ffn = StreamingFFN(bundle, plan, opts.window, io_threads=opts.io_threads, direct=opts.direct,
+                       evict=opts.evict, read_gap=opts.read_gap, pinned=pinned)
+    if placement is not None and any((t == DEVICE).any() for t in placement[0]):
+        return placed.PlacedFFN(ffn, placed.DevicePart(bundle, placement[0], placement[1]["device"]))
+    return ffn
+
+
+def stored_placement(bundle: Bundle, opts: EngineOptions):
+    """(tiers, window rows, meta) of the bundle's stored placement, or None (none stored, or
+    ``placement="none"``)."""
+    if opts.placement == "none" or not plan_file.plan_path(bundle.path).exists():
+        return None
+    cfg = bundle.config
+    return plan_file.load(bundle.path, bundle.manifest, cfg.n_layers, cfg.d_ff)
+
+
+def placed_budget(bundle: Bundle, stored) -> Placed:
+    """What a stored placement asks of the budget."""
+    tiers, rows, meta = stored
+    dev = sum(int((t == DEVICE).sum()) for t in tiers)
+    per = placed.device_bytes_per_neuron(bundle.config, meta["device"]) if meta["device"] == "cpu" else 0
+    return Placed(tuple(int((t == PINNED).sum()) for t in tiers), tuple(rows), dev * per, meta.get("dram_budget"))
 
 
 class Engine:
@@ -96,8 +120,13 @@ class Engine:
         self.context = min(opts.context, cfg.max_position)
         self.tokenizer = self._shared_tokenizer or Tokenizer(self.bundle)
         draft_path, draft_bytes = self._draft_bytes(opts)
-        self.plan = plan_budget(Sizes.of(self.bundle, self.tokenizer.lean), opts.dram_budget, self.context, opts.offload,
-                                selector_bytes(opts.selector, self.bundle, opts.predictor), opts.evict, draft_bytes)
+        sizes, sel_bytes = Sizes.of(self.bundle, self.tokenizer.lean), selector_bytes(opts.selector, self.bundle, opts.predictor)
+        self.plan = plan_budget(sizes, opts.dram_budget, self.context, opts.offload, sel_bytes, opts.evict, draft_bytes)
+        self.placement = None
+        if self.plan.mode == "window" and (stored := stored_placement(self.bundle, opts)) is not None:
+            self.plan = plan_budget(sizes, opts.dram_budget, self.context, "window", sel_bytes, opts.evict,
+                                    draft_bytes, placed_budget(self.bundle, stored))
+            self.placement = (stored[0], stored[2])
         self.offload, self.dram_budget = self.plan.mode, opts.dram_budget
         if opts.draft == "self" and self.offload != "window":
             why = "the self draft computes with the FFN neurons the window holds, and this engine runs with "
@@ -110,8 +139,8 @@ class Engine:
         if draft_path is not None:
             self._open_draft_model(draft_path, opts)
         self.weights = _dense_weights(self.bundle)
-        self.selector = make_selector(opts.selector, self.bundle, opts.sparsity, opts.predictor)
-        self.ffn = make_backend(self.bundle, self.plan, opts)
+        self.selector = make_selector(opts.selector, self.bundle, opts.sparsity, opts.predictor, opts.layer_shares)
+        self.ffn = make_backend(self.bundle, self.plan, opts, self.placement)
         self._observers: list = []
         self._selection_s = 0.0
         self.model = build_model(cfg, self.weights, self._ffn_step)
@@ -263,9 +292,16 @@ class Engine:
     def memory_facts(self) -> dict:
         """What the engine holds for the model (fixed once it is open): mode, budget, runtime
         baseline, bytes by owner, the selector and the window's rows per layer."""
-        return {"offload": self.offload, "dram_budget_bytes": self.dram_budget,
-                "runtime_baseline_bytes": self.runtime_baseline_bytes, **self.resident(),
-                "selector": self.selector.name, "cache_rows_per_layer": self.plan.cache_rows_per_layer}
+        facts = {"offload": self.offload, "dram_budget_bytes": self.dram_budget,
+                 "runtime_baseline_bytes": self.runtime_baseline_bytes, **self.resident(),
+                 "selector": self.selector.name, "cache_rows_per_layer": self.plan.cache_rows_per_layer}
+        if self.placement is not None:
+            tiers, meta = self.placement
+            facts["placement"] = {"solver": meta.get("solver"), "device": meta.get("device"),
+                                  "pinned_neurons": int(sum(self.plan.pinned_per_layer)),
+                                  "device_neurons": int(sum((t == DEVICE).sum() for t in tiers)),
+                                  "predicted_tokens_per_s": meta.get("predicted_tokens_per_s")}
+        return facts
 
     @staticmethod
     def io_stats(since: FFNCounters, now: FFNCounters, decode_steps: int) -> dict:

@@ -15,7 +15,7 @@ from flashinfer_local.runtime.budget import OFFLOAD_MODES
 from flashinfer_local.runtime.streaming import MAX_GAP_BYTES
 
 SELECTORS = ("all", "oracle", "predictor")
-PREDICTORS = ("lowrank", "threshold")
+PREDICTORS = ("threshold", "lowrank")
 
 
 def _opt(default, help: str, unit: str | None = None, choices: tuple | None = None, flag: str | None = None,
@@ -42,9 +42,13 @@ class EngineOptions:
                          "stored in the bundle; oracle: measuring tool (true top activations from dense "
                          "weights held outside the budget), not for normal use.", choices=SELECTORS)
     predictor: str | None = _opt(None, "Which calibrated predictor --selector predictor uses (default: "
-                                 "lowrank if the bundle has it, else threshold).", choices=PREDICTORS)
+                                 "threshold if the bundle has it, else lowrank).", choices=PREDICTORS)
     sparsity: float | None = _opt(None, "Share of neurons a token skips (default: the predictor's calibrated "
                                   "default, at most 1% perplexity cost; the oracle: 0.5).")
+    layer_shares: str = _opt("auto", "How --selector predictor spreads the sparsity over layers. auto: the "
+                             "per-layer shares calibrate allocated (least activation mass lost for the same mean; "
+                             "their own calibrated default), where the predictor has them; uniform: every layer "
+                             "the same.", choices=("auto", "uniform"))
     draft: str | None = _opt(None, "Speculative decoding: lookup (continue an n-gram found earlier in the "
                              "context), self (the model restricted to the neurons its window holds: no SSD "
                              "reads), or a smaller model with the same tokenizer (a bundle, run in DRAM inside "
@@ -52,6 +56,9 @@ class EngineOptions:
                              "distribution.")
     draft_tokens: str = _opt("auto", "Tokens drafted per verification, 1-15, or auto (adapts to the recent "
                              "acceptance).")
+    placement: str = _opt("auto", "auto: follow the bundle's stored placement (flashinfer-local plan) when "
+                          "the FFN streams: its pinned neurons held in DRAM or on the device; none: ignore it.",
+                          choices=("auto", "none"))
     context: int = _opt(2048, "Longest prompt + generation (the KV cache's size, counted in the budget; a "
                         "longer request is refused, in every mode). At most the model's own context.")
     direct: bool = _opt(True, "Read records with direct I/O (bypassing the page cache).", cli=False)

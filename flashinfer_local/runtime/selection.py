@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from predictors import calibration as cal
 from predictors import store
 from storage.convert import quantize_rows_q8
 from storage.errors import FlashinferError, OptionError
@@ -89,13 +90,17 @@ class PredictorSelector:
     name = "predictor"
 
     def __init__(self, bundle: Bundle, kind: str | None = None, sparsity: float | None = None,
-                 tensors: dict | None = None, meta: dict | None = None):
+                 tensors: dict | None = None, meta: dict | None = None, shares: str = "auto"):
         cfg = bundle.config
         self.kind = kind = kind or default_predictor(bundle.path)
         if tensors is None:
-            tensors, meta = store.load(bundle.path, kind, cfg)
+            tensors, meta = store.load(bundle.path, kind, cfg, store.neuron_order(bundle.manifest))
         self.meta, self.gated = meta, cfg.gated
         self.cutoff_table = [tensors[f"cutoffs.{i}"] for i in range(cfg.n_layers)]
+        # per-layer shares of the sparsity (calibrate's lost mass per layer), where calibrated
+        self.lost = (np.stack([tensors[f"lost.{i}"] for i in range(cfg.n_layers)])
+                     if "lost.0" in tensors else None)
+        self.shares = cal.shares_mode(self.lost, meta, shares)
         self.w = []
         for i in range(cfg.n_layers):
             if kind == "lowrank":
@@ -111,13 +116,17 @@ class PredictorSelector:
         self.nbytes = sum(t.nbytes if isinstance(t, QuantMatrix) else t.numel() * t.element_size()
                           for ws in self.w for t in ws if t is not None)
         self.seconds = 0.0
-        self.set_sparsity(meta["default_sparsity"] if sparsity is None else sparsity)
+        default = meta["layer_default_sparsity"] if self.shares == "layer" else meta["default_sparsity"]
+        self.set_sparsity(default if sparsity is None else sparsity)
 
     def set_sparsity(self, sparsity: float) -> None:
+        """Keep (1 - sparsity) of the neurons on average: in every layer (uniform shares) or spread
+        over the layers where the least activation mass is lost (``shares == "layer"``)."""
         if not 0 <= sparsity <= store.GRID[-1]:
             raise FlashinferError(f"--sparsity {sparsity} must be in [0, {store.GRID[-1]}]")
         self.sparsity = float(sparsity)
-        self.cut = [float(np.interp(sparsity, store.GRID, c)) for c in self.cutoff_table]
+        self.layer_sparsity = cal.spread(self.lost, self.shares, sparsity, len(self.cutoff_table))
+        self.cut = [float(np.interp(s, store.GRID, c)) for s, c in zip(self.layer_sparsity, self.cutoff_table)]
 
     def scores(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         # x [T, d] f32 -> [T, d_ff] f32 (a few tokens: each row as alone, see models.common.by_token)
@@ -141,11 +150,12 @@ class PredictorSelector:
         return np.flatnonzero(m.any(0).numpy()).astype(np.int64)
 
 
-def make_selector(name: str, bundle: Bundle, sparsity: float | None = None, predictor: str | None = None):
+def make_selector(name: str, bundle: Bundle, sparsity: float | None = None, predictor: str | None = None,
+                  shares: str = "auto"):
     if name == "all":
         return AllSelector()
     if name == "oracle":
         return OracleSelector(bundle, 0.5 if sparsity is None else sparsity)
     if name == "predictor":
-        return PredictorSelector(bundle, predictor, sparsity)
+        return PredictorSelector(bundle, predictor, sparsity, shares=shares)
     raise OptionError("selector", f"{name} is not known (choose {', '.join(SELECTORS)})")

@@ -43,7 +43,10 @@ class StreamingFFN:
     """Window (``plan.mode == "window"``) or naive reads of FFN records from the SSD."""
 
     def __init__(self, bundle: Bundle, plan: BudgetPlan, window: int, io_threads: int = 8,
-                 direct: bool = True, evict: str = "recency", read_gap: int = MAX_GAP_BYTES):
+                 direct: bool = True, evict: str = "recency", read_gap: int = MAX_GAP_BYTES,
+                 pinned: list[np.ndarray] | None = None):
+        # pinned: a placement's DRAM-pinned neurons per layer (sorted ids), held at the front of each
+        # window and read once here (plan.rows_per_layer sizes each layer's window)
         cfg, lay = bundle.config, bundle.layout
         self.cfg = cfg
         self.reader = RecordReader(bundle.file_path(fmt.FFN_FILE), lay.record_bytes,
@@ -52,11 +55,15 @@ class StreamingFFN:
         self.scratch = [aligned_empty((CHUNK_ROWS, lay.record_bytes)) for _ in range(SCRATCH_BUFFERS)]
         self.compute = RecordCompute(bundle)
         self.windows = []
-        if plan.mode == "window" and plan.cache_rows_per_layer > 0:
-            rows = plan.cache_rows_per_layer
-            self.windows = [LayerWindow(cfg.d_ff, lay.record_bytes, rows, window,
-                                        rows=aligned_empty((rows, lay.record_bytes)), evict=evict)
-                            for _ in range(cfg.n_layers)]
+        rows = plan.rows_per_layer or (plan.cache_rows_per_layer,) * cfg.n_layers
+        if plan.mode == "window" and max(rows) > 0:
+            self.windows = [LayerWindow(cfg.d_ff, lay.record_bytes, r, window,
+                                        rows=aligned_empty((r, lay.record_bytes)), evict=evict,
+                                        pinned=None if pinned is None else pinned[i])
+                            for i, r in enumerate(rows)]
+            for i, w in enumerate(self.windows):       # pinned records: one read per contiguous run
+                if w.n_pinned:
+                    self.reader.read(i, w.resident_ids.astype(np.int64), w.rows[:w.n_pinned])
         self.all_ids = np.arange(cfg.d_ff, dtype=np.int64)
         self.token = -1
         self.t = {"bookkeeping_s": 0.0, "compute_s": 0.0, "io_wait_s": 0.0}

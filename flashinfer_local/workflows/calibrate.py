@@ -92,7 +92,7 @@ def _choose_default(eng: Engine, sel: PredictorSelector, val: list[list[int]], e
     return best, sorted(curve, key=lambda c: c["sparsity"])
 
 
-def calibrate(bundle_path: str | Path, kind: str = "lowrank", corpus: list[Path] | None = None,
+def calibrate(bundle_path: str | Path, kind: str = "threshold", corpus: list[Path] | None = None,
               tokens: int = 4096, target_sparsity: float = 0.5, rank: int | None = None,
               recall_target: float = 0.95, seed: int = 0, max_ppl_increase: float = MAX_PPL_INCREASE,
               progress: bool = False, threads: int | None = None) -> dict:
@@ -125,6 +125,8 @@ def calibrate(bundle_path: str | Path, kind: str = "lowrank", corpus: list[Path]
     n_train = sum(len(w) for w in train_w)
     tensors, layers = {}, []
     natural = []
+    coact_scores = []                 # per layer, the scores of COACT_TOKENS training tokens (f16)
+    sample = torch.from_numpy(np.linspace(0, n_train - 1, min(n_train, cal.COACT_TOKENS)).astype(np.int64))
     for i in range(cfg.n_layers):
         x = torch.cat(rec.xs[i]).float()                                   # [N, d]
         rec.xs[i] = None
@@ -139,9 +141,11 @@ def calibrate(bundle_path: str | Path, kind: str = "lowrank", corpus: list[Path]
         tensors[f"freq.{i}"] = cal.frequencies(abs_a, thr)
         t0 = time.perf_counter()
         if kind == "threshold":
-            cut = cal.cutoff_table(cal.gate_scores(xt, w, cfg.gated), seed)
+            score = cal.gate_scores(xt, w, cfg.gated)
+            cut = cal.cutoff_table(score, seed)
             k_t = store.grid_index(s_fit)
-            q = cal.selection_quality(cal.gate_scores(xv, w, cfg.gated), float(cut[k_t]), abs_av, thr)
+            score_v = cal.gate_scores(xv, w, cfg.gated)
+            q = cal.selection_quality(score_v, float(cut[k_t]), abs_av, thr)
             rep = {**q, "rank": None}
         else:
             m, cut, rep = lowrank.fit(xt, abs_a, xv, abs_av, thr, s_fit,
@@ -150,7 +154,14 @@ def calibrate(bundle_path: str | Path, kind: str = "lowrank", corpus: list[Path]
             tensors[f"A.{i}"] = m.A.numpy().astype(np.float16)
             tensors[f"B.{i}"] = m.B.numpy().astype(np.float16)
             tensors[f"bias.{i}"] = m.bias.numpy().astype(np.float32)
+            score, score_v = m.scores(xt), m.scores(xv)
         tensors[f"cutoffs.{i}"] = cut
+        tensors[f"lost.{i}"] = cal.mass_lost(score_v, abs_av, cut)
+        del score_v
+        tensors[f"keep.{i}"] = cal.keep_frequencies(score, cut)
+        tensors[f"wread.{i}"], tensors[f"wocc.{i}"] = cal.window_statistics(score, cut, WINDOW, store.WINDOW_STATS_K)
+        coact_scores.append(score[sample].half())
+        del score
         layers.append({"layer": i, "threshold": thr, "fit_s": time.perf_counter() - t0, **rep})
         log.info("layer %d: %s", i, {k: v for k, v in layers[-1].items() if k != "tried"})
         bar.update(1)
@@ -160,11 +171,22 @@ def calibrate(bundle_path: str | Path, kind: str = "lowrank", corpus: list[Path]
             "corpus": [str(p) for p in corpus] if corpus else "stdlib:" + ",".join(CALIBRATION_MODULES),
             "train_tokens": n_train, "val_tokens": sum(len(w) for w in val_w),
             "natural_sparsity": float(np.mean(natural)), "layers": layers,
-            "max_ppl_increase": max_ppl_increase, "exact_val_perplexity": float(np.exp(exact_nll / n_tok))}
+            "max_ppl_increase": max_ppl_increase, "window_stats_k": store.WINDOW_STATS_K,
+            "neuron_order": store.neuron_order(bundle.manifest), "exact_val_perplexity": float(np.exp(exact_nll / n_tok))}
     sel = PredictorSelector(bundle, kind, sparsity=0.0, tensors=tensors, meta={**meta, "default_sparsity": 0.0})
     _time_layers(sel, layers, val_w[0][:1], eng)
     meta["default_sparsity"], meta["default_curve"] = _choose_default(
         eng, sel, val_w, meta["exact_val_perplexity"], max_ppl_increase, round(floor, 2))
+    sel.shares = "layer"                      # the same search with per-layer shares of the sparsity
+    meta["layer_default_sparsity"], meta["layer_default_curve"] = _choose_default(
+        eng, sel, val_w, meta["exact_val_perplexity"], max_ppl_increase, round(floor, 2))
+    sel.set_sparsity(meta["layer_default_sparsity"])
+    meta["layer_sparsities"] = [float(v) for v in sel.layer_sparsity]
+    for i in range(cfg.n_layers):        # co-activation at the default sparsity: what reorder follows
+        c = float(np.interp(meta["default_sparsity"], store.GRID, tensors[f"cutoffs.{i}"]))
+        tensors[f"coact.{i}"], tensors[f"coact_w.{i}"] = cal.coactivation(coact_scores[i].float() > c)
+        coact_scores[i] = None
+    meta["coact_sparsity"] = meta["default_sparsity"]
     meta["calibrate_s"] = time.perf_counter() - t_start
     path = store.save(bundle.path, kind, tensors, meta)
     eng.close()

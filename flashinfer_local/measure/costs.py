@@ -1,0 +1,191 @@
+"""The placement's cost model, measured on this machine (``plan --measure``) and cached.
+
+What is timed, each on this bundle's own files and kernels:
+- the SSD: sequential bandwidth, and the time per record read (direct I/O, the engine's reader and
+  thread count) for random selections of a layer at several densities (sparse reads are bound by
+  the request rate, dense ones coalesce);
+- the CPU: the record kernel's time per neuron for one token;
+- the dense part: a decode token with every neuron skipped (attention, norms, head), plus the
+  predictor's time per token from its calibration report;
+- the device (when one is asked for): torch's time per neuron for a layer's device share, and the
+  cost of using it at all in a layer (copy in, launch, copy out).
+The result is cached in ``~/.cache/flashinfer-local/costs.json`` under the bundle's FFN checksum,
+the device and the thread counts; ``plan --measure`` measures again.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from predictors.placement import CostModel
+from storage import format as fmt
+from storage import window_cache as wc
+from storage.direct_io import RecordReader, aligned_empty, measure_sequential_bandwidth
+from storage.reader import Bundle
+
+from flashinfer_local.kernels import RecordKernel
+
+DENSITIES = (0.01, 0.03, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
+READ_SECONDS = 0.4            # per density
+TOKENS = 8                    # decode tokens timed for the dense part
+
+
+def cache_path() -> Path:
+    root = Path(os.environ.get("FLASHINFER_LOCAL_HOME", Path.home() / ".cache" / "flashinfer-local"))
+    return root / "costs.json"
+
+
+def cache_key(bundle: Bundle, device: str, io_threads: int, threads: int) -> str:
+    return f"{bundle.manifest['files'][fmt.FFN_FILE]['sha256']}:{device}:{io_threads}:{threads}"
+
+
+def cached(key: str) -> CostModel | None:
+    try:
+        return CostModel.from_dict(json.loads(cache_path().read_text())[key])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def store(key: str, costs: CostModel) -> None:
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            table = json.loads(path.read_text())
+        except (OSError, ValueError):
+            table = {}
+        table[key] = costs.to_dict()
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(table, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass                              # a cache that cannot be written is measured again next time
+
+
+def read_costs(bundle: Bundle, io_threads: int = 8, seconds: float = READ_SECONDS) -> tuple[list, list, float]:
+    """(densities, seconds per record read at each, sequential bytes/s) of this bundle's FFN file."""
+    cfg, lay = bundle.config, bundle.layout
+    rng = np.random.default_rng(0)
+    per = []
+    with RecordReader(bundle.file_path(fmt.FFN_FILE), lay.record_bytes,
+                      [bundle.ffn_offset(i) for i in range(cfg.n_layers)], threads=io_threads) as r:
+        dest = aligned_empty((cfg.d_ff, lay.record_bytes))
+        layer = 0
+        for dens in DENSITIES:
+            n = max(1, int(round(dens * cfg.d_ff)))
+            recs, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds or recs == 0:
+                ids = np.sort(rng.choice(cfg.d_ff, n, replace=False)).astype(np.int64)
+                r.read(layer, ids, dest[:n])
+                recs += n
+                layer = (layer + 1) % cfg.n_layers
+            per.append((time.perf_counter() - t0) / recs)
+    seq = measure_sequential_bandwidth(bundle.file_path(fmt.FFN_FILE), seconds=1.0)
+    return list(DENSITIES), per, seq
+
+
+def cpu_cost(bundle: Bundle, reps: int = 20) -> float:
+    """Seconds per neuron of the record kernel for one token (activations and down pass)."""
+    cfg = bundle.config
+    k = RecordKernel(bundle.layout, bundle.ffn_dtype, cfg.d_model, cfg.d_ff)
+    recs = bundle.read_ffn_layer(cfg.n_layers // 2)
+    n = min(cfg.d_ff, 4096)
+    ids = np.sort(np.random.default_rng(1).choice(cfg.d_ff, n, replace=False)).astype(np.int64)
+    x = np.random.default_rng(2).standard_normal((1, cfg.d_model)).astype(np.float32)
+    out = np.zeros((1, cfg.d_model), np.float32)
+    ts = []
+    for _ in range(reps + 2):
+        t0 = time.perf_counter()
+        k.begin(x)
+        k.activations(recs, ids, ids, None)
+        k.down(recs, ids, ids)
+        k.finish(out)
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts[2:])) / n
+
+
+def device_costs(bundle: Bundle, device: str, reps: int = 20) -> tuple[float, float, int]:
+    """(seconds per device neuron, seconds per layer that uses the device, bytes per neuron)."""
+    from flashinfer_local.runtime.placed import check_device, device_bytes_per_neuron, device_dtype
+    cfg = bundle.config
+    dev, dt = check_device(device), device_dtype(device)
+    d, n = cfg.d_model, min(cfg.d_ff, 4096)
+    w = [torch.randn(n, d, dtype=torch.float32).to(dev, dt) for _ in range(3)]
+    x = torch.randn(1, d)
+
+    def once(m):
+        xd = x.to(dev, dt, non_blocking=True)
+        h = torch.nn.functional.silu(xd @ w[0][:m].T) * (xd @ w[1][:m].T)
+        return (h @ w[2][:m]).to("cpu", torch.float32)
+
+    def timed(m):
+        ts = []
+        for _ in range(reps + 2):
+            t0 = time.perf_counter()
+            once(m)
+            ts.append(time.perf_counter() - t0)
+        return float(np.median(ts[2:]))
+    small, big = timed(8), timed(n)
+    per = max(0.0, (big - small) / (n - 8))
+    return per, max(0.0, small - 8 * per), device_bytes_per_neuron(cfg, device)
+
+
+def dense_cost(path: Path, threads: int | None) -> float:
+    """Seconds of a decode token with every FFN neuron skipped: the dense part's time."""
+    from flashinfer_local.runtime.engine import Engine
+
+    class _Nothing:
+        name, nbytes = "nothing", 0
+
+        def mask(self, layer, x):
+            return torch.zeros(x.shape[0], d_ff, dtype=torch.bool)
+    eng = Engine(path, offload="window", threads=threads, context=64, placement="none")
+    try:
+        d_ff = eng.config.d_ff
+        with eng.selecting(_Nothing()):
+            cache = eng.new_cache(TOKENS + 2)
+            tok = torch.tensor([1])
+            eng.forward(tok, 0, cache)
+            ts = []
+            for i in range(TOKENS):
+                t0 = time.perf_counter()
+                eng.forward(tok, i + 1, cache)
+                ts.append(time.perf_counter() - t0)
+        return float(np.median(ts))
+    finally:
+        eng.close()
+
+
+def measure(bundle: Bundle, device: str = "none", io_threads: int = 8, threads: int | None = None,
+            say=lambda msg: None) -> CostModel:
+    say("measuring the SSD's read cost ...")
+    dens, per, seq = read_costs(bundle, io_threads)
+    say("measuring the CPU kernels and the dense part ...")
+    cpu = cpu_cost(bundle)
+    dense = dense_cost(bundle.path, threads)
+    dev = (0.0, 0.0, 0)
+    if device != "none":
+        say(f"measuring {device} ...")
+        dev = device_costs(bundle, device)
+    rec = bundle.layout.record_bytes
+    return CostModel(record_bytes=rec, row_bytes=rec + wc.ROW_META_BYTES, cpu_s_per_record=cpu,
+                     read_density=dens, read_s_per_record=per, dense_s=dense, device=device,
+                     device_s_per_record=dev[0], device_sync_s=dev[1], device_bytes_per_record=dev[2],
+                     sequential_bytes_per_s=seq, measured={"at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                                           "threads": threads, "io_threads": io_threads})
+
+
+def costs_for(bundle: Bundle, device: str, io_threads: int, threads: int | None, remeasure: bool,
+              say=lambda msg: None) -> tuple[CostModel, bool]:
+    """(the cost model, whether it was measured now): the cached one unless ``remeasure``."""
+    key = cache_key(bundle, device, io_threads, threads or 0)
+    if not remeasure and (c := cached(key)) is not None:
+        return c, False
+    c = measure(bundle, device, io_threads, threads, say)
+    store(key, c)
+    return c, True
