@@ -18,17 +18,22 @@ The objective is the expected time of a decode token (``CostModel``, measured on
     io_l      = reads * read_s_per_record(density of the layer's reads)
     sync_l    = device_sync_s * y_l: the CPU thread's launch and copies when layer l uses the device
     dev_l     = sync_l + device neurons * device_s_per_record   (dense on the device)
-    reads     = window share * p (1 - p)^(K - 1) + stream share * p         (p: keep frequency)
+    reads     = window neurons' misses + stream neurons' p      (p: keep frequency; a window
+                miss and a row's occupancy measured by calibrate, else p (1 - p)^(K - 1) and
+                1 - (1 - p)^K as if tokens were independent)
 
 subject to the DRAM left after the fixed parts (pinned rows, and window rows at their expected
 occupancy), and the device's memory. A layer pays the device's synchronisation only if it uses the
 device (y_l binary), so a layer gets enough device neurons to beat that cost, or none: PowerInfer's
-threshold, here a term of the objective rather than a constant to tune. Neurons are taken in groups of similar keep frequency
-(sorted, ``GROUPS`` per layer), so the program has a few thousand variables and HiGHS
-(``scipy.optimize.milp``) solves it in well under a second; the read cost depends on the read
-density, so the program is re-solved with the density of the previous solution (a few rounds).
-``greedy`` is what PowerInfer ships: every neuron in one list by keep frequency, the hottest to the
-device until it is full, the next pinned in DRAM until the budget is spent.
+threshold, here a term of the objective rather than a constant to tune. Neurons are taken in
+groups of similar keep frequency (sorted, ``GROUPS`` per layer; counts integer in small groups),
+so the program has a few thousand variables and HiGHS (``scipy.optimize.milp``) solves it in under
+a second without a device. The read cost per record falls as reads get denser (they coalesce); the
+program takes it at one density for the whole model, that of the greedy plan, then of its own
+previous solution (``ROUNDS``). Every candidate is scored by ``evaluate`` (per-layer densities,
+integer counts) and the best, greedy's included, is returned. ``greedy`` is what PowerInfer ships:
+every neuron in one list by keep frequency, the hottest to the device until it is full, the next
+pinned in DRAM until the budget is spent.
 """
 from __future__ import annotations
 
@@ -184,6 +189,8 @@ def greedy(prob: Problem) -> Placement:
     n_dev = 0
     if prob.device_bytes and c.device_bytes_per_record:
         n_dev = min(len(flat), prob.device_bytes // c.device_bytes_per_record)
+        if _device_dram(c):                       # a CPU device's tensors are in DRAM too
+            n_dev = min(n_dev, max(0, prob.dram_bytes) // _device_dram(c))
         tier[order[:n_dev]] = DEVICE
     dram = prob.dram_bytes - n_dev * _device_dram(c)
     n_pin = int(min(len(flat) - n_dev, max(0, dram) // c.row_bytes))

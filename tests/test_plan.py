@@ -63,8 +63,9 @@ def _logits(path, **kw):
         eng.close()
 
 
-def test_window_pinned_rows_stay():
-    w = wc.LayerWindow(50, 8, 20, 2, pinned=np.array([3, 7, 40]))
+@pytest.mark.parametrize("evict", wc.EVICT)
+def test_window_pinned_rows_stay(evict):
+    w = wc.LayerWindow(50, 8, 20, 2, pinned=np.array([3, 7, 40]), evict=evict)
     assert w.n_pinned == 3 and list(w.resident_ids) == [3, 7, 40]
     for t, sel in enumerate([[1, 2, 3], [5, 6, 9, 10, 11], list(range(12, 40)), [7, 8]]):
         p = w.plan(t, np.array(sel))
@@ -87,8 +88,7 @@ def test_a_plan_is_followed_and_changes_nothing(bundle):
     assert (with_plan.argmax(-1) == without.argmax(-1)).all()
 
 
-def test_device_cpu_matches_all_cpu(bundle):
-    """Half of each layer's neurons on a CPU "device": the partial sums give the all-CPU output."""
+def _device_plan(bundle, device):
     from storage.reader import Bundle
     b = Bundle(bundle)
     cfg = b.config
@@ -96,15 +96,51 @@ def test_device_cpu_matches_all_cpu(bundle):
     tiers = [np.where(rng.random(cfg.d_ff) < 0.5, pl.DEVICE, pl.STREAM).astype(np.int8) for _ in range(cfg.n_layers)]
     tiers[0][:4] = pl.PINNED
     plan = pl.Placement(tiers, [0] * cfg.n_layers, 1.0, [0.0] * cfg.n_layers, "test")
-    plan_file.save(bundle, b.manifest, plan, {"device": "cpu", "predictor": None, "dram_budget": None,
+    plan_file.save(bundle, b.manifest, plan, {"device": device, "predictor": None, "dram_budget": None,
                                               "layers": plan.counts()})
     b.close()
+    return tiers
+
+
+def test_device_cpu_matches_all_cpu(bundle):
+    """Half of each layer's neurons on a CPU "device": the partial sums give the all-CPU output."""
+    tiers = _device_plan(bundle, "cpu")
     budget = _budget(bundle, 1 << 20)
     placed, facts = _logits(bundle, dram_budget=budget)
     cpu, _ = _logits(bundle, dram_budget=budget, placement="none")
     assert facts["placement"]["device_neurons"] == sum(int((t == pl.DEVICE).sum()) for t in tiers)
     assert torch.allclose(placed, cpu, atol=1e-4, rtol=1e-4)
     assert (placed.argmax(-1) == cpu.argmax(-1)).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_cuda_matches_all_cpu(bundle):
+    """The same with the device neurons on CUDA (f16 there: float16 rounding)."""
+    _device_plan(bundle, "cuda")
+    budget = _budget(bundle, 1 << 20)
+    placed, facts = _logits(bundle, dram_budget=budget)
+    cpu, _ = _logits(bundle, dram_budget=budget, placement="none")
+    assert facts["placement"]["device"] == "cuda"
+    assert torch.allclose(placed, cpu, atol=2e-2, rtol=2e-2)
+
+
+def test_a_cuda_plan_without_cuda_is_refused(bundle):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    _device_plan(bundle, "cuda")
+    with pytest.raises(FlashinferError, match="does not have; re-run"):
+        Engine(bundle, offload="window", context=CTX, selector="predictor", dram_budget=_budget(bundle, 1 << 20))
+
+
+def test_plan_with_a_cpu_device(bundle):
+    budget = _budget(bundle, 400 << 10)
+    rep = make_plan(bundle, budget, {"selector": "predictor", "context": CTX}, gpu_mem=64 << 10, device="cpu")
+    assert rep["device"] == "cpu" and rep["costs"]["device_s_per_record"] > 0
+    assert sum(r["device"] for r in rep["layers"]) * rep["costs"]["device_bytes_per_record"] <= 64 << 10
+    eng = Engine(bundle, offload="window", context=CTX, selector="predictor", dram_budget=budget)
+    assert eng.plan.total_bytes <= budget
+    eng.close()
 
 
 def test_the_budget_counts_the_plan(bundle):

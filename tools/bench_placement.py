@@ -27,42 +27,73 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import evict  # noqa: E402
 
 PROMPT = "def quicksort(xs):\n    \"\"\"Sort a list of numbers.\"\"\"\n"
-ROWS = ("window", "greedy", "milp")
+# (row, selector args, plan: None | "greedy" | "milp", reorder, layer shares)
+ROWS = (("window all", ["--selector", "all"], None, None, "auto"),
+        ("window", [], None, None, "uniform"),
+        ("window", [], None, None, "auto"),
+        ("greedy plan", [], "greedy", None, "auto"),
+        ("milp plan", [], "milp", None, "uniform"),
+        ("milp plan", [], "milp", None, "auto"),
+        ("milp + reorder (frequency)", [], "milp", "frequency", "auto"),
+        ("milp + reorder (coact)", [], "milp", "coact", "auto"))
 
 
 def bundle_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.suffix != ".tmp")
+    """The model's files (the manifest's), not the predictor or plan files beside them."""
+    return sum(int(f["bytes"]) for f in json.loads((path / "manifest.json").read_text())["files"].values())
 
 
 def cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "flashinfer_local", *map(str, args)], capture_output=True, text=True)
 
 
-def make_plans(bundle: Path, budget: int, common: list[str], keep: Path) -> dict:
-    plans = {}
-    for solver in ("greedy", "milp"):
-        r = cli("plan", bundle, "--dram-budget", f"{budget}B", "--solver", solver, *common, "--json", keep / f"{solver}.json")
+def key(row) -> str:
+    name, _, _, _, shares = row
+    return f"{name} [{'per-layer' if shares == 'auto' else 'uniform'} shares]" if name != "window all" else name
+
+
+def prepare(bundle: Path, budget: int, context: int, keep: Path) -> dict:
+    """Each row's bundle directory and stored plan: plans for the original bundle are kept as files
+    and copied in before their rows; a reordered row gets its own copy of the bundle (hard links but
+    for the rewritten files) with its plan inside."""
+    out = {}
+    for row in ROWS:
+        name, sel, solver, reorder, shares = row
+        if solver is None:
+            out[key(row)] = {"dir": bundle, "plan": None}
+            continue
+        target = bundle
+        if reorder:
+            target = keep / f"reordered-{reorder}"
+            if not target.exists():
+                subprocess.run(["cp", "-al", str(bundle), str(target)], check=True)
+        args = ["plan", target, "--dram-budget", f"{budget}B", "--solver", solver, "--selector", "predictor",
+                "--context", context, "--layer-shares", shares, "--json", keep / "p.json"]
+        r = cli(*args, *(["--reorder", reorder] if reorder else []))
         if r.returncode:
-            raise SystemExit(f"plan {solver} failed: {r.stderr.strip()[-300:]}")
-        shutil.copy(bundle / "placement.safetensors", keep / f"{solver}.safetensors")
-        plans[solver] = json.loads((keep / f"{solver}.json").read_text())
-        print(f"  plan {solver}: {plans[solver]['solver']}, predicted {plans[solver]['objective_ms']:.1f} ms/token "
-              f"(greedy {plans[solver]['greedy_objective_ms']:.1f}), solved in {plans[solver]['solve_s']:.2f} s",
-              flush=True)
-    return plans
+            raise SystemExit(f"{key(row)}: plan failed: {r.stderr.strip()[-400:]}")
+        rep = json.loads((keep / "p.json").read_text())
+        saved = keep / f"plan-{len(out)}.safetensors"
+        shutil.copy(target / "placement.safetensors", saved)
+        out[key(row)] = {"dir": target, "plan": saved, "report": rep}
+        print(f"  {key(row)}: {rep['solver']}, predicted {rep['objective_ms']:.1f} ms/token (greedy "
+              f"{rep['greedy_objective_ms']:.1f}), solved in {rep['solve_s']:.2f} s", flush=True)
+    return out
 
 
-def run_row(bundle: Path, budget: int, common: list[str], tokens: int, row: str, keep: Path) -> dict:
-    target = bundle / "placement.safetensors"
-    target.unlink(missing_ok=True)
-    if row != "window":
-        shutil.copy(keep / f"{row}.safetensors", target)
-    for f in bundle.iterdir():
+def run_row(row, prep: dict, budget: int, context: int, tokens: int, keep: Path) -> dict:
+    name, sel, solver, reorder, shares = row
+    d = prep["dir"]
+    (d / "placement.safetensors").unlink(missing_ok=True)
+    if prep["plan"] is not None:
+        shutil.copy(prep["plan"], d / "placement.safetensors")
+    for f in d.iterdir():
         if f.is_file():
             evict.drop_cache(f)
     out = keep / "s.json"
-    r = cli("run", bundle, "-p", PROMPT, "-n", tokens, "--temperature", "0", "--dram-budget", f"{budget}B",
-            *common, "--stats-json", out, *(["--placement", "none"] if row == "window" else []))
+    r = cli("run", d, "-p", PROMPT, "-n", tokens, "--temperature", "0", "--dram-budget", f"{budget}B",
+            "--context", context, *(sel or ["--selector", "predictor", "--layer-shares", shares]),
+            "--stats-json", out)
     if r.returncode:
         return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1][:300]}
     s = json.loads(out.read_text())
@@ -91,7 +122,6 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/placement"))
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
-    common = ["--selector", "predictor", "--context", str(a.context)]
     result = {"share": a.share, "tokens": a.tokens, "rounds": a.rounds, "bundles": {}}
     for spec in a.bundle:
         name, path = spec.split("=", 1)
@@ -104,30 +134,38 @@ def main() -> None:
         if saved.exists():
             shutil.copy(saved, backup)
         try:
-            plans = make_plans(bundle, budget, common, keep)
-            runs = {row: [] for row in ROWS}
+            prep = prepare(bundle, budget, a.context, keep)
+            runs = {key(row): [] for row in ROWS}
             for k in range(a.rounds):
                 for row in ROWS:
-                    runs[row].append(run_row(bundle, budget, common, a.tokens, row, keep))
-                    print(f"  round {k + 1} {row}: {runs[row][-1].get('decode_tps', runs[row][-1].get('error'))}",
-                          flush=True)
+                    runs[key(row)].append(run_row(row, prep[key(row)], budget, a.context, a.tokens, keep))
+                    got = runs[key(row)][-1]
+                    print(f"  round {k + 1} {key(row)}: {got.get('decode_tps', got.get('error'))}", flush=True)
         finally:
             saved.unlink(missing_ok=True)
             if backup.exists():
                 shutil.copy(backup, saved)
-        rows = {row: median_row(runs[row]) for row in ROWS}
-        for row in ("greedy", "milp"):
-            rows[row]["predicted_ms"] = plans[row]["objective_ms"]
-            rows[row]["plan"] = {k: plans[row][k] for k in ("solver", "objective_ms", "greedy_objective_ms", "solve_s")}
-            rows[row]["pinned"] = sum(r["pinned"] for r in plans[row]["layers"])
-            rows[row]["window_rows"] = sum(r["window_rows"] for r in plans[row]["layers"])
-        result["bundles"][name] = {"budget": budget, "rows": rows, "sparsity": plans["milp"]["sparsity"]}
+        rows = {}
+        for row in ROWS:
+            r = rows[key(row)] = median_row(runs[key(row)])
+            rep = prep[key(row)].get("report")
+            if rep:
+                r["predicted_ms"] = rep["objective_ms"]
+                r["plan"] = {k: rep[k] for k in ("solver", "objective_ms", "greedy_objective_ms", "solve_s",
+                                                 "sparsity", "layer_shares")}
+                r["pinned"] = sum(x["pinned"] for x in rep["layers"])
+                r["window_rows"] = sum(x["window_rows"] for x in rep["layers"])
+        result["bundles"][name] = {"budget": budget, "rows": rows}
         (a.out / "placement.json").write_text(json.dumps(result, indent=1))
+        for row in ROWS:                          # the reordered copies' own files (hard links elsewhere)
+            if row[3]:
+                shutil.rmtree(keep / f"reordered-{row[3]}", ignore_errors=True)
     lines = ["| bundle | row | tok/s | MiB/token | reads/token | mean read | I/O wait ms | predicted ms | measured ms "
              "| pinned | window rows | same text |", "|" + "---|" * 12]
     for name, b in result["bundles"].items():
-        base = b["rows"]["window"].get("text")
+        base = b["rows"][key(ROWS[2])].get("text")
         for row in ROWS:
+            row = key(row)
             r = b["rows"][row]
             if "error" in r:
                 lines.append(f"| {name} | {row} | {r['error']} |" + " |" * 10)

@@ -250,7 +250,8 @@ def eval_cmd(bundle, corpus, tokens, sparsities, predictor, gen_tokens, threads,
               help="Also renumber each layer's neurons for long reads (device, then pinned, then a path of "
               "co-active neurons, or by frequency) and rewrite the bundle's records, predictors and plan "
               "(crash-safe).")
-@engine_options(only=("selector", "predictor", "sparsity", "window", "evict", "context", "threads", "io_threads"))
+@engine_options(only=("selector", "predictor", "sparsity", "layer_shares", "window", "evict", "context", "threads",
+                      "io_threads"))
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the plan's report as JSON.")
 def plan(bundle, dram_budget, gpu_mem, device, solver, measure, reorder, json_out, **engine):
     """Place BUNDLE's FFN neurons for a DRAM budget: per layer, which are pinned on the device,

@@ -32,7 +32,7 @@ def engine_options(fn=None, *, only: tuple[str, ...] | None = None):
             continue
         default = f.default if f.metadata["unit"] != "bytes" or f.default is None else f"{f.default}B"
         fn = click.option(EngineOptions.label(f.name), f.name, type=_click_type(f), default=default,
-                          show_default=default is not None, help=f.metadata["help"].replace("%", "%%"))(fn)
+                          show_default=default is not None, help=f.metadata["help"])(fn)
     return fn
 
 

@@ -144,7 +144,7 @@ def dense_cost(path: Path, threads: int | None) -> float:
 
         def mask(self, layer, x):
             return torch.zeros(x.shape[0], d_ff, dtype=torch.bool)
-    eng = Engine(path, offload="window", threads=threads, context=64, placement="none")
+    eng = Engine(path, offload="naive", threads=threads, context=64, placement="none")
     try:
         d_ff = eng.config.d_ff
         with eng.selecting(_Nothing()):
