@@ -32,9 +32,14 @@ def calibrated(tiny_bundle, tmp_path_factory):
     return dst
 
 
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    return tmp_path_factory.mktemp("home")      # one cost cache for the module's copies
+
+
 @pytest.fixture
-def bundle(calibrated, tmp_path, monkeypatch):
-    monkeypatch.setenv("FLASHINFER_LOCAL_HOME", str(tmp_path / "home"))
+def bundle(calibrated, tmp_path, monkeypatch, home):
+    monkeypatch.setenv("FLASHINFER_LOCAL_HOME", str(home))
     dst = tmp_path / "b"
     shutil.copytree(calibrated, dst)
     return dst
@@ -162,7 +167,13 @@ def cfg_scratch(eng):
 def test_a_stale_plan_is_refused(bundle):
     budget = _budget(bundle)
     make_plan(bundle, budget, {"selector": "predictor", "context": CTX})
-    calibrate(bundle, "threshold", tokens=800, seed=0)          # new predictor: new frequencies
+    from predictors import store                               # a recalibrated predictor: new figures
+    from storage.reader import Bundle
+    b = Bundle(bundle)
+    tensors, meta = store.load(bundle, "threshold", b.config)
+    b.close()
+    tensors["keep.0"] = (tensors["keep.0"] * 0.5).astype(tensors["keep.0"].dtype)
+    store.save(bundle, "threshold", tensors, {k: v for k, v in meta.items() if k not in ("format_version", "kind")})
     with pytest.raises(FlashinferError, match="stale.*plan .* again"):
         Engine(bundle, offload="window", context=CTX, selector="predictor", dram_budget=budget)
     make_plan(bundle, budget, {"selector": "predictor", "context": CTX})
