@@ -143,7 +143,7 @@ def evaluate(prob: Problem, tiers: list[np.ndarray], window_rows: list[int]) -> 
     layer_s = []
     for i, (tr, w_rows) in enumerate(zip(tiers, window_rows)):
         p = prob.keep[i].astype(np.float64)
-        dev, pin = tr == DEVICE, tr == PINNED
+        dev = tr == DEVICE
         reads = _reads(prob, i, tr, w_rows)
         density = reads / len(p)
         cpu = p[~dev].sum() * c.cpu_s_per_record

@@ -243,6 +243,24 @@ def swap_bundle(tmp: Path, out: Path) -> None:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
+def build_beside(out: Path, write, disk_full: str, failed: str) -> None:
+    """Build a bundle with ``write(tmp)`` in a folder beside ``out`` and swap it in
+    (``swap_bundle``); whatever happens (an error, Ctrl-C), nothing partial stays behind, and an
+    OSError is one line: ``disk_full`` for a full disk, else ``failed: why``."""
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        write(tmp)
+        swap_bundle(tmp, out)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise FlashinferError(disk_full) from None
+        raise FlashinferError(f"{failed}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -299,23 +317,15 @@ def convert(src_path: str | Path | Source, out: str | Path, dtype: str | fmt.Pre
         raise FlashinferError(f"cannot create {out.parent}: {e.strerror or e}; choose another OUT") from None
     if not os.access(out.parent, os.W_OK | os.X_OK):
         raise FlashinferError(f"cannot write into {out.parent} (not writable); choose another OUT")
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     t0 = time.perf_counter()
     if progress and not isinstance(src_path, Source):      # opening a large GGUF takes seconds: say so first
         size = _bytes_of(Path(src_path))
         print(f"convert: reading {src_path} ({size / 2**30:.2f}GiB) into {out} ...", file=sys.stderr, flush=True)
-    try:
+
+    def write(tmp: Path) -> None:
         with (src_path if isinstance(src_path, Source) else open_source(src_path)) as src:
-            tmp.mkdir()
             _write_bundle(src, tmp, dtype, progress)
-        swap_bundle(tmp, out)
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise FlashinferError(f"disk full while writing the bundle in {out.parent}; "
-                                  "free some space and re-run convert (nothing was written)") from None
-        raise FlashinferError(f"cannot write the bundle in {out.parent}: {e.strerror or e}") from None
-    finally:      # whatever happened (an error, Ctrl-C), nothing partial stays behind
-        shutil.rmtree(tmp, ignore_errors=True)
+    build_beside(out, write, f"disk full while writing the bundle in {out.parent}; free some space and re-run "
+                 "convert (nothing was written)", f"cannot write the bundle in {out.parent}")
     log.info("converted %s -> %s in %.1fs", src_path, out, time.perf_counter() - t0)
     return out

@@ -328,6 +328,18 @@ def plan_budget(src: Bundle | Sizes, budget: int | None, context: int, offload: 
                    cache_bytes=window_cache_bytes(cfg, s.layout.record_bytes, rows, evict))
 
 
+def placement_dram_bytes(src: Bundle | Sizes, budget: int, context: int, selector: int = 0,
+                         evict: str = "recency") -> tuple[int, int]:
+    """(bytes a placement's rows may take under ``budget``, the budget below which there are none):
+    what is left after the streaming fixed part and the windows' per-neuron bookkeeping (what
+    ``_placed_plan`` counts for a placement's rows)."""
+    s = Sizes.of(src)
+    cfg = s.cfg
+    before = (minimum_budget(s, context, "window", selector)
+              + cfg.n_layers * cfg.d_ff * (wc.neuron_meta_bytes(evict) + wc.PLAN_SCRATCH_BYTES_PER_NEURON))
+    return budget - before, before
+
+
 def _placed_plan(plan: BudgetPlan, s: Sizes, budget: int | None, fixed: int, evict: str, placed: Placed) -> BudgetPlan:
     """The window owner sized by a placement: per layer its pinned and window rows, plus an equal
     share of what the budget has left; refused when the budget cannot hold the placement."""

@@ -22,10 +22,9 @@ from predictors import placement as pl
 from predictors import plan_file, store
 from storage.errors import FlashinferError, OptionError
 from storage.reader import Bundle
-from storage import window_cache as wc
 
 from flashinfer_local.measure import costs as cost_model
-from flashinfer_local.runtime.budget import Sizes, minimum_budget, predictor_bytes, default_predictor
+from flashinfer_local.runtime.budget import Sizes, default_predictor, placement_dram_bytes, predictor_bytes
 from flashinfer_local.runtime.options import EngineOptions
 from flashinfer_local.runtime.placed import DEVICES
 from flashinfer_local.runtime.tokenizer import Tokenizer
@@ -99,13 +98,11 @@ def make_plan(path: str | Path, dram_budget: int, options: EngineOptions | None 
         sizes = Sizes.of(bundle, tok.lean)
         context = min(opts.context, cfg.max_position)
         sel = predictor_bytes(bundle, opts.predictor) if opts.selector == "predictor" else 0
-        fixed = minimum_budget(sizes, context, "window", sel)
-        per_layer = cfg.d_ff * (wc.neuron_meta_bytes(opts.evict) + wc.PLAN_SCRATCH_BYTES_PER_NEURON)
-        free = dram_budget - fixed - cfg.n_layers * per_layer
+        free, least = placement_dram_bytes(sizes, dram_budget, context, sel, opts.evict)
         if free < 0:
-            raise FlashinferError(f"--dram-budget {fmt_bytes(dram_budget)} is below the {fmt_bytes(fixed + cfg.n_layers * per_layer)} "
-                                  "streaming needs before any neuron is placed; raise it (flashinfer-local estimate "
-                                  "shows the minimum)")
+            raise FlashinferError(f"--dram-budget {fmt_bytes(dram_budget)} is below the {fmt_bytes(least)} streaming "
+                                  "needs before any neuron is placed; raise it (flashinfer-local estimate shows the "
+                                  "minimum)")
         keep, reads, occ, src = keep_statistics(bundle, opts.selector, opts.predictor, opts.sparsity, opts.window,
                                                 opts.layer_shares)
         costs, fresh = cost_model.costs_for(bundle, device, opts.io_threads, opts.threads, remeasure, say)

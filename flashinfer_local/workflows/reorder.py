@@ -15,7 +15,6 @@ The model computes the same function: only the order of the FFN's sums changes (
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -28,7 +27,7 @@ from predictors import plan_file, store
 from predictors.placement import DEVICE, PINNED, Placement
 from storage import format as fmt
 from storage import validate
-from storage.convert import ffn_specs, remove_stale, swap_bundle
+from storage.convert import build_beside, ffn_specs, remove_stale
 from storage.errors import FlashinferError, OptionError
 from storage.reader import Bundle
 from storage.st_writer import SafetensorsWriter
@@ -120,19 +119,9 @@ def reorder(path: str | Path, placement: Placement, plan_meta: dict, keep: list[
         perms = [layer_order(t, k.astype(np.float64), None if nbrs is None else nbrs[i], method)
                  for i, (t, k) in enumerate(zip(placement.tiers, keep))]
         new_order = order_id(old_order, perms)
-        tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            tmp.mkdir()
-            _write(b, tmp, perms, new_order, preds, placement, plan_meta, say)
-            swap_bundle(tmp, out)
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise FlashinferError(f"disk full while reordering {out}; free some space (the bundle is as it "
-                                      "was)") from None
-            raise FlashinferError(f"cannot reorder {out}: {e.strerror or e} (the bundle is as it was)") from None
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        build_beside(out, lambda tmp: _write(b, tmp, perms, new_order, preds, placement, plan_meta, say),
+                     f"disk full while reordering {out}; free some space (the bundle is as it was)",
+                     f"cannot reorder {out} (the bundle is as it was)")
     return {"method": method, "neuron_order": new_order, "previous_order": old_order}
 
 
