@@ -26,7 +26,7 @@ _LAZY = {
     "GenerationStats": "flashinfer_local.runtime.sampling", "SamplingParams": "flashinfer_local.runtime.sampling",
     "Step": "flashinfer_local.runtime.sampling", "Session": "flashinfer_local.runtime.session",
     "calibrate": "flashinfer_local.workflows.calibrate", "convert": "storage.convert",
-    "Conversation": "flashinfer_local.workflows.conversation",
+    "Conversation": "flashinfer_local.workflows.conversation", "make_plan": "flashinfer_local.workflows.plan",
 }
 
 
@@ -49,4 +49,4 @@ def load(model=None, dtype: str = "f16", options=None, **overrides):
 
 
 __all__ = ["Engine", "EngineOptions", "GenerationStats", "SamplingParams", "Session", "Step", "FlashinferError",
-           "Conversation", "calibrate", "convert", "load", "__version__"]
+           "Conversation", "calibrate", "convert", "load", "make_plan", "__version__"]
