@@ -24,6 +24,7 @@ from .placement import TIERS, Placement
 from .store import data_sha256, neuron_order, predictor_path, read_meta, save_atomic
 
 FILE = "placement.safetensors"
+DEVICES = ("none", "cpu", "cuda", "mps")
 FORMAT_VERSION = 1
 
 
@@ -76,6 +77,9 @@ def load(bundle_dir: Path, manifest: dict, n_layers: int, d_ff: int) -> tuple[li
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         raise BundleError(f"{path}: placement format version {str(meta.get('format_version') if isinstance(meta, dict) else meta)[:20]}, "
                           f"this version reads {FORMAT_VERSION}" + again)
+    if meta.get("device") not in DEVICES or not isinstance(meta.get("dram_budget", 0), (int, type(None))) \
+            or not isinstance(meta.get("solver", ""), str) or not isinstance(meta.get("predictor"), (str, type(None))):
+        raise BundleError(f"{path}: malformed placement header (device, dram_budget, solver or predictor)" + again)
     if meta.get("data_sha256") != data_sha256(tensors):
         raise BundleError(f"{path}: damaged (its tensors do not match their checksum)" + again)
     ident = bundle_identity(manifest)

@@ -82,21 +82,25 @@ def save_atomic(path: Path, tensors: dict[str, np.ndarray], key: str, meta: dict
     """Write a safetensors file with ``meta`` (and the tensors' checksum) as the JSON header entry
     ``key``, atomically: temporary file in the same directory, fsync, rename, fsync the directory."""
     header = {key: json.dumps({**meta, "data_sha256": data_sha256(tensors)})}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata=header)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as e:
+        raise FlashinferError(f"cannot write {path}: {e.strerror or e}; check the folder's permissions and free "
+                              "space (the old file, if any, is unchanged)") from None
+    finally:                     # after the rename there is nothing left under the temporary name
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
     return path
 
 

@@ -197,6 +197,20 @@ def test_a_damaged_plan_is_refused(bundle):
     eng.close()
 
 
+def test_a_plan_with_a_bad_header_is_refused(bundle):
+    from predictors import store
+    from storage.reader import Bundle
+    make_plan(bundle, _budget(bundle), {"selector": "predictor", "context": CTX})
+    b = Bundle(bundle)
+    tiers, rows, meta = plan_file.load(bundle, b.manifest, b.config.n_layers, b.config.d_ff)
+    tensors = {f"tier.{i}": t for i, t in enumerate(tiers)} | {"window_rows": np.asarray(rows, np.int32)}
+    for bad in ({"device": 5}, {"device": "tpu"}, {"dram_budget": "lots"}, {"predictor": 3}):
+        store.save_atomic(plan_file.plan_path(bundle), tensors, "placement", {**meta, **bad})
+        with pytest.raises(FlashinferError, match="malformed placement header"):
+            plan_file.load(bundle, b.manifest, b.config.n_layers, b.config.d_ff)
+    b.close()
+
+
 def test_plan_cli(bundle, tmp_path):
     r = CliRunner().invoke(main, ["plan", str(bundle), "--dram-budget", f"{_budget(bundle)}B", "--selector",
                                   "predictor", "--context", str(CTX), "--json", str(tmp_path / "p.json")])
@@ -323,3 +337,15 @@ def test_calibrate_stores_layer_shares_and_the_selector_uses_them(bundle):
     assert uni.layer_sparsity == [0.3] * b.config.n_layers
     assert PredictorSelector(b, "threshold").sparsity == meta["layer_default_sparsity"]
     b.close()
+
+
+def test_an_unwritable_bundle_is_one_line(bundle, monkeypatch):
+    import tempfile
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    r = CliRunner().invoke(main, ["plan", str(bundle), "--dram-budget", f"{_budget(bundle)}B", "--selector",
+                                  "predictor", "--context", str(CTX)])
+    assert r.exit_code == 1 and "cannot write" in r.output and "Permission denied" in r.output, r.output
+    assert not plan_file.plan_path(bundle).exists()
