@@ -100,6 +100,39 @@ def read_costs(bundle: Bundle, io_threads: int = 8, seconds: float = READ_SECOND
     return list(DENSITIES), [float(v) for v in per], seq
 
 
+def order_factor(bundle: Bundle, costs: CostModel, streamed: list[np.ndarray], keep: list[np.ndarray],
+                 io_threads: int = 8, layers: int = 6, tokens: int = 3) -> float:
+    """How much faster (< 1) or slower the reads of a plan are than the read table says: per
+    sampled layer and token, the streamed neurons a token keeps (each with its keep frequency) are
+    read from the bundle in its own order, and the time per record is set against the table's at
+    that density. Hot neurons next to each other (a reordered bundle) coalesce into longer reads."""
+    cfg, lay = bundle.config, bundle.layout
+    rng = np.random.default_rng(3)
+    picks = np.linspace(0, cfg.n_layers - 1, min(layers, cfg.n_layers)).round().astype(int)
+    measured = table = 0.0
+    with RecordReader(bundle.file_path(fmt.FFN_FILE), lay.record_bytes,
+                      [bundle.ffn_offset(i) for i in range(cfg.n_layers)], threads=io_threads) as r:
+        dest = [aligned_empty((cfg.d_ff, lay.record_bytes)) for _ in range(2)]
+        pending, k = None, 0
+        t0 = time.perf_counter()
+        for layer in picks:
+            ids_all = streamed[layer]
+            for _ in range(tokens):
+                ids = np.sort(ids_all[rng.random(len(ids_all)) < keep[layer][ids_all]]).astype(np.int64)
+                if not len(ids):
+                    continue
+                batch = r.submit(int(layer), ids, dest[k % 2][:len(ids)])
+                k += 1
+                if pending is not None:
+                    pending.wait()
+                pending = batch
+                table += len(ids) * costs.read_s(len(ids) / cfg.d_ff)
+        if pending is not None:
+            pending.wait()
+        measured = time.perf_counter() - t0
+    return float(np.clip(measured / table, 0.2, 5.0)) if table > 0 else 1.0
+
+
 def cpu_cost(bundle: Bundle, reps: int = 20) -> float:
     """Seconds per neuron of the record kernel for one token (activations and down pass)."""
     cfg = bundle.config

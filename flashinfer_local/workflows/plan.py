@@ -109,6 +109,9 @@ def make_plan(path: str | Path, dram_budget: int, options: EngineOptions | None 
         costs = replace(costs, dense_s=costs.dense_s + src.pop("selector_ms", 0.0) / 1000)
         prob = pl.Problem(keep, costs, int(free), int(gpu_mem if device != "none" else 0), opts.window,
                           window_read=reads, window_occ=occ)
+        say("timing reads of the plan's streamed neurons in the bundle's order ...")
+        factor = _order_factor(bundle, prob, pl.greedy(prob).tiers, opts.io_threads)
+        prob = replace(prob, costs=_scaled_reads(costs, factor))
         say("solving ...")
         greedy = pl.greedy(prob)
         chosen = greedy if solver == "greedy" else pl.milp(prob)
@@ -118,15 +121,47 @@ def make_plan(path: str | Path, dram_budget: int, options: EngineOptions | None 
                 "solve_s": chosen.solve_s, "predicted_tokens_per_s": 1 / chosen.objective_s,
                 "dram_budget": int(dram_budget), "context": context, "device": device, "gpu_mem": int(gpu_mem),
                 "window": opts.window, "evict": opts.evict, "window_reuse_measured": reads is not None,
-                **src, "costs": costs.to_dict(), "costs_measured_now": fresh,
+                **src, "costs": costs.to_dict(), "costs_measured_now": fresh, "read_factor": factor,
                 "layers": chosen.counts(), "layer_ms": [1000 * t for t in chosen.layer_s],
                 "dram_for_placement": int(free)}
         if reorder is None:
             plan_file.save(bundle.path, bundle.manifest, chosen, meta)
     if reorder is not None:
         from flashinfer_local.workflows.reorder import reorder as do_reorder
-        meta["reorder"] = do_reorder(path, chosen, meta, keep, reorder, say)
+        facts = do_reorder(path, chosen, meta, keep, reorder, say)
+        meta = _predict_reordered(path, prob, opts, {"reorder": facts}, say)
     return {"path": str(plan_file.plan_path(path)), **meta}
+
+
+def _order_factor(bundle: Bundle, prob: pl.Problem, tiers: list, io_threads: int) -> float:
+    streamed = [np.flatnonzero((t != pl.PINNED) & (t != pl.DEVICE)) for t in tiers]
+    return cost_model.order_factor(bundle, prob.costs, streamed, prob.keep, io_threads)
+
+
+def _scaled_reads(costs: pl.CostModel, factor: float) -> pl.CostModel:
+    return replace(costs, read_s_per_record=[v * factor for v in costs.read_s_per_record])
+
+
+def _predict_reordered(path, prob: pl.Problem, opts: EngineOptions, extra: dict, say) -> dict:
+    """After a reorder: the stored placement's expected time in the bundle's new order (its reads
+    timed again there), written into the plan's header; returns the header."""
+    say("timing reads in the new order ...")
+    with contextlib.closing(Bundle(path)) as bundle:
+        cfg = bundle.config
+        tiers, rows, meta = plan_file.load(bundle.path, bundle.manifest, cfg.n_layers, cfg.d_ff)
+        keep, reads, occ, _ = keep_statistics(bundle, opts.selector, opts.predictor, opts.sparsity, opts.window,
+                                              opts.layer_shares)
+        base = pl.CostModel.from_dict(meta["costs"])
+        base = replace(base, dense_s=prob.costs.dense_s)
+        new = replace(prob, keep=keep, window_read=reads, window_occ=occ)
+        factor = _order_factor(bundle, replace(new, costs=base), tiers, opts.io_threads)
+        obj, layer_s = pl.evaluate(replace(new, costs=_scaled_reads(base, factor)), tiers, rows)
+        meta = {**meta, **extra, "unreordered_objective_ms": meta["objective_ms"], "objective_ms": 1000 * obj,
+                "predicted_tokens_per_s": 1 / obj, "read_factor": factor, "layer_ms": [1000 * t for t in layer_s]}
+        placement = pl.Placement(list(tiers), rows, obj, layer_s, meta["solver"])
+        meta = {k: v for k, v in meta.items() if k not in ("format_version", "ffn_sha256", "neuron_order", "data_sha256")}
+        plan_file.save(bundle.path, bundle.manifest, placement, meta)
+        return meta
 
 
 def summary_lines(rep: dict) -> list[str]:
@@ -142,7 +177,10 @@ def summary_lines(rep: dict) -> list[str]:
            f"  {tot['device']} neurons on the device, {tot['pinned']} pinned in DRAM, {tot['window_rows']} window "
            f"rows, of {n} ({fmt_bytes(rep['dram_for_placement'])} of DRAM for them)",
            f"  expected {rep['objective_ms']:.1f} ms/token ({rep['predicted_tokens_per_s']:.2f} tok/s); greedy "
-           f"{rep['greedy_objective_ms']:.1f} ms; solved in {rep['solve_s']:.2f} s",
+           f"{rep['greedy_objective_ms']:.1f} ms; solved in {rep['solve_s']:.2f} s"
+           + (f"; {rep['unreordered_objective_ms']:.1f} ms before the reorder" if "unreordered_objective_ms" in rep else ""),
+           f"  reads in the bundle's order take {rep['read_factor']:.2f}x the read table's time (timed on the "
+           "plan's streamed neurons)",
            f"  costs ({'measured now' if rep['costs_measured_now'] else 'cached; --measure measures again'}): "
            f"dense {1000 * c['dense_s']:.1f} ms/token, CPU {1e9 * c['cpu_s_per_record']:.0f} ns/neuron, reads "
            f"{1e6 * c['read_s_per_record'][0]:.1f}-{1e6 * c['read_s_per_record'][-1]:.2f} us/record (sparse-dense), "
