@@ -234,13 +234,14 @@ def test_reorder_keeps_the_model(bundle, method):
     before, _ = _logits(bundle, dram_budget=budget, placement="none")
     dense_before, _ = _logits(bundle)                      # all in DRAM
     rep = make_plan(bundle, budget, {"selector": "predictor", "context": CTX}, reorder=method)
-    assert rep["reorder"]["method"] == method
+    assert rep["reorder"]["method"] == method and rep["unreordered_objective_ms"] > 0 and rep["read_factor"] > 0
     m = json.loads((bundle / "manifest.json").read_text())
     assert m["neuron_order"] == rep["reorder"]["neuron_order"] != "original"
     from storage.reader import Bundle
     b = Bundle(bundle)
     assert b.verify() == []
-    tiers, _, _ = plan_file.load(bundle, b.manifest, b.config.n_layers, b.config.d_ff)
+    tiers, _, stored = plan_file.load(bundle, b.manifest, b.config.n_layers, b.config.d_ff)
+    assert stored["reorder"]["neuron_order"] == m["neuron_order"]
     for t in tiers:                                        # pinned neurons first, contiguous
         n = int((t == pl.PINNED).sum())
         assert (t[:n] == pl.PINNED).all()
