@@ -114,6 +114,7 @@ def test_device_cpu_matches_all_cpu(bundle):
     placed, facts = _logits(bundle, dram_budget=budget)
     cpu, _ = _logits(bundle, dram_budget=budget, placement="none")
     assert facts["placement"]["device_neurons"] == sum(int((t == pl.DEVICE).sum()) for t in tiers)
+    assert facts["placement"]["device_bytes"] > 0
     assert torch.allclose(placed, cpu, atol=1e-4, rtol=1e-4)
     assert (placed.argmax(-1) == cpu.argmax(-1)).all()
 

@@ -300,6 +300,7 @@ class Engine:
             facts["placement"] = {"solver": meta.get("solver"), "device": meta.get("device"),
                                   "pinned_neurons": int(sum(self.plan.pinned_per_layer)),
                                   "device_neurons": int(sum((t == DEVICE).sum() for t in tiers)),
+                                  "device_bytes": self.ffn.device_bytes() if isinstance(self.ffn, placed.PlacedFFN) else 0,
                                   "predicted_tokens_per_s": meta.get("predicted_tokens_per_s")}
         return facts
 
