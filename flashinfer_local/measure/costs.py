@@ -175,7 +175,9 @@ def device_costs(bundle: Bundle, device: str, reps: int = 20) -> tuple[float, fl
             ts.append(time.perf_counter() - t0)
         return float(np.median(ts[2:]))
     small, big = timed(8), timed(n)
-    per = max(0.0, (big - small) / (n - 8))
+    per = (big - small) / (n - 8) if n > 8 else 0.0
+    if per <= 0:                     # a layer too small to tell the two apart: all of it per neuron
+        per = big / n
     return per, max(0.0, small - 8 * per), device_bytes_per_neuron(cfg, device)
 
 
