@@ -29,6 +29,7 @@ from storage.direct_io import RecordReader, aligned_empty, measure_sequential_ba
 from storage.reader import Bundle
 
 from flashinfer_local.kernels import RecordKernel
+from flashinfer_local.runtime.streaming import MAX_GAP_BYTES
 
 DENSITIES = (0.01, 0.03, 0.1, 0.2, 0.35, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 READ_SECONDS = 0.8            # per density
@@ -41,8 +42,8 @@ def cache_path() -> Path:
     return root / "costs.json"
 
 
-def cache_key(bundle: Bundle, device: str, io_threads: int, threads: int) -> str:
-    return f"{bundle.manifest['files'][fmt.FFN_FILE]['sha256']}:{device}:{io_threads}:{threads}"
+def cache_key(bundle: Bundle, device: str, io_threads: int, threads: int, read_gap: int) -> str:
+    return f"{bundle.manifest['files'][fmt.FFN_FILE]['sha256']}:{device}:{io_threads}:{threads}:gap{read_gap}"
 
 
 def cached(key: str) -> CostModel | None:
@@ -68,13 +69,21 @@ def store(key: str, costs: CostModel) -> None:
         pass                              # a cache that cannot be written is measured again next time
 
 
-def read_costs(bundle: Bundle, io_threads: int = 8, seconds: float = READ_SECONDS) -> tuple[list, list, float]:
+def _reader(bundle: Bundle, io_threads: int, read_gap: int) -> RecordReader:
+    """A reader as the streaming backend opens one (its threads, its gap merging)."""
+    cfg, lay = bundle.config, bundle.layout
+    return RecordReader(bundle.file_path(fmt.FFN_FILE), lay.record_bytes,
+                        [bundle.ffn_offset(i) for i in range(cfg.n_layers)], threads=io_threads,
+                        max_gap_bytes=read_gap)
+
+
+def read_costs(bundle: Bundle, io_threads: int = 8, seconds: float = READ_SECONDS,
+               read_gap: int = MAX_GAP_BYTES) -> tuple[list, list, float]:
     """(densities, seconds per record read at each, sequential bytes/s) of this bundle's FFN file."""
     cfg, lay = bundle.config, bundle.layout
     rng = np.random.default_rng(0)
     per = []
-    with RecordReader(bundle.file_path(fmt.FFN_FILE), lay.record_bytes,
-                      [bundle.ffn_offset(i) for i in range(cfg.n_layers)], threads=io_threads) as r:
+    with _reader(bundle, io_threads, read_gap) as r:
         dest = [aligned_empty((cfg.d_ff, lay.record_bytes)) for _ in range(2)]
         layer = 0
         for dens in DENSITIES:
@@ -101,7 +110,7 @@ def read_costs(bundle: Bundle, io_threads: int = 8, seconds: float = READ_SECOND
 
 
 def order_factor(bundle: Bundle, costs: CostModel, streamed: list[np.ndarray], keep: list[np.ndarray],
-                 io_threads: int = 8, layers: int = 6, tokens: int = 3) -> float:
+                 io_threads: int = 8, layers: int = 6, tokens: int = 3, read_gap: int = MAX_GAP_BYTES) -> float:
     """How much faster (< 1) or slower the reads of a plan are than the read table says: per
     sampled layer and token, the streamed neurons a token keeps (each with its keep frequency) are
     read from the bundle in its own order, and the time per record is set against the table's at
@@ -110,8 +119,7 @@ def order_factor(bundle: Bundle, costs: CostModel, streamed: list[np.ndarray], k
     rng = np.random.default_rng(3)
     picks = np.linspace(0, cfg.n_layers - 1, min(layers, cfg.n_layers)).round().astype(int)
     measured = table = 0.0
-    with RecordReader(bundle.file_path(fmt.FFN_FILE), lay.record_bytes,
-                      [bundle.ffn_offset(i) for i in range(cfg.n_layers)], threads=io_threads) as r:
+    with _reader(bundle, io_threads, read_gap) as r:
         dest = [aligned_empty((cfg.d_ff, lay.record_bytes)) for _ in range(2)]
         pending, k = None, 0
         t0 = time.perf_counter()
@@ -208,9 +216,9 @@ def dense_cost(path: Path, threads: int | None) -> float:
 
 
 def measure(bundle: Bundle, device: str = "none", io_threads: int = 8, threads: int | None = None,
-            say=lambda msg: None) -> CostModel:
+            say=lambda msg: None, read_gap: int = MAX_GAP_BYTES) -> CostModel:
     say("measuring the SSD's read cost ...")
-    dens, per, seq = read_costs(bundle, io_threads)
+    dens, per, seq = read_costs(bundle, io_threads, read_gap=read_gap)
     say("measuring the CPU kernels and the dense part ...")
     cpu = cpu_cost(bundle)
     dense = dense_cost(bundle.path, threads)
@@ -223,15 +231,16 @@ def measure(bundle: Bundle, device: str = "none", io_threads: int = 8, threads: 
                      read_density=dens, read_s_per_record=per, dense_s=dense, device=device,
                      device_s_per_record=dev[0], device_sync_s=dev[1], device_bytes_per_record=dev[2],
                      sequential_bytes_per_s=seq, measured={"at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                                           "threads": threads, "io_threads": io_threads})
+                                                           "threads": threads, "io_threads": io_threads,
+                                                           "read_gap": read_gap})
 
 
 def costs_for(bundle: Bundle, device: str, io_threads: int, threads: int | None, remeasure: bool,
-              say=lambda msg: None) -> tuple[CostModel, bool]:
+              say=lambda msg: None, read_gap: int = MAX_GAP_BYTES) -> tuple[CostModel, bool]:
     """(the cost model, whether it was measured now): the cached one unless ``remeasure``."""
-    key = cache_key(bundle, device, io_threads, threads or 0)
+    key = cache_key(bundle, device, io_threads, threads or 0, read_gap)
     if not remeasure and (c := cached(key)) is not None:
         return c, False
-    c = measure(bundle, device, io_threads, threads, say)
+    c = measure(bundle, device, io_threads, threads, say, read_gap)
     store(key, c)
     return c, True

@@ -105,12 +105,13 @@ def make_plan(path: str | Path, dram_budget: int, options: EngineOptions | None 
                                   "minimum)")
         keep, reads, occ, src = keep_statistics(bundle, opts.selector, opts.predictor, opts.sparsity, opts.window,
                                                 opts.layer_shares)
-        costs, fresh = cost_model.costs_for(bundle, device, opts.io_threads, opts.threads, remeasure, say)
+        costs, fresh = cost_model.costs_for(bundle, device, opts.io_threads, opts.threads, remeasure, say,
+                                            opts.read_gap)
         costs = replace(costs, dense_s=costs.dense_s + src.pop("selector_ms", 0.0) / 1000)
         prob = pl.Problem(keep, costs, int(free), int(gpu_mem if device != "none" else 0), opts.window,
                           window_read=reads, window_occ=occ)
         say("timing reads of the plan's streamed neurons in the bundle's order ...")
-        factor = _order_factor(bundle, prob, pl.greedy(prob).tiers, opts.io_threads)
+        factor = _order_factor(bundle, prob, pl.greedy(prob).tiers, opts)
         prob = replace(prob, costs=_scaled_reads(costs, factor))
         say("solving ...")
         greedy = pl.greedy(prob)
@@ -133,9 +134,9 @@ def make_plan(path: str | Path, dram_budget: int, options: EngineOptions | None 
     return {"path": str(plan_file.plan_path(path)), **meta}
 
 
-def _order_factor(bundle: Bundle, prob: pl.Problem, tiers: list, io_threads: int) -> float:
+def _order_factor(bundle: Bundle, prob: pl.Problem, tiers: list, opts: EngineOptions) -> float:
     streamed = [np.flatnonzero((t != pl.PINNED) & (t != pl.DEVICE)) for t in tiers]
-    return cost_model.order_factor(bundle, prob.costs, streamed, prob.keep, io_threads)
+    return cost_model.order_factor(bundle, prob.costs, streamed, prob.keep, opts.io_threads, read_gap=opts.read_gap)
 
 
 def _scaled_reads(costs: pl.CostModel, factor: float) -> pl.CostModel:
@@ -154,7 +155,7 @@ def _predict_reordered(path, prob: pl.Problem, opts: EngineOptions, extra: dict,
         base = pl.CostModel.from_dict(meta["costs"])
         base = replace(base, dense_s=prob.costs.dense_s)
         new = replace(prob, keep=keep, window_read=reads, window_occ=occ)
-        factor = _order_factor(bundle, replace(new, costs=base), tiers, opts.io_threads)
+        factor = _order_factor(bundle, replace(new, costs=base), tiers, opts)
         obj, layer_s = pl.evaluate(replace(new, costs=_scaled_reads(base, factor)), tiers, rows)
         meta = {**meta, **extra, "unreordered_objective_ms": meta["objective_ms"], "objective_ms": 1000 * obj,
                 "predicted_tokens_per_s": 1 / obj, "read_factor": factor, "layer_ms": [1000 * t for t in layer_s]}
