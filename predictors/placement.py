@@ -170,10 +170,10 @@ def _reads(prob: Problem, layer: int, tiers: np.ndarray, rows: int) -> float:
     return float(wr[cand[fits]].sum() + p[cand[~fits]].sum())
 
 
-def _groups(p: np.ndarray, n: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Neurons by keep frequency, hottest first, cut into ``n`` near-equal groups: (order, groups)."""
+def _groups(p: np.ndarray, n: int) -> list[np.ndarray]:
+    """Neurons by keep frequency, hottest first, cut into ``n`` near-equal groups of ids."""
     order = np.argsort(-p, kind="stable")
-    return order, [g for g in np.array_split(order, min(n, len(p))) if len(g)]
+    return [g for g in np.array_split(order, min(n, len(p))) if len(g)]
 
 
 def greedy(prob: Problem) -> Placement:
@@ -233,7 +233,7 @@ def _solve(prob: Problem, density: list[float]) -> Placement | None:
     grouped = [_groups(p.astype(np.float64), prob.groups) for p in prob.keep]
     has_dev = bool(prob.device_bytes and c.device_bytes_per_record and c.device != "none")
     # variables: per (layer, group) counts dev, pin, win (stream: the rest), then y_l, t_l
-    G = [len(gs) for _, gs in grouped]
+    G = [len(gs) for gs in grouped]
     base = np.concatenate([[0], np.cumsum(G)])
     nv = 3 * base[-1] + 2 * L
     Y, T = 3 * base[-1], 3 * base[-1] + L
@@ -251,7 +251,7 @@ def _solve(prob: Problem, density: list[float]) -> Placement | None:
         r += 1
     dram, devmem = [], []
     ub = np.zeros(nv)
-    for i, (order, gs) in enumerate(grouped):
+    for i, gs in enumerate(grouped):
         p = prob.keep[i].astype(np.float64)
         w_read, w_occ = prob.window_stats(i)
         rs = c.read_s(density[i])
@@ -299,7 +299,7 @@ def _solve(prob: Problem, density: list[float]) -> Placement | None:
     integrality = np.zeros(nv)
     integrality[Y:T] = 1
     small = sum(len(p) for p in prob.keep) < 4096
-    for i, (_, gs) in enumerate(grouped):
+    for i, gs in enumerate(grouped):
         for g, idx in enumerate(gs):
             if len(idx) < INTEGER_GROUP:
                 integrality[v(i, g, 0):v(i, g, 0) + 3] = 1
@@ -309,7 +309,7 @@ def _solve(prob: Problem, density: list[float]) -> Placement | None:
         return None
     x = res.x
     tiers, wrows = [], []
-    for i, (order, gs) in enumerate(grouped):
+    for i, gs in enumerate(grouped):
         p = prob.keep[i].astype(np.float64)
         w_occ = prob.window_stats(i)[1]
         tier = np.full(len(p), STREAM, np.int8)

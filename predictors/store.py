@@ -61,16 +61,28 @@ def available(bundle_dir: Path) -> list[str]:
     return [k for k in KINDS if predictor_path(bundle_dir, k).exists()]
 
 
+def _hash_tensor(h, name: str, a: np.ndarray) -> None:
+    a = np.ascontiguousarray(a)
+    h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+    h.update(memoryview(a).cast("B"))
+
+
 def data_sha256(tensors: dict[str, np.ndarray]) -> str:
     """One sha256 over every tensor (name, dtype, shape, bytes, in name order): stored in the header
     by ``save`` and checked by ``load``, so damaged predictor bytes are an error, not a different
     selection of neurons."""
     h = hashlib.sha256()
     for k in sorted(tensors):
-        a = np.ascontiguousarray(tensors[k])
-        h.update(f"{k}|{a.dtype.str}|{a.shape}|".encode())
-        h.update(memoryview(a).cast("B"))
+        _hash_tensor(h, k, tensors[k])
     return h.hexdigest()
+
+
+# What a PredictorSelector holds (the rest of a file is calibration statistics for plan and reorder)
+SELECTOR_TENSORS = ("cutoffs", "lost", "A", "B", "bias")
+
+
+def _wanted(name: str, only: tuple[str, ...] | None) -> bool:
+    return only is None or name.split(".")[0] in only
 
 
 def save(bundle_dir: Path, kind: str, tensors: dict[str, np.ndarray], meta: dict) -> Path:
@@ -109,9 +121,12 @@ def neuron_order(manifest: dict) -> str:
     return manifest.get("neuron_order", "original")
 
 
-def load(bundle_dir: Path, kind: str, cfg: ModelConfig, order: str | None = None) -> tuple[dict[str, np.ndarray], dict]:
+def load(bundle_dir: Path, kind: str, cfg: ModelConfig, order: str | None = None,
+         only: tuple[str, ...] | None = None) -> tuple[dict[str, np.ndarray], dict]:
     """(tensors, meta) of a bundle's predictor, checked against the model's shapes and (``order``:
-    the bundle's ``neuron_order``) made for the bundle's order of neurons."""
+    the bundle's ``neuron_order``) made for the bundle's order of neurons. ``only``: keep just the
+    tensors of these names (``SELECTOR_TENSORS``); every tensor is still read once for the
+    checksum, one at a time."""
     path = predictor_path(bundle_dir, kind)
     if not path.exists():
         have = available(bundle_dir)
@@ -119,9 +134,14 @@ def load(bundle_dir: Path, kind: str, cfg: ModelConfig, order: str | None = None
                               + (f" (it has: {', '.join(have)})" if have else "")
                               + f"; run: flashinfer-local calibrate {bundle_dir} --predictor {kind}")
     try:
+        h, tensors = hashlib.sha256(), {}
         with safe_open(str(path), framework="numpy") as f:
             meta = json.loads((f.metadata() or {})["predictor"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            for k in sorted(f.keys()):
+                t = f.get_tensor(k)
+                _hash_tensor(h, k, t)
+                if _wanted(k, only):
+                    tensors[k] = t
     except Exception as e:        # noqa: BLE001 - OSError, KeyError, JSON and safetensors' own errors
         raise BundleError(f"{path}: unreadable predictor file ({e}); re-run calibrate") from None
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
@@ -129,7 +149,7 @@ def load(bundle_dir: Path, kind: str, cfg: ModelConfig, order: str | None = None
         raise BundleError(f"{path}: predictor format version {str(v)[:20]}, this version "
                           f"reads {FORMAT_VERSION}; re-run calibrate")
     want_sum = meta.get("data_sha256")
-    if want_sum is not None and want_sum != data_sha256(tensors):   # (files before the checksum have none)
+    if want_sum is not None and want_sum != h.hexdigest():   # (files before the checksum have none)
         raise BundleError(f"{path}: damaged (its tensors do not match their checksum); re-run calibrate")
     if order is not None and meta.get("neuron_order", "original") != order:
         raise BundleError(f"{path}: stale: calibrated for another order of the FFN neurons than the bundle's "
@@ -137,6 +157,7 @@ def load(bundle_dir: Path, kind: str, cfg: ModelConfig, order: str | None = None
     want = {"freq": (cfg.d_ff,), "cutoffs": (len(GRID),)}
     if kind == "lowrank":
         want["bias"] = (cfg.d_ff,)
+    want = {k: v for k, v in want.items() if _wanted(k, only)}
     for layer in range(cfg.n_layers):
         for name, shape in want.items():
             t = tensors.get(f"{name}.{layer}")
@@ -153,7 +174,7 @@ def load(bundle_dir: Path, kind: str, cfg: ModelConfig, order: str | None = None
         ids = tensors.get(f"coact.{layer}")
         if ids is not None and (ids.ndim != 2 or ids.shape[0] != cfg.d_ff or ids.min() < 0 or ids.max() >= cfg.d_ff):
             raise BundleError(f"{path}: tensor coact.{layer} malformed; re-run calibrate")
-        if kind == "lowrank":
+        if kind == "lowrank" and _wanted("A", only):
             a, b = tensors.get(f"A.{layer}"), tensors.get(f"B.{layer}")
             if a is None or b is None or a.shape[1] != cfg.d_model or b.shape != (cfg.d_ff, a.shape[0]):
                 raise BundleError(f"{path}: low-rank factors of layer {layer} missing or misshapen; "
@@ -171,9 +192,14 @@ def read_meta(bundle_dir: Path, kind: str) -> dict | None:
         return None
 
 
-def file_tensor_bytes(bundle_dir: Path, kind: str) -> int:
-    """Bytes the predictor's tensors take once loaded (the file size less its header)."""
+def file_tensor_bytes(bundle_dir: Path, kind: str, only: tuple[str, ...] | None = SELECTOR_TENSORS) -> int:
+    """Bytes the predictor's tensors (``only`` these names) take once loaded, from the file's header."""
     path = predictor_path(bundle_dir, kind)
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-    return path.stat().st_size - 8 - n
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(min(n, 100 << 20)))
+        return sum(e["data_offsets"][1] - e["data_offsets"][0] for k, e in header.items()
+                   if k != "__metadata__" and _wanted(k, only))
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return 0               # unreadable: loading it says what is wrong, in one line

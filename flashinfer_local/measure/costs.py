@@ -77,31 +77,39 @@ def _reader(bundle: Bundle, io_threads: int, read_gap: int) -> RecordReader:
                         max_gap_bytes=read_gap)
 
 
+def _read_pipelined(r: RecordReader, dest: list[np.ndarray], batches) -> tuple[float, int]:
+    """Read ``batches`` of (layer, sorted ids) as the streaming backend does, the next submitted
+    before the current one is waited for (two in flight): (seconds, records read)."""
+    pending, recs = None, 0
+    t0 = time.perf_counter()
+    for k, (layer, ids) in enumerate(batches):
+        batch = r.submit(int(layer), ids, dest[k % 2][:len(ids)])
+        if pending is not None:
+            pending.wait()
+        pending, recs = batch, recs + len(ids)
+    if pending is not None:
+        pending.wait()
+    return time.perf_counter() - t0, recs
+
+
 def read_costs(bundle: Bundle, io_threads: int = 8, seconds: float = READ_SECONDS,
                read_gap: int = MAX_GAP_BYTES) -> tuple[list, list, float]:
-    """(densities, seconds per record read at each, sequential bytes/s) of this bundle's FFN file."""
+    """(densities, seconds per record read at each, sequential bytes/s) of this bundle's FFN file:
+    random selections of each density, layer after layer."""
     cfg, lay = bundle.config, bundle.layout
     rng = np.random.default_rng(0)
+
+    def batches(n):        # time-bound, or (a small model) enough passes over the whole FFN file
+        t0, recs, layer = time.perf_counter(), 0, 0
+        while (time.perf_counter() - t0 < seconds and recs < MAX_PASSES * cfg.n_layers * cfg.d_ff) or recs == 0:
+            yield layer, np.sort(rng.choice(cfg.d_ff, n, replace=False)).astype(np.int64)
+            recs, layer = recs + n, (layer + 1) % cfg.n_layers
     per = []
     with _reader(bundle, io_threads, read_gap) as r:
         dest = [aligned_empty((cfg.d_ff, lay.record_bytes)) for _ in range(2)]
-        layer = 0
         for dens in DENSITIES:
-            # as the streaming backend reads: the next batch submitted before the current one is
-            # waited for (two in flight)
-            n = max(1, int(round(dens * cfg.d_ff)))
-            recs, pending, t0 = 0, None, time.perf_counter()
-            # time-bound, or (a small model) enough passes over the whole FFN file
-            while (time.perf_counter() - t0 < seconds and recs < MAX_PASSES * cfg.n_layers * cfg.d_ff) or recs == 0:
-                ids = np.sort(rng.choice(cfg.d_ff, n, replace=False)).astype(np.int64)
-                batch = r.submit(layer, ids, dest[recs // n % 2][:n])
-                if pending is not None:
-                    pending.wait()
-                pending = batch
-                recs += n
-                layer = (layer + 1) % cfg.n_layers
-            pending.wait()
-            per.append((time.perf_counter() - t0) / recs)
+            took, recs = _read_pipelined(r, dest, batches(max(1, int(round(dens * cfg.d_ff)))))
+            per.append(took / recs)
     seq = measure_sequential_bandwidth(bundle.file_path(fmt.FFN_FILE), seconds=1.0)
     # a denser selection is never slower per record (its reads only coalesce more): the running
     # minimum from the sparsest end takes out the noise of single measurements
@@ -118,26 +126,15 @@ def order_factor(bundle: Bundle, costs: CostModel, streamed: list[np.ndarray], k
     cfg, lay = bundle.config, bundle.layout
     rng = np.random.default_rng(3)
     picks = np.linspace(0, cfg.n_layers - 1, min(layers, cfg.n_layers)).round().astype(int)
-    measured = table = 0.0
+    batches = []
+    for layer in picks:
+        for _ in range(tokens):
+            ids = streamed[layer][rng.random(len(streamed[layer])) < keep[layer][streamed[layer]]]
+            if len(ids):
+                batches.append((layer, np.sort(ids).astype(np.int64)))
+    table = sum(len(ids) * costs.read_s(len(ids) / cfg.d_ff) for _, ids in batches)
     with _reader(bundle, io_threads, read_gap) as r:
-        dest = [aligned_empty((cfg.d_ff, lay.record_bytes)) for _ in range(2)]
-        pending, k = None, 0
-        t0 = time.perf_counter()
-        for layer in picks:
-            ids_all = streamed[layer]
-            for _ in range(tokens):
-                ids = np.sort(ids_all[rng.random(len(ids_all)) < keep[layer][ids_all]]).astype(np.int64)
-                if not len(ids):
-                    continue
-                batch = r.submit(int(layer), ids, dest[k % 2][:len(ids)])
-                k += 1
-                if pending is not None:
-                    pending.wait()
-                pending = batch
-                table += len(ids) * costs.read_s(len(ids) / cfg.d_ff)
-        if pending is not None:
-            pending.wait()
-        measured = time.perf_counter() - t0
+        measured, _ = _read_pipelined(r, [aligned_empty((cfg.d_ff, lay.record_bytes)) for _ in range(2)], batches)
     return float(np.clip(measured / table, 0.2, 5.0)) if table > 0 else 1.0
 
 
@@ -163,17 +160,15 @@ def cpu_cost(bundle: Bundle, reps: int = 20) -> float:
 
 def device_costs(bundle: Bundle, device: str, reps: int = 20) -> tuple[float, float, int]:
     """(seconds per device neuron, seconds per layer that uses the device, bytes per neuron)."""
-    from flashinfer_local.runtime.placed import check_device, device_bytes_per_neuron, device_dtype
+    from flashinfer_local.runtime.placed import check_device, device_bytes_per_neuron, device_dtype, device_ffn
     cfg = bundle.config
     dev, dt = check_device(device), device_dtype(device)
     d, n = cfg.d_model, min(cfg.d_ff, 4096)
-    w = [torch.randn(n, d, dtype=torch.float32).to(dev, dt) for _ in range(3)]
+    w = {k: torch.randn(n, d, dtype=torch.float32).to(dev, dt) for k in ("gate", "up", "down")}
     x = torch.randn(1, d)
 
     def once(m):
-        xd = x.to(dev, dt, non_blocking=True)
-        h = torch.nn.functional.silu(xd @ w[0][:m].T) * (xd @ w[1][:m].T)
-        return (h @ w[2][:m]).to("cpu", torch.float32)
+        return device_ffn(x, {k: v[:m] for k, v in w.items()}).to("cpu", torch.float32)
 
     def timed(m):
         ts = []

@@ -223,12 +223,18 @@ def window_rows(cfg: ModelConfig, record_bytes: int, free: int, evict: str = "re
     return max(0, min(cfg.d_ff, per_layer // (record_bytes + wc.ROW_META_BYTES)))
 
 
-def window_cache_bytes(cfg: ModelConfig, record_bytes: int, rows: int, evict: str = "recency") -> int:
-    """Every layer's window (``storage.window_cache.window_bytes``) and its per-plan temporaries."""
-    if rows == 0:
+def layer_window_bytes(cfg: ModelConfig, record_bytes: int, rows: int, evict: str = "recency") -> int:
+    """One layer's window of ``rows`` rows (``storage.window_cache.window_bytes``) and its per-plan
+    temporaries."""
+    return wc.window_bytes(cfg.d_ff, record_bytes, rows, evict) + cfg.d_ff * wc.PLAN_SCRATCH_BYTES_PER_NEURON
+
+
+def window_cache_bytes(cfg: ModelConfig, record_bytes: int, rows: int | tuple, evict: str = "recency") -> int:
+    """Every layer's window: ``rows`` rows each, or per layer (a placement's); none without rows."""
+    per_layer = (rows,) * cfg.n_layers if isinstance(rows, int) else rows
+    if max(per_layer) == 0:
         return 0
-    return cfg.n_layers * (wc.window_bytes(cfg.d_ff, record_bytes, rows, evict)
-                           + cfg.d_ff * wc.PLAN_SCRATCH_BYTES_PER_NEURON)
+    return sum(layer_window_bytes(cfg, record_bytes, r, evict) for r in per_layer)
 
 
 # ---------------------------------------------------------------- selectors
@@ -334,9 +340,8 @@ def placement_dram_bytes(src: Bundle | Sizes, budget: int, context: int, selecto
     what is left after the streaming fixed part and the windows' per-neuron bookkeeping (what
     ``_placed_plan`` counts for a placement's rows)."""
     s = Sizes.of(src)
-    cfg = s.cfg
-    before = (minimum_budget(s, context, "window", selector)
-              + cfg.n_layers * cfg.d_ff * (wc.neuron_meta_bytes(evict) + wc.PLAN_SCRATCH_BYTES_PER_NEURON))
+    before = minimum_budget(s, context, "window", selector) + s.cfg.n_layers * layer_window_bytes(
+        s.cfg, s.layout.record_bytes, 0, evict)
     return budget - before, before
 
 
@@ -345,10 +350,7 @@ def _placed_plan(plan: BudgetPlan, s: Sizes, budget: int | None, fixed: int, evi
     share of what the budget has left; refused when the budget cannot hold the placement."""
     cfg, rec = s.cfg, s.layout.record_bytes
     rows = [p + w for p, w in zip(placed.pinned, placed.window_rows)]
-
-    def cache(rs):
-        return sum(wc.window_bytes(cfg.d_ff, rec, r, evict) + cfg.d_ff * wc.PLAN_SCRATCH_BYTES_PER_NEURON for r in rs)
-    need = cache(rows) + placed.device_dram_bytes
+    need = window_cache_bytes(cfg, rec, tuple(rows), evict) + placed.device_dram_bytes
     free = UNLIMITED if budget is None else budget - fixed
     if need > free:
         made = f" (it was solved for {fmt_bytes(placed.planned_budget)})" if placed.planned_budget else ""
@@ -358,5 +360,5 @@ def _placed_plan(plan: BudgetPlan, s: Sizes, budget: int | None, fixed: int, evi
     extra = min(cfg.d_ff, (free - need) // (cfg.n_layers * (rec + wc.ROW_META_BYTES)))
     rows = tuple(min(cfg.d_ff, r + extra) for r in rows)
     return replace(plan, cache_rows_per_layer=int(round(np.mean(rows))), rows_per_layer=rows,
-                   pinned_per_layer=tuple(placed.pinned), cache_bytes=cache(rows),
+                   pinned_per_layer=tuple(placed.pinned), cache_bytes=window_cache_bytes(cfg, rec, rows, evict),
                    ffn_dram_bytes=placed.device_dram_bytes)

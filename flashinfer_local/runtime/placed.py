@@ -47,6 +47,21 @@ def device_bytes_per_neuron(cfg, device: str) -> int:
     return n * torch.tensor([], dtype=device_dtype(device)).element_size()
 
 
+def device_ffn(x: torch.Tensor, w: dict, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The FFN of the neurons whose fields ``w`` holds on a device (gate/up/down [n, d], or up,
+    up_bias and down for ReLU models), for x [T, d] on the CPU; ``mask`` [T, n] keeps each token's
+    own. Returns [T, d] on the device (asynchronous there)."""
+    dev, dt = w["up"].device, w["up"].dtype
+    xd = x.to(dev, dt, non_blocking=True)
+    if "gate" in w:
+        h = F.silu(xd @ w["gate"].T) * (xd @ w["up"].T)
+    else:
+        h = F.relu(xd @ w["up"].T + w["up_bias"])
+    if mask is not None:
+        h = h * mask.to(dev, h.dtype, non_blocking=True)
+    return h @ w["down"]
+
+
 def pinned_ids(tiers: list[np.ndarray]) -> list[np.ndarray]:
     return [np.flatnonzero(t == PINNED).astype(np.int64) for t in tiers]
 
@@ -56,7 +71,7 @@ class DevicePart:
 
     def __init__(self, bundle: Bundle, tiers: list[np.ndarray], device: str):
         cfg = bundle.config
-        self.dev, self.gated = check_device(device), cfg.gated
+        self.dev = check_device(device)
         dt = device_dtype(device)
         self.ids, self.w = [], []
         for i, t in enumerate(tiers):
@@ -84,14 +99,7 @@ class DevicePart:
         w = self.w[layer]
         if w is None:
             return None
-        xd = x.to(self.dev, w["up"].dtype, non_blocking=True)
-        if self.gated:
-            h = F.silu(xd @ w["gate"].T) * (xd @ w["up"].T)
-        else:
-            h = F.relu(xd @ w["up"].T + w["up_bias"])
-        if mask is not None:
-            h = h * mask[:, self.ids[layer]].to(self.dev, h.dtype, non_blocking=True)
-        return h @ w["down"]
+        return device_ffn(x, w, None if mask is None else mask[:, self.ids[layer]])
 
 
 class PlacedFFN:

@@ -94,7 +94,8 @@ class PredictorSelector:
         cfg = bundle.config
         self.kind = kind = kind or default_predictor(bundle.path)
         if tensors is None:
-            tensors, meta = store.load(bundle.path, kind, cfg, store.neuron_order(bundle.manifest))
+            tensors, meta = store.load(bundle.path, kind, cfg, store.neuron_order(bundle.manifest),
+                                       only=store.SELECTOR_TENSORS)
         self.meta, self.gated = meta, cfg.gated
         self.cutoff_table = [tensors[f"cutoffs.{i}"] for i in range(cfg.n_layers)]
         # per-layer shares of the sparsity (calibrate's lost mass per layer), where calibrated

@@ -27,7 +27,6 @@ from flashinfer_local.measure import costs as cost_model
 from flashinfer_local.runtime.budget import Sizes, default_predictor, placement_dram_bytes, predictor_bytes
 from flashinfer_local.runtime.options import EngineOptions
 from flashinfer_local.runtime.placed import DEVICES
-from flashinfer_local.runtime.tokenizer import Tokenizer
 from flashinfer_local.units import fmt_bytes
 
 SOLVERS = ("milp", "greedy")
@@ -52,7 +51,8 @@ def keep_statistics(bundle: Bundle, selector: str, predictor: str | None, sparsi
     if selector != "predictor":
         raise OptionError("selector", f"{selector}: a placement is planned for all or predictor", flag="--selector")
     kind = predictor or default_predictor(bundle.path)
-    tensors, meta = store.load(bundle.path, kind, cfg, store.neuron_order(bundle.manifest))
+    tensors, meta = store.load(bundle.path, kind, cfg, store.neuron_order(bundle.manifest),
+                               only=("keep", "wread", "wocc", "cutoffs", "lost"))
     if "keep.0" not in tensors:
         raise FlashinferError(f"the {kind} predictor of {bundle.path} has no keep statistics (calibrated by an "
                               f"older version); run: flashinfer-local calibrate {bundle.path} --predictor {kind}")
@@ -94,8 +94,7 @@ def make_plan(path: str | Path, dram_budget: int, options: EngineOptions | None 
                           "(e.g. 4GiB)", flag="--gpu-mem")
     with contextlib.closing(Bundle(path)) as bundle:
         cfg = bundle.config
-        tok = Tokenizer(bundle)
-        sizes = Sizes.of(bundle, tok.lean)
+        sizes = Sizes.of(bundle)             # (whether the lean tokenizer reads its file, without loading it)
         context = min(opts.context, cfg.max_position)
         sel = predictor_bytes(bundle, opts.predictor) if opts.selector == "predictor" else 0
         free, least = placement_dram_bytes(sizes, dram_budget, context, sel, opts.evict)
@@ -129,8 +128,9 @@ def make_plan(path: str | Path, dram_budget: int, options: EngineOptions | None 
             plan_file.save(bundle.path, bundle.manifest, chosen, meta)
     if reorder is not None:
         from flashinfer_local.workflows.reorder import reorder as do_reorder
-        facts = do_reorder(path, chosen, meta, keep, reorder, say)
-        meta = _predict_reordered(path, prob, opts, {"reorder": facts}, say)
+        facts, perms = do_reorder(path, chosen, meta, keep, reorder, say)
+        meta = _predict_reordered(path, _permuted(prob, perms), [t[p] for t, p in zip(chosen.tiers, perms)],
+                                  chosen, {**meta, "reorder": facts}, costs, opts, say)
     return {"path": str(plan_file.plan_path(path)), **meta}
 
 
@@ -143,26 +143,28 @@ def _scaled_reads(costs: pl.CostModel, factor: float) -> pl.CostModel:
     return replace(costs, read_s_per_record=[v * factor for v in costs.read_s_per_record])
 
 
-def _predict_reordered(path, prob: pl.Problem, opts: EngineOptions, extra: dict, say) -> dict:
-    """After a reorder: the stored placement's expected time in the bundle's new order (its reads
-    timed again there), written into the plan's header; returns the header."""
+def _permuted(prob: pl.Problem, perms: list[np.ndarray]) -> pl.Problem:
+    """The problem with every per-neuron statistic in a new order (``perms``: new -> old)."""
+    def each(arrays):
+        return None if arrays is None else [a[p] for a, p in zip(arrays, perms)]
+    return replace(prob, keep=each(prob.keep), window_read=each(prob.window_read), window_occ=each(prob.window_occ))
+
+
+def _predict_reordered(path, prob: pl.Problem, tiers: list, chosen: pl.Placement, meta: dict,
+                       costs: pl.CostModel, opts: EngineOptions, say) -> dict:
+    """After a reorder: the placement's expected time in the bundle's new order (its reads timed
+    again there, against the unscaled read table ``costs``), stored in the plan's header; returns
+    the header."""
     say("timing reads in the new order ...")
     with contextlib.closing(Bundle(path)) as bundle:
-        cfg = bundle.config
-        tiers, rows, meta = plan_file.load(bundle.path, bundle.manifest, cfg.n_layers, cfg.d_ff)
-        keep, reads, occ, _ = keep_statistics(bundle, opts.selector, opts.predictor, opts.sparsity, opts.window,
-                                              opts.layer_shares)
-        base = pl.CostModel.from_dict(meta["costs"])
-        base = replace(base, dense_s=prob.costs.dense_s)
-        new = replace(prob, keep=keep, window_read=reads, window_occ=occ)
-        factor = _order_factor(bundle, replace(new, costs=base), tiers, opts)
-        obj, layer_s = pl.evaluate(replace(new, costs=_scaled_reads(base, factor)), tiers, rows)
-        meta = {**meta, **extra, "unreordered_objective_ms": meta["objective_ms"], "objective_ms": 1000 * obj,
-                "predicted_tokens_per_s": 1 / obj, "read_factor": factor, "layer_ms": [1000 * t for t in layer_s]}
-        placement = pl.Placement(list(tiers), rows, obj, layer_s, meta["solver"])
-        meta = {k: v for k, v in meta.items() if k not in ("format_version", "ffn_sha256", "neuron_order", "data_sha256")}
-        plan_file.save(bundle.path, bundle.manifest, placement, meta)
-        return meta
+        factor = _order_factor(bundle, replace(prob, costs=costs), tiers, opts)
+        obj, layer_s = pl.evaluate(replace(prob, costs=_scaled_reads(costs, factor)), tiers, chosen.window_rows)
+        meta = {**meta, "unreordered_objective_ms": meta["objective_ms"], "objective_ms": 1000 * obj,
+                "predicted_tokens_per_s": 1 / obj, "read_factor": factor, "layer_ms": [1000 * t for t in layer_s],
+                "predictor_sha256": plan_file.predictor_identity(bundle.path, meta["predictor"])}
+        plan_file.save(bundle.path, bundle.manifest, replace(chosen, tiers=tiers, objective_s=obj, layer_s=layer_s),
+                       meta)
+    return meta
 
 
 def summary_lines(rep: dict) -> list[str]:

@@ -41,23 +41,16 @@ def coact_path(ids: np.ndarray, keep: np.ndarray, nbrs: np.ndarray | None) -> np
     by_heat = ids[np.argsort(-keep[ids], kind="stable")]
     if nbrs is None:
         return by_heat
-    member = np.zeros(len(keep), bool)
-    member[ids] = True
-    seen = np.zeros(len(keep), bool)
-    out, cursor = [], 0
-    cur = -1
+    free = np.zeros(len(keep), bool)               # among ids and not yet on the path
+    free[ids] = True
+    out, cursor, cur = [], 0, -1
     while len(out) < len(ids):
-        nxt = -1
-        if cur >= 0:
-            for j in nbrs[cur]:
-                if member[j] and not seen[j]:
-                    nxt = int(j)
-                    break
+        nxt = next((int(j) for j in nbrs[cur] if free[j]), -1) if cur >= 0 else -1
         if nxt < 0:
-            while seen[by_heat[cursor]]:
+            while not free[by_heat[cursor]]:
                 cursor += 1
             nxt = int(by_heat[cursor])
-        seen[nxt] = True
+        free[nxt] = False
         out.append(nxt)
         cur = nxt
     return np.asarray(out, np.int64)
@@ -98,9 +91,10 @@ def permute_predictor(tensors: dict, perms: list[np.ndarray]) -> dict:
 
 
 def reorder(path: str | Path, placement: Placement, plan_meta: dict, keep: list[np.ndarray],
-            method: str = "coact", say=lambda msg: None) -> dict:
+            method: str = "coact", say=lambda msg: None) -> tuple[dict, list[np.ndarray]]:
     """Renumber the neurons of the bundle at ``path`` for ``placement`` (solved on its current order)
-    and store the placement in the new order; returns facts about the new order."""
+    and store the placement in the new order; returns (facts about the new order, per layer the
+    permutation: new position -> old id)."""
     if method not in METHODS:
         raise OptionError("reorder", f"{method} is not known (choose {', '.join(METHODS)})")
     out = Path(path).absolute()
@@ -122,7 +116,7 @@ def reorder(path: str | Path, placement: Placement, plan_meta: dict, keep: list[
         build_beside(out, lambda tmp: _write(b, tmp, perms, new_order, preds, placement, plan_meta, say),
                      f"disk full while reordering {out}; free some space (the bundle is as it was)",
                      f"cannot reorder {out} (the bundle is as it was)")
-    return {"method": method, "neuron_order": new_order, "previous_order": old_order}
+    return {"method": method, "neuron_order": new_order, "previous_order": old_order}, perms
 
 
 def _write(b: Bundle, tmp: Path, perms, new_order: str, preds: dict, placement: Placement, plan_meta: dict,
