@@ -128,7 +128,8 @@ def _ffn_shapes(cfg: ModelConfig) -> dict[str, tuple]:
             "down": (cfg.d_model, cfg.d_ff), "up_bias": (cfg.d_ff,)}
 
 
-def _progress(total: int, enabled: bool, desc: str):
+def progress_bar(total: int, enabled: bool, desc: str):
+    """A byte-counting progress bar on stderr (``enabled``: usually whether stderr is a terminal)."""
     from tqdm import tqdm
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
                 disable=not enabled, leave=False)
@@ -149,7 +150,7 @@ def _write_bundle(src: Source, tmp: Path, dtype: str, progress: bool) -> None:
                               f"{need / 2**30:.2f}GiB plus a 64MiB margin, {free / 2**30:.2f}GiB is free; "
                               "free some space or choose another OUT")
     files = {}
-    with _progress(need, progress, "convert") as bar:
+    with progress_bar(need, progress, "convert") as bar:
         w = SafetensorsWriter(tmp / fmt.DENSE_FILE, dspecs)
         quantized = fmt.dense_matrix_dtypes(cfg, precision, fmt.FORMAT_VERSION, src.four_bit)
         try:

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from predictors import plan_file, store
 from predictors.placement import DEVICE, PINNED, Placement
 from storage import format as fmt
 from storage import validate
-from storage.convert import build_beside, ffn_specs, remove_stale
+from storage.convert import build_beside, ffn_specs, progress_bar, remove_stale
 from storage.errors import FlashinferError, OptionError
 from storage.reader import Bundle
 from storage.st_writer import SafetensorsWriter
@@ -131,12 +132,14 @@ def _write(b: Bundle, tmp: Path, perms, new_order: str, preds: dict, placement: 
     say(f"rewriting the FFN records in the new order ({need / 2**30:.2f}GiB) ...")
     w = SafetensorsWriter(tmp / fmt.FFN_FILE, specs)
     try:
-        for name, dt, shape in specs:
-            if name.endswith("_pad"):
-                w.write(name, np.zeros(shape, np.uint8))
-                continue
-            layer = int(name.split(".")[1])
-            w.write(name, np.ascontiguousarray(b.read_ffn_layer(layer)[perms[layer]]))
+        with progress_bar(need, sys.stderr.isatty(), "reorder") as bar:
+            for name, dt, shape in specs:
+                if name.endswith("_pad"):
+                    w.write(name, np.zeros(shape, np.uint8))
+                    continue
+                layer = int(name.split(".")[1])
+                w.write(name, np.ascontiguousarray(b.read_ffn_layer(layer)[perms[layer]]))
+                bar.update(int(np.prod(shape)) * np.dtype(dt).itemsize)
         info = w.close()
     finally:
         w.abort()
