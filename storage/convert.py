@@ -38,14 +38,15 @@ def dense_dtype(dtype: str) -> str:
     return dtype if dtype in fmt.DTYPES else "f16"
 
 
-def dense_specs(cfg: ModelConfig, dtype: str, four_bit=lambda name: False) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+def dense_specs(cfg: ModelConfig, dtype: "str | fmt.Precision", four_bit=lambda name: False) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
     """(name, dtype, shape) of every dense tensor, derived from the config, the ``convert --dtype``
-    name and which matrices the checkpoint stores in 4 bits (``format.dense_matrix_dtypes``)."""
+    name (or its Precision) and which matrices the checkpoint stores in 4 bits
+    (``format.dense_matrix_dtypes``)."""
     precision = fmt.Precision.named(dtype)
     big = np.dtype(fmt.DTYPES[dense_dtype(precision.ffn)])
     quantized = fmt.dense_matrix_dtypes(cfg, precision, fmt.FORMAT_VERSION, four_bit)
     specs = []
-    for name in fmt.dense_tensor_names(cfg):
+    for name in fmt.dense_tensor_names(cfg, precision.gate_split):
         shape = fmt.dense_shape(cfg, name)
         if name in quantized:
             specs += fmt.quantized_matrix_specs(name, shape, quantized[name])
@@ -139,10 +140,10 @@ def _write_bundle(src: Source, tmp: Path, dtype: str, progress: bool) -> None:
     cfg = src.config
     precision = fmt.Precision.named(dtype)
     try:
-        layout = fmt.record_layout(cfg, precision.ffn, precision.down, precision.gate_up)
+        layout = fmt.record_layout(cfg, precision.ffn, precision.down, precision.gate_up, precision.gate_split)
     except ValueError as e:
         raise FlashinferError(str(e)) from None
-    dspecs, fspecs = dense_specs(cfg, dtype, src.four_bit), ffn_specs(cfg, layout)
+    dspecs, fspecs = dense_specs(cfg, precision, src.four_bit), ffn_specs(cfg, layout)
     need = sum(int(np.prod(s)) * d.itemsize for _, d, s in dspecs + fspecs)
     free = shutil.disk_usage(tmp).free
     if free < need + (64 << 20):
@@ -184,7 +185,7 @@ def _write_bundle(src: Source, tmp: Path, dtype: str, progress: bool) -> None:
                     continue
                 layer = int(name.split(".")[1])
                 parts = {}
-                for full in fmt.ffn_source_names(cfg, layer):
+                for full in fmt.ffn_source_names(cfg, layer, layout.gate_split):
                     leaf = full.rsplit(".", 1)[-1]
                     parts[leaf] = _check_shape(src, full, src.load(full), shapes[leaf])
                 rec = build_records(cfg, layout, parts)
@@ -211,7 +212,7 @@ def _write_bundle(src: Source, tmp: Path, dtype: str, progress: bool) -> None:
         "tokenizer": {"file": fmt.TOKENIZER_FILE if tok.tokenizer_json is not None else None,
                       "chat_template": tok.chat_template, "bos_token": tok.bos_token,
                       "eos_token": tok.eos_token, "add_bos": tok.add_bos},
-        "precision": dtype if isinstance(dtype, str) else vars(precision),
+        "precision": dtype if isinstance(dtype, str) and not precision.gate_split else vars(precision),
         "dense": {"file": fmt.DENSE_FILE, "dtype": dense_dtype(precision.ffn), "small_tensors_dtype": "f32",
                   "matrices": quantized},
         "ffn": {"file": fmt.FFN_FILE, "dtype": precision.ffn, "tensor": "layers.{i}.ffn",
@@ -296,15 +297,18 @@ def _bytes_of(p: Path) -> int:
 
 
 def convert(src_path: str | Path | Source, out: str | Path, dtype: str | fmt.Precision = "f16",
-            force: bool = False, progress: bool | None = None) -> Path:
+            force: bool = False, progress: bool | None = None, gate_split: bool = False) -> Path:
     """Convert a checkpoint (HF folder or GGUF file, or an open :class:`Source`) into a bundle
     directory at ``out``; ``dtype`` a name of ``format.CONVERT_DTYPES`` (or a ``format.Precision``
-    spelled out, for measurements). ``progress``: a line at once and a bar on stderr (default:
-    when stderr is a terminal)."""
+    spelled out, for measurements). ``gate_split``: a gated model's gate rows as dense matrices
+    (``format.gate_codes``), records of up and down only. ``progress``: a line at once and a bar on
+    stderr (default: when stderr is a terminal)."""
     if progress is None:
         progress = sys.stderr.isatty()
     if not isinstance(dtype, fmt.Precision) and dtype not in fmt.CONVERT_DTYPES:
         raise OptionError("dtype", f"{dtype} is not supported (choose one of: {', '.join(fmt.CONVERT_DTYPES)})")
+    if gate_split:
+        dtype = fmt.Precision.named(dtype).split(True)
     out = Path(out).absolute()
     if out.parent.is_dir():
         remove_stale(out)

@@ -1,4 +1,4 @@
-"""The bundle format, version 3 (``FORMAT_VERSION``; versions 1 and 2 are still read): the one
+"""The bundle format, version 4 (``FORMAT_VERSION``; versions 1 to 3 are still read): the one
 place that says what is on disk.
 
 A bundle is a directory::
@@ -11,7 +11,11 @@ A bundle is a directory::
 
 FFN records: record ``i`` of layer ``l`` holds everything neuron ``i`` needs, as consecutive fields
 (``RecordLayout.fields``): for gated models gate row i, up row i, down column i; for OPT up row i,
-down column i and the up bias of neuron i. ``record_bytes`` is rounded up to a multiple of
+down column i and the up bias of neuron i. A gate-split bundle (``convert --gate-split``, from
+version 4; ``RecordLayout.gate_split``) keeps a gated model's gate rows out of the records, as a
+dense matrix ``layers.{i}.gate`` [d_ff, d] (q8 where it can be, see ``gate_codes``): its records hold
+up row i and down column i only, so a selector that scores neurons by their gate reads a third fewer
+bytes per kept neuron and the FFN reuses the gate values it computed. ``record_bytes`` is rounded up to a multiple of
 ``RECORD_ALIGN`` (512, the smallest direct-I/O unit) with zero padding at the record's end, and every
 record tensor starts at a file offset that is a multiple of ``TENSOR_ALIGN`` (4 KiB): the safetensors
 header is padded with spaces, and where one layer's tensor ends off a 4 KiB boundary a small U8
@@ -40,7 +44,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,10 +54,10 @@ from .config import ModelConfig
 from .errors import BundleError
 
 FORMAT_NAME = "flashinfer-local-bundle"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 # versions this reader opens: 1 is 2 without the int8 tied embedding, 2 is 3 with every quantized
-# dense matrix in q8 (see ``dense_matrix_dtypes``)
-READS_VERSIONS = (1, 2, 3)
+# dense matrix in q8 (see ``dense_matrix_dtypes``), 3 is 4 without the gate split
+READS_VERSIONS = (1, 2, 3, 4)
 MANIFEST = "manifest.json"
 MANIFEST_SUM = "manifest.sha256"   # the manifest's own sha256 (bundles before it have none)
 DENSE_FILE = "dense.safetensors"
@@ -94,6 +98,7 @@ class Precision:
     head: str = "q8"              # codes of the head, and of the embedding when they are tied
     embed: str = "q8"             # codes of an untied embedding
     gate_up: str | None = None    # int4 records: the gate/up vectors' codes (None: by the rule above)
+    gate_split: bool = False      # gated models: the gate rows as a dense matrix, not in the records
 
     @classmethod
     def named(cls, name: "str | Precision") -> "Precision":
@@ -104,6 +109,24 @@ class Precision:
         if name == "int4-q8":
             return cls("int4", "q8")
         return cls(name)
+
+    def split(self, on: bool) -> "Precision":
+        return replace(self, gate_split=on)
+
+
+def gate_codes(cfg: ModelConfig, ffn_dtype: str) -> str:
+    """How a gate-split bundle stores its dense gate matrices: q8 (the codes the threshold selector
+    scored with before the split: half the bytes of f16, and the values its cutoffs are calibrated
+    on) where d_model is a multiple of 32, except in f32 bundles (kept exact); else the float dtype
+    of the bundle's dense part."""
+    if ffn_dtype == "f32":
+        return "f32"
+    from .quant import GROUP
+    return "q8" if cfg.d_model % GROUP == 0 else "f16"
+
+
+def gate_names(cfg: ModelConfig) -> list[str]:
+    return [f"layers.{i}.gate" for i in range(cfg.n_layers)]
 
 
 def quantized_dense(cfg: ModelConfig, ffn_dtype: str, version: int = FORMAT_VERSION) -> list[str]:
@@ -128,11 +151,12 @@ def dense_matrix_dtypes(cfg: ModelConfig, precision: Precision, version: int = F
     group minimums. Bundles before version 3 hold q8 only. ``auto`` resolves by ``four_bit(name)``:
     whether the checkpoint stores that matrix in 4 bits (``storage.source.Source.four_bit``)."""
     names = quantized_dense(cfg, precision.ffn, version)
+    gate = (gate_names(cfg) if precision.gate_split and gate_codes(cfg, precision.ffn) == "q8" else [])
     if version < 3:
-        return {n: "q8" for n in names}
+        return {n: "q8" for n in names + gate}
     head = {"lm_head": precision.head, "embed": precision.head if cfg.tie_embeddings else precision.embed}
     kinds = {n: head.get(n, precision.attention) for n in names}
-    return {n: ("q4" if four_bit(n) else "q8") if k == "auto" else k for n, k in kinds.items()}
+    return {n: ("q4" if four_bit(n) else "q8") if k == "auto" else k for n, k in kinds.items()} | {n: "q8" for n in gate}
 
 
 def ffn_tensor_name(layer: int) -> str:
@@ -150,7 +174,7 @@ def dense_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
         "q.weight": (H * hd, d), "q.bias": (H * hd,),
         "k.weight": (kv * hd, d), "k.bias": (kv * hd,),
         "v.weight": (kv * hd, d), "v.bias": (kv * hd,),
-        "o.weight": (d, H * hd), "o.bias": (d,), "down_bias": (d,),
+        "o.weight": (d, H * hd), "o.bias": (d,), "down_bias": (d,), "gate": (cfg.d_ff, d),
     }.get(leaf, (d,))  # norms
 
 
@@ -164,8 +188,9 @@ def quantized_matrix_specs(name: str, shape: tuple[int, int], kind: str) -> list
     return [(name, np.dtype(np.uint8), (r, c // 2)), (name + ".scale", np.dtype(np.float16), (r, 2 * c // quant.GROUP))]
 
 
-def dense_tensor_names(cfg: ModelConfig) -> list[str]:
-    """Every dense tensor of a model, in the order the converter writes them."""
+def dense_tensor_names(cfg: ModelConfig, gate_split: bool = False) -> list[str]:
+    """Every dense tensor of a model, in the order the converter writes them (``gate_split``: with
+    each layer's gate matrix)."""
     names = ["embed"]
     if cfg.learned_positions:
         names.append("pos_embed")
@@ -187,6 +212,8 @@ def dense_tensor_names(cfg: ModelConfig) -> list[str]:
             names.append(p + "ffn_norm.bias")
         if not cfg.gated:
             names.append(p + "down_bias")
+        if gate_split:
+            names.append(p + "gate")
     names.append("final_norm.weight")
     if bias:
         names.append("final_norm.bias")
@@ -195,11 +222,11 @@ def dense_tensor_names(cfg: ModelConfig) -> list[str]:
     return names
 
 
-def ffn_source_names(cfg: ModelConfig, layer: int) -> list[str]:
+def ffn_source_names(cfg: ModelConfig, layer: int, gate_split: bool = False) -> list[str]:
     """Canonical source tensors one layer's FFN records are assembled from."""
     p = f"layers.{layer}."
     if cfg.gated:
-        return [p + "gate", p + "up", p + "down"]
+        return ([] if gate_split else [p + "gate"]) + [p + "up", p + "down"]
     return [p + "up", p + "down", p + "up_bias"]
 
 
@@ -220,6 +247,7 @@ class RecordLayout:
     fields: tuple[Field, ...]
     record_bytes: int          # multiple of RECORD_ALIGN, includes padding
     payload_bytes: int         # bytes actually used by fields
+    gate_split: bool = False   # a gated model's gate rows are the dense matrices layers.{i}.gate
 
     @property
     def padding_bytes(self) -> int:
@@ -231,18 +259,24 @@ class RecordLayout:
                 return f
         raise KeyError(name)
 
+    @property
+    def vectors(self) -> list[str]:
+        """The per-neuron vectors a record holds (each d_model values), in record order."""
+        return [f.name for f in self.fields if "." not in f.name and f.name != "up_bias"]
+
     def to_dict(self) -> dict:
         return {"record_bytes": self.record_bytes, "payload_bytes": self.payload_bytes,
-                "fields": [vars(f) for f in self.fields]}
+                "fields": [vars(f) for f in self.fields]} | ({"gate_split": True} if self.gate_split else {})
 
     @classmethod
     def from_dict(cls, d: dict) -> "RecordLayout":
-        return cls(tuple(Field(**f) for f in d["fields"]), d["record_bytes"], d["payload_bytes"])
+        return cls(tuple(Field(**f) for f in d["fields"]), d["record_bytes"], d["payload_bytes"],
+                   d.get("gate_split", False))
 
 
-def weight_fields(cfg: ModelConfig) -> list[str]:
+def weight_fields(cfg: ModelConfig, gate_split: bool = False) -> list[str]:
     """The per-neuron vectors a record holds (each d_model values), in record order."""
-    return ["gate", "up", "down"] if cfg.gated else ["up", "down"]
+    return (["up", "down"] if gate_split else ["gate", "up", "down"]) if cfg.gated else ["up", "down"]
 
 
 # int4 records: (gate/up, down) codes from the most to the least precise; a record takes the first
@@ -250,31 +284,40 @@ def weight_fields(cfg: ModelConfig) -> list[str]:
 INT4_CODES = (("q5", "q8"), ("q4", "q8"), ("q5", "q5"), ("q4", "q5"), ("q4", "q4"))
 
 
-def record_layout(cfg: ModelConfig, dtype: str, down: str | None = None, gate_up: str | None = None) -> RecordLayout:
+def record_layout(cfg: ModelConfig, dtype: str, down: str | None = None, gate_up: str | None = None,
+                  gate_split: bool = False) -> RecordLayout:
     """The FFN record of one neuron for this model stored in ``dtype`` (a key of FFN_DTYPES).
 
     f32/f16: the weight vectors, then (OPT) the up bias. int8: (OPT: the up bias, f32), the f16
     group scales of each vector, then the int8 codes of each vector. int4: the bias, then scale and
     minimum per q4/q5 vector, then the codes, in the first of INT4_CODES that keeps the all-q4
     record size (``down`` / ``gate_up`` force one): SmolLM2 q5/q8, Qwen2.5-Coder-0.5B q5/q5, -1.5B
-    q4/q5. Fields are ordered so every one is aligned to its element size."""
+    q4/q5. Fields are ordered so every one is aligned to its element size. ``gate_split``: a gated
+    model's records without the gate row (see the module docstring); int4 keeps the unsplit
+    record's down codes and takes the most precise up codes in the smallest record that holds
+    them (Qwen2.5-Coder-1.5B: q5/q5 in 2560 bytes; the all-q4 2048 would cost the down column's
+    +1.5% perplexity)."""
     if dtype not in FFN_DTYPES:
         raise ValueError(f"unknown record dtype {dtype!r} (choose one of {FFN_DTYPES})")
+    if gate_split and not cfg.gated:
+        raise ValueError(f"--gate-split needs a gated FFN, and {cfg.arch} has none (its records are up/down already)")
     if dtype == "int4" and (down is None or gate_up is None):
-        small = record_layout(cfg, dtype, "q4", "q4").record_bytes
+        if gate_split and down is None:      # the unsplit record's down codes: the split loses nothing
+            down = record_layout(cfg, dtype, None, gate_up).field("down").dtype
+        small = record_layout(cfg, dtype, down or "q4", "q4", gate_split).record_bytes
         for gu, dn in INT4_CODES:
             if (gate_up or gu) == gu and (down or dn) == dn:
-                lay = record_layout(cfg, dtype, dn, gu)
+                lay = record_layout(cfg, dtype, dn, gu, gate_split)
                 if lay.record_bytes == small:
                     return lay
-        return record_layout(cfg, dtype, down or "q4", gate_up or "q4")
+        return record_layout(cfg, dtype, down or "q4", gate_up or "q4", gate_split)
     fields, off = [], 0
 
     def add(name, dt, count):
         nonlocal off
         fields.append(Field(name, dt, off, count))
         off += fields[-1].nbytes
-    vectors = weight_fields(cfg)
+    vectors = weight_fields(cfg, gate_split)
     if dtype in DTYPES:
         for n in vectors:
             add(n, dtype, cfg.d_model)
@@ -298,7 +341,7 @@ def record_layout(cfg: ModelConfig, dtype: str, down: str | None = None, gate_up
         for n in vectors:
             add(n, q[n], cfg.d_model)
     rec = -(-off // RECORD_ALIGN) * RECORD_ALIGN
-    return RecordLayout(tuple(fields), rec, off)
+    return RecordLayout(tuple(fields), rec, off, gate_split)
 
 
 def field_values(records: np.ndarray, layout: RecordLayout, name: str) -> np.ndarray:

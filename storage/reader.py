@@ -94,13 +94,13 @@ class Bundle:
                 raise BundleError(f"{self.path / fmt.MANIFEST}: ffn.layout's codes {gate_up}/{down} are not "
                                   "ones this format writes; re-run convert")
         try:
-            return fmt.record_layout(self.config, self.ffn_dtype, down, gate_up)
+            return fmt.record_layout(self.config, self.ffn_dtype, down, gate_up, self.layout.gate_split)
         except (ValueError, KeyError) as e:
             raise BundleError(f"{self.path / fmt.MANIFEST}: ffn.layout: {e}; re-run convert") from None
 
     def _check_tensors(self) -> None:
         cfg = self.config
-        names = fmt.dense_tensor_names(cfg) + [n + ".scale" for n in self.quantized_dense]
+        names = fmt.dense_tensor_names(cfg, self.gate_split) + [n + ".scale" for n in self.quantized_dense]
         for name in names:
             if name not in self._dense_meta:
                 raise BundleError(f"{self.path / fmt.DENSE_FILE}: tensor '{name}' missing; re-run convert")
@@ -116,7 +116,7 @@ class Bundle:
     def _check_dense_shapes(self) -> None:
         """Every dense tensor has the shape and dtype its role needs, so no model code indexes past it."""
         qd = self.quantized_dense
-        for name in fmt.dense_tensor_names(self.config):
+        for name in fmt.dense_tensor_names(self.config, self.gate_split):
             shape, t = fmt.dense_shape(self.config, name), self._dense_meta[name]
             if name in qd:
                 ok = all(tuple(self._dense_meta[n]["shape"]) == sh and fmt.NP_DTYPE[self._dense_meta[n]["dtype"]] == dt
@@ -128,6 +128,11 @@ class Bundle:
                                   f"{t['dtype']}, not what {self.config.arch} needs; re-run convert")
 
     # ---- dense part
+    @property
+    def gate_split(self) -> bool:
+        """Whether the gate rows are dense matrices ``layers.{i}.gate`` rather than record fields."""
+        return self.layout.gate_split
+
     @property
     def quantized_dense(self) -> dict[str, str]:
         """Dense matrices stored as codes + f16 group scales: name -> "q8" or "q4"
@@ -161,6 +166,12 @@ class Bundle:
         a, b = self._dense_meta[name]["data_offsets"]
         return b - a
 
+    def dense_specs(self) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+        """(name, dtype, shape) of every tensor of dense.safetensors, in file order."""
+        meta = self._dense_meta
+        return [(n, fmt.NP_DTYPE[meta[n]["dtype"]], tuple(meta[n]["shape"]))
+                for n in sorted(meta, key=lambda n: meta[n]["data_offsets"][0])]
+
     def has_dense(self, name: str) -> bool:
         return name in self._dense_meta
 
@@ -192,6 +203,20 @@ class Bundle:
     def field_f32(self, records: np.ndarray, name: str) -> np.ndarray:
         """Field ``name`` of records [m, record_bytes] as float32 [m, count], dequantized if needed."""
         return fmt.field_values(records, self.layout, name)
+
+    def vector_f32(self, layer: int, records: np.ndarray, name: str, ids: np.ndarray | None = None) -> np.ndarray:
+        """Vector ``name`` (gate, up, down, up_bias) of neurons ``ids`` (None: all) of ``layer`` as
+        float32 [m, count], whose records are ``records`` [m, record_bytes]: from the records, or
+        for a gate-split bundle's gate from its dense matrix."""
+        if name != "gate" or not self.gate_split:
+            return self.field_f32(records, name)
+        key = f"layers.{layer}.gate"
+        g = self.dense(key) if ids is None else self.dense(key)[ids]
+        if key not in self.quantized_dense:
+            return g.astype(np.float32)
+        from .quant import dequantize_q8
+        s = self.dense(key + ".scale")
+        return dequantize_q8(g, s if ids is None else s[ids])
 
     # ---- facts for inspect
     @property

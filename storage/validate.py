@@ -67,6 +67,7 @@ def check_manifest(m, path: Path, known_files: tuple[str, ...]) -> None:
     for k in ("record_bytes", "payload_bytes"):
         if need(path, lay, f"ffn.layout.{k}", "int") <= 0:
             raise _bad(path, f"ffn.layout.{k}", "must be positive")
+    need(path, lay, "ffn.layout.gate_split", bool, optional=True)
     fields = need(path, lay, "ffn.layout.fields", list)
     for i, f in enumerate(fields):
         where = f"ffn.layout.fields[{i}]"

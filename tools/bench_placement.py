@@ -2,12 +2,13 @@
 """Placement side by side: the window without a plan, the greedy plan and the MILP plan, per bundle.
 
     python tools/bench_placement.py --bundle f16=DIR --bundle int8=DIR [--share 0.5] [--tokens 16]
-        [--rounds 3] [--out /tmp/placement]
+        [--rounds 3] [--out /tmp/placement] [--budget NAME=SIZE] [--rows 0,2,5,7]
 
-Per bundle, the budget is ``--share`` of its files; the selector is the bundle's calibrated
+Per bundle, the budget is ``--share`` of its files (``--budget NAME=SIZE``: that size instead, so
+that a gate-split bundle runs under the same memory as the unsplit one); the selector is the bundle's calibrated
 threshold predictor at its default sparsity. Each plan is made once (``flashinfer-local plan``,
-its cost model measured the first time), then rows run interleaved round by round, each in its own
-interpreter (``run --stats-json``, direct I/O, the bundle's page cache dropped first), medians of
+its cost model measured the first time), then every bundle's rows run interleaved round by round,
+each in its own interpreter (``run --stats-json``, direct I/O, the bundle's page cache dropped first), medians of
 the rounds. Per row: decode tok/s, bytes and requests per token, mean read size, the plan's
 predicted ms/token against the measured one, and whether the greedy text equals the no-plan row's.
 Writes Markdown and JSON.
@@ -120,34 +121,49 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--out", type=Path, default=Path("/tmp/placement"))
+    ap.add_argument("--budget", action="append", default=[], help="NAME=SIZE: that bundle's budget (e.g. 1697MiB)")
+    ap.add_argument("--rows", help="which of the rows to run, by index (default: all)")
     a = ap.parse_args()
+    global ROWS
+    if a.rows:
+        ROWS = tuple(ROWS[int(i)] for i in a.rows.split(","))
+    from flashinfer_local.units import parse_size
+    budgets = {n: parse_size(v) for n, _, v in (b.partition("=") for b in a.budget)}
     a.out.mkdir(parents=True, exist_ok=True)
     result = {"share": a.share, "tokens": a.tokens, "rounds": a.rounds, "bundles": {}}
-    for spec in a.bundle:
-        name, path = spec.split("=", 1)
-        bundle = Path(path)
-        budget = int(a.share * bundle_bytes(bundle))
-        keep = Path(tempfile.mkdtemp(prefix=f"plan-{name}-", dir=a.out))
-        print(f"{name}: budget {budget / 2**20:.0f} MiB", flush=True)
-        saved = bundle / "placement.safetensors"
-        backup = keep / "original.safetensors"
-        if saved.exists():
-            shutil.copy(saved, backup)
-        try:
-            prep = prepare(bundle, budget, a.context, keep)
-            runs = {key(row): [] for row in ROWS}
-            for k in range(a.rounds):
+    setups = {}                      # name -> (bundle, budget, keep dir, rows' prepared plans, backup)
+    try:
+        for spec in a.bundle:
+            name, path = spec.split("=", 1)
+            bundle = Path(path)
+            budget = budgets.get(name) or int(a.share * bundle_bytes(bundle))
+            keep = Path(tempfile.mkdtemp(prefix=f"plan-{name}-", dir=a.out))
+            print(f"{name}: budget {budget / 2**20:.0f} MiB", flush=True)
+            saved, backup = bundle / "placement.safetensors", keep / "original.safetensors"
+            if saved.exists():
+                shutil.copy(saved, backup)
+            setups[name] = (bundle, budget, keep, None, backup)        # restored below even if prepare fails
+            setups[name] = (bundle, budget, keep, prepare(bundle, budget, a.context, keep), backup)
+        runs = {(n, key(row)): [] for n in setups for row in ROWS}
+        for k in range(a.rounds):                 # every bundle's rows interleaved, round by round
+            for name, (bundle, budget, keep, prep, _) in setups.items():
                 for row in ROWS:
-                    runs[key(row)].append(run_row(row, prep[key(row)], budget, a.context, a.tokens, keep))
-                    got = runs[key(row)][-1]
-                    print(f"  round {k + 1} {key(row)}: {got.get('decode_tps', got.get('error'))}", flush=True)
-        finally:
+                    got = run_row(row, prep[key(row)], budget, a.context, a.tokens, keep)
+                    runs[name, key(row)].append(got)
+                    print(f"  round {k + 1} {name} {key(row)}: {got.get('decode_tps', got.get('error'))}", flush=True)
+    finally:
+        for name, (bundle, _, keep, prep, backup) in setups.items():
+            saved = bundle / "placement.safetensors"
             saved.unlink(missing_ok=True)
             if backup.exists():
                 shutil.copy(backup, saved)
+            for row in ROWS:                      # the reordered copies' own files (hard links elsewhere)
+                if row[3]:
+                    shutil.rmtree(keep / f"reordered-{row[3]}", ignore_errors=True)
+    for name, (bundle, budget, keep, prep, _) in setups.items():
         rows = {}
         for row in ROWS:
-            r = rows[key(row)] = median_row(runs[key(row)])
+            r = rows[key(row)] = median_row(runs[name, key(row)])
             rep = prep[key(row)].get("report")
             if rep:
                 r["predicted_ms"] = rep["objective_ms"]
@@ -156,14 +172,11 @@ def main() -> None:
                 r["pinned"] = sum(x["pinned"] for x in rep["layers"])
                 r["window_rows"] = sum(x["window_rows"] for x in rep["layers"])
         result["bundles"][name] = {"budget": budget, "rows": rows}
-        (a.out / "placement.json").write_text(json.dumps(result, indent=1))
-        for row in ROWS:                          # the reordered copies' own files (hard links elsewhere)
-            if row[3]:
-                shutil.rmtree(keep / f"reordered-{row[3]}", ignore_errors=True)
+    (a.out / "placement.json").write_text(json.dumps(result, indent=1))
     lines = ["| bundle | row | tok/s | MiB/token | reads/token | mean read | I/O wait ms | predicted ms | measured ms "
              "| pinned | window rows | same text |", "|" + "---|" * 12]
     for name, b in result["bundles"].items():
-        base = b["rows"][key(ROWS[2])].get("text")
+        base = b["rows"].get("window [per-layer shares]", {}).get("text")     # the no-plan row's text
         for row in ROWS:
             row = key(row)
             r = b["rows"][row]

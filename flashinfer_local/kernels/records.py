@@ -39,6 +39,7 @@ U = np.uint64     # record offsets are cast to unsigned: see the module docstrin
 AHEAD = 2         # the record this many ahead is prefetched (measured: 7% faster than none)
 SMALL_T = 16      # up to this many tokens a forward computes each token exactly as decode does
 BLOCK = 256       # neurons per block of the FFN's down accumulation (the order of its sums)
+GATE_GIVEN = -2   # gate offset of a gate-split layout: the gate values come with x (``begin``)
 
 
 def _f32(v):
@@ -111,9 +112,10 @@ def _wanted(sel, t, k):
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def _act_float(rec, rows, ids, x, sel, gate, up, bias, d, h):
+def _act_float(rec, rows, ids, x, sel, gate, up, bias, d, gv, h):
     # h[t, ids[k]] = activation of record rows[k] of rec for each token t that wants it; rec [n, R]
-    # f16 bits (uint16) or f32, gate/up/bias element offsets in a record (-1 if absent), x [T, d]
+    # f16 bits (uint16) or f32, gate/up/bias element offsets in a record (gate -1: a ReLU model's
+    # record; GATE_GIVEN: the gate values are gv [T, d_ff]), x [T, d]
     m, T = rows.shape[0], x.shape[0]
     for k in prange(m):
         if k + AHEAD < m:
@@ -123,9 +125,11 @@ def _act_float(rec, rows, ids, x, sel, gate, up, bias, d, h):
             if not _wanted(sel, t, k):
                 continue
             u = _dot(rec, r, U(up), x, t, d)
-            if gate < 0:
+            if gate == -1:
                 u += _f32(rec[r, U(bias)])
                 h[t, ids[k]] = u if u > 0 else np.float32(0)
+            elif gate == GATE_GIVEN:
+                h[t, ids[k]] = _silu_mul(gv[t, ids[k]], u)
             else:
                 h[t, ids[k]] = _silu_mul(_dot(rec, r, U(gate), x, t, d), u)
 
@@ -141,18 +145,21 @@ def _qdot_code(p, q, s16, r, off, so, mo, ho, xq, xd, xs, t, ng):
 
 
 @njit(inline="always", fastmath=True)
-def _act_quant(p, q, s16, f32, r, xq, xd, xs, t, gq, uq, gs, us, gm, um, gh, uh, bias, ng):
-    # one neuron's activation for token t from quantized gate/up rows (offsets: codes, scales,
-    # minimums, fifth bits; see _qdot_code)
+def _act_quant(p, q, s16, f32, r, xq, xd, xs, t, gq, uq, gs, us, gm, um, gh, uh, bias, ng, gv, n):
+    # one neuron's (n, record r) activation for token t from quantized gate/up rows (offsets:
+    # codes, scales, minimums, fifth bits; see _qdot_code; gq -1: a ReLU model; GATE_GIVEN: gv)
     u = _qdot_code(p, q, s16, r, uq, us, um, uh, xq, xd, xs, t, ng)
-    if gq < 0:
+    if gq == -1:
         u += f32[r, U(bias)]
         return u if u > 0 else np.float32(0)
+    if gq == GATE_GIVEN:
+        return _silu_mul(gv[t, n], u)
     return _silu_mul(_qdot_code(p, q, s16, r, gq, gs, gm, gh, xq, xd, xs, t, ng), u)
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def _act_quant_rows(p, q, s16, f32, rows, ids, sel, T, xq, xd, xs, gq, uq, gs, us, gm, um, gh, uh, bias, ng, h):
+def _act_quant_rows(p, q, s16, f32, rows, ids, sel, T, xq, xd, xs, gq, uq, gs, us, gm, um, gh, uh, bias, ng, gv,
+                    h):
     # h[t, ids[k]] = activation of record rows[k] for each token t < T that wants it. p [n, R] uint8,
     # q int8, s16 uint16, f32: views of the same records; code offsets in bytes, scale/minimum offsets
     # in u16 elements (minimum -1: that vector is q8), fifth bits in bytes (-1: not q5), bias in f32
@@ -166,7 +173,7 @@ def _act_quant_rows(p, q, s16, f32, rows, ids, sel, T, xq, xd, xs, gq, uq, gs, u
         for t in range(T):
             if _wanted(sel, t, k):
                 h[t, ids[k]] = _act_quant(p, q, s16, f32, r, xq, xd, xs, t, gq, uq, gs, us, gm, um, gh, uh, bias,
-                                          ng)
+                                          ng, gv, ids[k])
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
@@ -282,17 +289,21 @@ class RecordKernel:
         self.nb = -(-d_ff // BLOCK)
         self.h = np.zeros((SMALL_T, d_ff), np.float32)                   # activations per token
         self.part = np.zeros((SMALL_T * self.nb, d_model), np.float32)     # per token and block
+        self.split = layout.gate_split
+        self.gv = np.zeros((SMALL_T, d_ff) if self.split else (0, 0), np.float32)   # given gate values
         f = {x.name: x for x in layout.fields}
         if dtype in ("f16", "f32"):
             item = 2 if dtype == "f16" else 4
             off = {x.name: x.offset // item for x in layout.fields}
-            self.gate, self.up, self.down_off = off.get("gate", -1), off["up"], off["down"]
+            self.gate, self.up, self.down_off = off.get("gate", GATE_GIVEN if self.split else -1), off["up"], off["down"]
             self.bias = off.get("up_bias", -1)
             self.x = np.zeros((SMALL_T, d_model), np.float32)
         else:
             # codes: byte offsets; scales/minimums: u16 offsets; the OPT up bias: f32 offset
             self.bias = f["up_bias"].offset // 4 if "up_bias" in f else -1
             self.q = {v: f[v].offset if v in f else -1 for v in ("gate", "up", "down")}
+            if self.split:
+                self.q["gate"] = GATE_GIVEN
             self.s = {v: f[v + ".scale"].offset // 2 if v + ".scale" in f else -1 for v in ("gate", "up", "down")}
             self.m = {v: f[v + ".min"].offset // 2 if v + ".min" in f else -1 for v in ("gate", "up", "down")}
             # q5: the byte where a vector's fifth bits start (after its low nibbles)
@@ -309,17 +320,22 @@ class RecordKernel:
 
     def scratch_arrays(self) -> list:
         names = ("h", "part", "x") if self.dtype in ("f16", "f32") else ("h", "part", "xq", "xd", "xs")
-        return [getattr(self, n) for n in names]
+        return [getattr(self, n) for n in names] + [self.gv]
 
     @staticmethod
     def scratch_bytes(layout, dtype: str, d_model: int, d_ff: int) -> int:
         nb = -(-d_ff // BLOCK)
         x = 4 * d_model if dtype in ("f16", "f32") else d_model + 8 * (d_model // 32)
-        return SMALL_T * (4 * d_ff + 4 * nb * d_model + x)
+        return SMALL_T * (4 * d_ff * (2 if layout.gate_split else 1) + 4 * nb * d_model + x)
 
-    def begin(self, x: np.ndarray) -> None:
-        """Start a layer for x [T, d] f32 (T <= SMALL_T): no activations, empty blocks."""
+    def begin(self, x: np.ndarray, gate: np.ndarray | None = None) -> None:
+        """Start a layer for x [T, d] f32 (T <= SMALL_T): no activations, empty blocks. A
+        gate-split layout takes each neuron's gate value with x: ``gate`` [T, d_ff] f32."""
         T = self.T = x.shape[0]
+        if self.split:
+            if gate is None:
+                raise ValueError("a gate-split layout's kernel needs the gate values (begin(x, gate))")
+            self.gv[:T] = gate
         self.h[:T] = 0
         self.part[:T * self.nb] = 0
         if self.dtype in ("f16", "f32"):
@@ -338,12 +354,12 @@ class RecordKernel:
         sel = self.all_sel if sel is None else sel
         if self.dtype in ("f16", "f32"):
             _act_float(recs.view(np.uint16 if self.dtype == "f16" else np.float32), rows, ids, self.x[:self.T], sel,
-                       self.gate, self.up, self.bias, self.d, h)
+                       self.gate, self.up, self.bias, self.d, self.gv, h)
             return
         q, s, m = self.q, self.s, self.m
         _act_quant_rows(recs, recs.view(np.int8), recs.view(np.uint16), recs.view(np.float32), rows, ids, sel,
                         self.T, self.xq, self.xd, self.xs, q["gate"], q["up"], s["gate"], s["up"], m["gate"],
-                        m["up"], self.hb["gate"], self.hb["up"], self.bias, self.d // 32, h)
+                        m["up"], self.hb["gate"], self.hb["up"], self.bias, self.d // 32, self.gv, h)
 
     def down(self, ra: np.ndarray, rows: np.ndarray, ids: np.ndarray, rb: np.ndarray | None = None) -> None:
         """Add each record's down column times its activations: record k is ``ra[rows[k]]``, or
@@ -366,12 +382,14 @@ class RecordKernel:
         """out [T, d] += the layer's blocks, in order."""
         _sum_blocks(self.part, self.T, self.nb, out)
 
-    def __call__(self, recs: np.ndarray, rows: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
-        """out [d] += FFN over records ``recs[rows]`` (rows ascending: neuron ids), x [d] f32."""
+    def __call__(self, recs: np.ndarray, rows: np.ndarray, x: np.ndarray, out: np.ndarray,
+                 gate: np.ndarray | None = None) -> None:
+        """out [d] += FFN over records ``recs[rows]`` (rows ascending: neuron ids), x [d] f32
+        (gate-split: ``gate`` [d_ff], the gate values)."""
         if len(rows) == 0:
             return
         rows = np.sort(np.asarray(rows, np.int64))
-        self.begin(x[None])
+        self.begin(x[None], None if gate is None else gate[None])
         self.activations(recs, rows, rows)
         self.down(recs, rows, rows)
         self.finish(out[None])

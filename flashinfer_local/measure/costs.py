@@ -147,10 +147,11 @@ def cpu_cost(bundle: Bundle, reps: int = 20) -> float:
     ids = np.sort(np.random.default_rng(1).choice(cfg.d_ff, n, replace=False)).astype(np.int64)
     x = np.random.default_rng(2).standard_normal((1, cfg.d_model)).astype(np.float32)
     out = np.zeros((1, cfg.d_model), np.float32)
+    gate = np.random.default_rng(3).standard_normal((1, cfg.d_ff)).astype(np.float32) if k.split else None
     ts = []
     for _ in range(reps + 2):
         t0 = time.perf_counter()
-        k.begin(x)
+        k.begin(x, gate)
         k.activations(recs, ids, ids, None)
         k.down(recs, ids, ids)
         k.finish(out)
@@ -181,7 +182,7 @@ def device_costs(bundle: Bundle, device: str, reps: int = 20) -> tuple[float, fl
     per = (big - small) / (n - 8) if n > 8 else 0.0
     if per <= 0:                     # a layer too small to tell the two apart: all of it per neuron
         per = big / n
-    return per, max(0.0, small - 8 * per), device_bytes_per_neuron(cfg, device)
+    return per, max(0.0, small - 8 * per), device_bytes_per_neuron(cfg, device, bundle.gate_split)
 
 
 def dense_cost(path: Path, threads: int | None) -> float:
@@ -191,7 +192,7 @@ def dense_cost(path: Path, threads: int | None) -> float:
     class _Nothing:
         name, nbytes = "nothing", 0
 
-        def mask(self, layer, x):
+        def mask(self, layer, x, gate=None):
             return torch.zeros(x.shape[0], d_ff, dtype=torch.bool)
     eng = Engine(path, offload="naive", threads=threads, context=64, placement="none")
     try:

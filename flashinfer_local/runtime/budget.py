@@ -181,7 +181,7 @@ def compute_scratch_bytes(s: Sizes) -> int:
     kernel = RecordKernel.scratch_bytes(s.layout, s.ffn_dtype, d, s.cfg.d_ff) + 4 * d
     if s.ffn_dtype in fmt.DTYPES:
         return kernel
-    return kernel + len(fmt.weight_fields(s.cfg)) * CHUNK_ROWS * d * 4
+    return kernel + len(s.layout.vectors) * CHUNK_ROWS * d * 4
 
 
 def dram_ffn_bytes(s: Sizes) -> tuple[int, int]:
@@ -250,6 +250,8 @@ def predictor_bytes(bundle: Bundle, kind: str | None) -> int:
     """DRAM a PredictorSelector of this bundle will hold, known before it is loaded."""
     cfg = bundle.config
     kind = kind or default_predictor(bundle.path)
+    if kind == "threshold" and bundle.gate_split:      # scores with the dense gate's values
+        return 0
     if kind == "threshold":        # int8 codes + f16 scales per 32 (and the matrix's decode scratch),
         if cfg.d_model % 32 == 0:  # else f16; + an f32 bias for ReLU models
             layer = cfg.d_ff * (cfg.d_model + cfg.d_model // 16) + QuantMatrix.scratch_bytes(cfg.d_ff, cfg.d_model)

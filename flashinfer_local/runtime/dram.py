@@ -37,6 +37,11 @@ def selected_ids(mask: torch.Tensor) -> np.ndarray:
     return np.flatnonzero((mask[0] if mask.shape[0] == 1 else mask.any(0)).numpy())
 
 
+def gate_array(gate: torch.Tensor | None) -> np.ndarray | None:
+    """The gate values [T, d_ff] the kernel takes (None: the records hold the gate)."""
+    return None if gate is None else gate.numpy()
+
+
 def token_selection(mask: torch.Tensor | None, ids: np.ndarray) -> np.ndarray | None:
     """Which tokens need each of neurons ``ids``: mask [T, d_ff] -> [T, len(ids)] bool (None: all)."""
     return None if mask is None else np.ascontiguousarray(mask.numpy()[:, ids])
@@ -61,8 +66,8 @@ class RecordCompute:
             item = np.dtype(fmt.DTYPES[bundle.ffn_dtype]).itemsize
             self.payload = lay.payload_bytes // item          # elements per record used
             self.cols = {f.name: slice(f.offset // item, f.offset // item + f.count) for f in lay.fields}
-        self.names = fmt.weight_fields(cfg) + ([] if cfg.gated else ["up_bias"])
-        self.vectors = fmt.weight_fields(cfg)
+        self.vectors = lay.vectors                             # gate-split: up and down only
+        self.names = self.vectors + ([] if cfg.gated else ["up_bias"])
         self.buf = ({} if self.tdt is not None else   # quantized: f32 matrices of one chunk, reused
                     {n: np.empty((CHUNK_ROWS, cfg.d_model), np.float32) for n in self.vectors})
         self.out = torch.zeros(1, cfg.d_model)      # a decode token's output, reused by the backends
@@ -87,37 +92,44 @@ class RecordCompute:
             f["up_bias"] = torch.from_numpy(fmt.field_values(part, self.layout, "up_bias"))
         return f
 
-    def activations(self, x: torch.Tensor, part: np.ndarray | None = None, f: dict | None = None) -> torch.Tensor:
-        """x [T, d] -> the activations [T, c] of records part [c, ...] (or of its fields ``f``), by BLAS."""
+    def activations(self, x: torch.Tensor, part: np.ndarray | None = None, f: dict | None = None,
+                    gate: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, d] -> the activations [T, c] of records part [c, ...] (or of its fields ``f``), by
+        BLAS (a gate-split layout: from their gate values ``gate`` [T, c])."""
         f = f if f is not None else self._fields(part, down=False)
         if self.gated:
-            return F.silu(F.linear(x, f["gate"])) * F.linear(x, f["up"])
+            g = F.linear(x, f["gate"]) if gate is None else gate
+            return F.silu(g) * F.linear(x, f["up"])
         return F.relu(F.linear(x, f["up"]) + f["up_bias"][:, 0])
 
     def __call__(self, x: torch.Tensor, recs: np.ndarray, out: torch.Tensor,
-                 rows: np.ndarray | None = None, mask: torch.Tensor | None = None) -> None:
+                 rows: np.ndarray | None = None, mask: torch.Tensor | None = None,
+                 gate: torch.Tensor | None = None) -> None:
         """A prefill's out [T, d] += FFN of ``recs`` (or ``recs[rows]``, gathered a chunk at a
-        time); ``mask`` [T, m] zeroes each token's unselected neurons."""
+        time); ``mask`` [T, m] zeroes each token's unselected neurons; ``gate`` [T, m]: their gate
+        values (gate-split layouts)."""
         n = recs.shape[0] if rows is None else len(rows)
         for a in range(0, n, CHUNK_ROWS):
             part = recs[a:a + CHUNK_ROWS] if rows is None else recs[rows[a:a + CHUNK_ROWS]]
             f = self._fields(part)
-            h = self.activations(x, f=f)
+            h = self.activations(x, f=f, gate=None if gate is None else gate[:, a:a + CHUNK_ROWS])
             if mask is not None:
                 h = h * mask[:, a:a + CHUNK_ROWS]
             out.addmm_(h, f["down"])
 
-    def whole(self, x: torch.Tensor, recs: np.ndarray, mask: torch.Tensor | None) -> torch.Tensor:
-        """The FFN of one layer's records recs [d_ff, ...] for x [T, d] -> [T, d]."""
+    def whole(self, x: torch.Tensor, recs: np.ndarray, mask: torch.Tensor | None,
+              gate: torch.Tensor | None = None) -> torch.Tensor:
+        """The FFN of one layer's records recs [d_ff, ...] for x [T, d] -> [T, d] (``gate``
+        [T, d_ff]: the gate values of a gate-split layout)."""
         T = x.shape[0]
         out = self.output(T)
         if T > SMALL_T:
-            self(x, recs, out, mask=mask)
+            self(x, recs, out, mask=mask, gate=gate)
             return out
         k = self.kernel
         ids = np.arange(recs.shape[0]) if mask is None else selected_ids(mask)
         sel = token_selection(mask, ids) if T > 1 else None
-        k.begin(x.numpy())
+        k.begin(x.numpy(), gate_array(gate))
         k.activations(recs, ids, ids, sel)
         k.down(recs, ids, ids)
         k.finish(out.numpy())
@@ -172,19 +184,21 @@ class RecordFFN(_InDRAM):
         scratch = [a for m in self.down for a in m.scratch_arrays()]
         return {"ffn_dram": self.records + qm, "buffers": self.compute.arrays() + scratch}
 
-    def __call__(self, layer: int, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        # x [T, d] -> [T, d]; mask [T, d_ff] or None
+    def __call__(self, layer: int, x: torch.Tensor, mask: torch.Tensor | None = None,
+                 gate: torch.Tensor | None = None) -> torch.Tensor:
+        # x [T, d] -> [T, d]; mask [T, d_ff] or None; gate [T, d_ff]: a gate-split layout's gate values
         rec = self.records[layer]
         if not self.down:
-            return self.compute.whole(x, rec, mask)
+            return self.compute.whole(x, rec, mask, gate)
         down, T = self.down[layer], x.shape[0]
         if T > SMALL_T:
-            h = torch.cat([self.compute.activations(x, rec[a:a + CHUNK_ROWS])
+            h = torch.cat([self.compute.activations(x, rec[a:a + CHUNK_ROWS],
+                                                    gate=None if gate is None else gate[:, a:a + CHUNK_ROWS])
                            for a in range(0, rec.shape[0], CHUNK_ROWS)], dim=1)        # [T, d_ff]
             return down.matmul(h if mask is None else h * mask)
         k = self.compute.kernel                    # unselected neurons keep h = 0
         rows = self.all_rows if mask is None else selected_ids(mask)
-        k.begin(x.numpy())
+        k.begin(x.numpy(), gate_array(gate))
         k.activations(rec, rows, rows, token_selection(mask, rows) if T > 1 else None)
         return down.matmul(torch.from_numpy(k.h[:T]))
 
@@ -219,7 +233,7 @@ class DenseFFN(_InDRAM):
     def __init__(self, bundle: Bundle):
         cfg = bundle.config
         self.gated = cfg.gated
-        self.gate, self.up, self.down, self.up_bias = [], [], [], []
+        self.gate, self.up, self.down, self.up_bias = [], [], [], []      # (gate-split: no gate here)
         for i in range(cfg.n_layers):
             rec = bundle.read_ffn_layer(i)                               # [d_ff, record_bytes] u8
 
@@ -227,21 +241,24 @@ class DenseFFN(_InDRAM):
                 return torch.from_numpy(bundle.field(rec, name))
             self.up.append(field("up").contiguous())                    # [d_ff, d]
             self.down.append(field("down").t().contiguous())            # [d, d_ff]
-            if self.gated:
-                self.gate.append(field("gate").contiguous())            # [d_ff, d]
-            else:
+            if not self.gated:
                 self.up_bias.append(field("up_bias")[:, 0].float())  # [d_ff]
+            elif not bundle.gate_split:
+                self.gate.append(field("gate").contiguous())            # [d_ff, d]
 
     def resident(self) -> dict[str, list]:
         return {"ffn_dram": self.gate + self.up + self.down + self.up_bias, "buffers": []}
 
-    def __call__(self, layer: int, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        # x [T, d] -> [T, d]; mask [T, d_ff] or None
+    def __call__(self, layer: int, x: torch.Tensor, mask: torch.Tensor | None = None,
+                 gate: torch.Tensor | None = None) -> torch.Tensor:
+        # x [T, d] -> [T, d]; mask [T, d_ff] or None; gate [T, d_ff]: a gate-split layout's gate values
         T = x.shape[0]
         if 1 < T <= SMALL_T:           # each token exactly as decode computes it
-            return torch.cat([self(layer, x[t:t + 1], None if mask is None else mask[t:t + 1]) for t in range(T)])
+            return torch.cat([self(layer, x[t:t + 1], None if mask is None else mask[t:t + 1],
+                                   None if gate is None else gate[t:t + 1]) for t in range(T)])
         if self.gated:
-            h = F.silu(linear(x, self.gate[layer])) * linear(x, self.up[layer])   # [T, d_ff]
+            g = linear(x, self.gate[layer]) if gate is None else gate
+            h = F.silu(g) * linear(x, self.up[layer])                             # [T, d_ff]
         else:
             h = F.relu(linear(x, self.up[layer], self.up_bias[layer]))
         if mask is not None:

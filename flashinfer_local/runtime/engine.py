@@ -7,7 +7,8 @@ plan (``budget.plan_budget``) decided how many bytes each may hold and which bac
 The per-token path, from ids to logits (``forward``, HOT):
 
     embed rows -> per layer: attention against the session's KV cache,
-                             ffn_step: selector.mask(x) -> observers -> backend(layer, x, mask)
+                             ffn_step: [gate values] -> selector.mask(x) -> observers
+                                       -> backend(layer, x, mask[, gate])
                -> final norm -> head -> logits [T or 1, vocab]
 
 Generation (sampling, detokenization, stop strings, a cache kept across calls) lives in
@@ -33,7 +34,7 @@ from storage.reader import Bundle
 
 from flashinfer_local.kernels import QuantMatrix
 from flashinfer_local.models import build_model
-from flashinfer_local.models.common import KVCache, kv_itemsize
+from flashinfer_local.models.common import KVCache, kv_itemsize, linear
 from flashinfer_local.runtime import placed
 from flashinfer_local.runtime.backend import FFNCounters, array_bytes
 from flashinfer_local.runtime.budget import (PREFILL_TOKENS, Placed, Sizes, draft_model_bytes, kv_cache_bytes,
@@ -49,11 +50,12 @@ log = logging.getLogger(__name__)
 
 
 def _dense_weights(bundle: Bundle) -> dict:
-    """Dense tensors as torch tensors in the bundle's precision, or for an int8/int4 bundle's
-    quantized matrices a QuantMatrix: zero-copy views of the map either way."""
+    """Dense tensors as torch tensors in the bundle's precision, or for quantized matrices (an
+    int8/int4 bundle's, a gate-split bundle's q8 gate) a QuantMatrix: zero-copy views of the map
+    either way."""
     quantized = set(bundle.quantized_dense)
     w = {}
-    for name in fmt.dense_tensor_names(bundle.config):
+    for name in fmt.dense_tensor_names(bundle.config, bundle.gate_split):
         a = bundle.dense(name)
         w[name] = QuantMatrix(a, bundle.dense(name + ".scale")) if name in quantized else torch.from_numpy(a)
     return w
@@ -84,7 +86,8 @@ def placed_budget(bundle: Bundle, stored) -> Placed:
     """What a stored placement asks of the budget."""
     tiers, rows, meta = stored
     dev = sum(int((t == DEVICE).sum()) for t in tiers)
-    per = placed.device_bytes_per_neuron(bundle.config, meta["device"]) if meta["device"] == "cpu" else 0
+    per = (placed.device_bytes_per_neuron(bundle.config, meta["device"], bundle.gate_split)
+           if meta["device"] == "cpu" else 0)
     return Placed(tuple(int((t == PINNED).sum()) for t in tiers), tuple(rows), dev * per, meta.get("dram_budget"))
 
 
@@ -139,6 +142,9 @@ class Engine:
         if draft_path is not None:
             self._open_draft_model(draft_path, opts)
         self.weights = _dense_weights(self.bundle)
+        # a gate-split bundle: the gate values are computed here, once per layer, for the selector
+        # and the backend (None: the records hold the gate)
+        self.gates = ([self.weights[n] for n in fmt.gate_names(cfg)] if self.bundle.gate_split else None)
         self.selector = make_selector(opts.selector, self.bundle, opts.sparsity, opts.predictor, opts.layer_shares)
         self.ffn = make_backend(self.bundle, self.plan, opts, self.placement)
         self._observers: list = []
@@ -188,13 +194,15 @@ class Engine:
 
     # ---------------------------------------------------------------- the per-token path
     def _ffn_step(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """HOT: one layer's FFN for x [T, d]: the selector's per-token mask, then the backend."""
+        """HOT: one layer's FFN for x [T, d]: the selector's per-token mask, then the backend (a
+        gate-split bundle: the gate values first, which both take)."""
         t0 = time.perf_counter()
-        mask = self.selector.mask(layer, x)                    # [T, d_ff] bool, or None: all
+        gate = None if self.gates is None else linear(x, self.gates[layer])   # [T, d_ff] f32
+        mask = self.selector.mask(layer, x, gate)              # [T, d_ff] bool, or None: all
         self._selection_s += time.perf_counter() - t0
         for fn in self._observers:
             fn(layer, x, mask)
-        return self.ffn(layer, x, mask)
+        return self.ffn(layer, x, mask, gate)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, pos: int, cache: KVCache, last_only: bool = True) -> torch.Tensor:

@@ -41,19 +41,24 @@ def device_dtype(device: str) -> torch.dtype:
     return torch.float32 if device == "cpu" else torch.float16
 
 
-def device_bytes_per_neuron(cfg, device: str) -> int:
-    """Device memory one device-pinned neuron takes: its gate, up and down vectors (and a bias)."""
-    n = len(fmt.weight_fields(cfg)) * cfg.d_model + (0 if cfg.gated else 1)
+def device_bytes_per_neuron(cfg, device: str, gate_split: bool = False) -> int:
+    """Device memory one device-pinned neuron takes: its gate (unless the bundle's gate is split:
+    the gate values come computed), up and down vectors (and a bias)."""
+    n = len(fmt.weight_fields(cfg, gate_split)) * cfg.d_model + (0 if cfg.gated else 1)
     return n * torch.tensor([], dtype=device_dtype(device)).element_size()
 
 
-def device_ffn(x: torch.Tensor, w: dict, mask: torch.Tensor | None = None) -> torch.Tensor:
+def device_ffn(x: torch.Tensor, w: dict, mask: torch.Tensor | None = None,
+               gate: torch.Tensor | None = None) -> torch.Tensor:
     """The FFN of the neurons whose fields ``w`` holds on a device (gate/up/down [n, d], or up,
     up_bias and down for ReLU models), for x [T, d] on the CPU; ``mask`` [T, n] keeps each token's
-    own. Returns [T, d] on the device (asynchronous there)."""
+    own; ``gate`` [T, n] (on the CPU): their gate values where ``w`` holds no gate (a gate-split
+    bundle). Returns [T, d] on the device (asynchronous there)."""
     dev, dt = w["up"].device, w["up"].dtype
     xd = x.to(dev, dt, non_blocking=True)
-    if "gate" in w:
+    if gate is not None:
+        h = F.silu(gate.to(dev, dt, non_blocking=True)) * (xd @ w["up"].T)
+    elif "gate" in w:
         h = F.silu(xd @ w["gate"].T) * (xd @ w["up"].T)
     else:
         h = F.relu(xd @ w["up"].T + w["up_bias"])
@@ -84,7 +89,7 @@ class DevicePart:
 
             def get(name, rec=rec):
                 return torch.from_numpy(np.ascontiguousarray(bundle.field_f32(rec, name))).to(self.dev, dt)
-            self.w.append({n: get(n) for n in fmt.weight_fields(cfg)}
+            self.w.append({n: get(n) for n in bundle.layout.vectors}
                           | ({} if cfg.gated else {"up_bias": get("up_bias")[:, 0].contiguous()}))
         cpu = np.ones((len(tiers), cfg.d_ff), bool)
         for i, ids in enumerate(self.ids):
@@ -94,12 +99,15 @@ class DevicePart:
     def tensors(self) -> list[torch.Tensor]:
         return [t for w in self.w if w for t in w.values()]
 
-    def launch(self, layer: int, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
-        """Start the layer's device share for x [T, d]; returns its output [T, d] on the device."""
+    def launch(self, layer: int, x: torch.Tensor, mask: torch.Tensor | None,
+               gate: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Start the layer's device share for x [T, d] (``gate`` [T, d_ff]: a gate-split bundle's
+        gate values); returns its output [T, d] on the device."""
         w = self.w[layer]
         if w is None:
             return None
-        return device_ffn(x, w, None if mask is None else mask[:, self.ids[layer]])
+        ids = self.ids[layer]
+        return device_ffn(x, w, None if mask is None else mask[:, ids], None if gate is None else gate[:, ids])
 
 
 class PlacedFFN:
@@ -109,13 +117,14 @@ class PlacedFFN:
     def __init__(self, inner, device: DevicePart):
         self.inner, self.device = inner, device
 
-    def __call__(self, layer: int, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        out_dev = self.device.launch(layer, x, mask)
+    def __call__(self, layer: int, x: torch.Tensor, mask: torch.Tensor | None = None,
+                 gate: torch.Tensor | None = None) -> torch.Tensor:
+        out_dev = self.device.launch(layer, x, mask, gate)
         if out_dev is None:
-            return self.inner(layer, x, mask)
+            return self.inner(layer, x, mask, gate)
         cpu = self.device.cpu_mask[layer:layer + 1]
         cpu_mask = cpu.expand(x.shape[0], -1).contiguous() if mask is None else mask & cpu
-        out = self.inner(layer, x, cpu_mask)
+        out = self.inner(layer, x, cpu_mask, gate)
         return out + out_dev.to("cpu", torch.float32)
 
     def start_token(self) -> None:

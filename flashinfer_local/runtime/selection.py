@@ -1,7 +1,9 @@
 """Which FFN neurons a token needs: the one seam selectors and predictors plug into.
 
 A selector maps a layer's FFN input x [T, d] to a per-token mask [T, d_ff] (``mask``; None: all
-neurons), which the engine hands to the FFN backend: each token computes exactly the neurons its
+neurons; for a gate-split bundle the engine passes the gate values [T, d_ff] it computed, which the
+threshold predictor scores with instead of computing them again), which the engine hands to the FFN
+backend: each token computes exactly the neurons its
 own selection keeps (that is also how quality is measured), and a streaming backend reads the union.
 ``select`` gives the sorted unique neuron ids any of the T tokens needs (the mask's union).
 """
@@ -33,7 +35,7 @@ class AllSelector:
     def select(self, layer: int, x: torch.Tensor) -> np.ndarray | None:
         return None
 
-    def mask(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+    def mask(self, layer: int, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor | None:
         return None
 
 
@@ -54,7 +56,7 @@ class OracleSelector:
         self.w = []   # per layer: (gate or None, up, up_bias or None), f16 [d_ff, d]
         for i in range(cfg.n_layers):
             rec = bundle.read_ffn_layer(i)
-            get = lambda n: torch.from_numpy(bundle.field_f32(rec, n).astype(np.float16))  # noqa: E731
+            get = lambda n: torch.from_numpy(bundle.vector_f32(i, rec, n).astype(np.float16))  # noqa: E731
             self.w.append((get("gate") if self.gated else None, get("up"),
                            None if self.gated else get("up_bias")[:, 0].float()))
         self.nbytes = sum(t.numel() * t.element_size() for ws in self.w for t in ws if t is not None)
@@ -70,7 +72,7 @@ class OracleSelector:
     def select(self, layer: int, x: torch.Tensor) -> np.ndarray | None:
         return np.unique(self._top(layer, x).numpy()).astype(np.int64)
 
-    def mask(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+    def mask(self, layer: int, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
         top = self._top(layer, x)
         return torch.zeros(x.shape[0], self.w[layer][1].shape[0], dtype=torch.bool).scatter_(1, top, True)
 
@@ -83,6 +85,8 @@ class PredictorSelector:
     up rows and bias), held here as int8 with an f16 scale per 32 values (half the bytes of f16; the
     codes' error, under 0.4% of a group's largest value, moves almost no neuron across a cutoff):
     d_ff x (d_model + d_model / 16) bytes per layer (f16 where d_model is not a multiple of 32).
+    A gate-split bundle's dense gate matrices are those rows (``storage.format.gate_codes``): the
+    selector holds no copy and scores with the gate values the engine computed.
     lowrank: the same score from a rank-r stand-in for the gate, g' = B (A x) + bias, with the stored
     f16 factors; small, and no weight rows needed.
     ``nbytes`` is what it holds (inside the DRAM budget); ``seconds`` the time spent scoring.
@@ -96,7 +100,7 @@ class PredictorSelector:
         if tensors is None:
             tensors, meta = store.load(bundle.path, kind, cfg, store.neuron_order(bundle.manifest),
                                        only=store.SELECTOR_TENSORS)
-        self.meta, self.gated = meta, cfg.gated
+        self.meta, self.gated, self.bundle = meta, cfg.gated, bundle
         self.cutoff_table = [tensors[f"cutoffs.{i}"] for i in range(cfg.n_layers)]
         # per-layer shares of the sparsity (calibrate's lost mass per layer), where calibrated
         self.lost = (np.stack([tensors[f"lost.{i}"] for i in range(cfg.n_layers)])
@@ -108,6 +112,9 @@ class PredictorSelector:
                 self.w.append((torch.from_numpy(tensors[f"A.{i}"]), torch.from_numpy(tensors[f"B.{i}"]),
                                torch.from_numpy(tensors[f"bias.{i}"].astype(np.float32))))
                 continue
+            if bundle.gate_split:       # the dense gate, which the engine computes with (built if asked)
+                self.w.append(None)
+                continue
             rec = bundle.read_ffn_layer(i)
             a = bundle.field_f32(rec, "gate" if cfg.gated else "up")                  # [d_ff, d]
             rows = (QuantMatrix(*quantize_rows_q8(a)) if a.shape[1] % 32 == 0      # groups of 32
@@ -115,7 +122,7 @@ class PredictorSelector:
             bias = None if cfg.gated else torch.from_numpy(bundle.field_f32(rec, "up_bias")[:, 0].copy())
             self.w.append((rows, bias))
         self.nbytes = sum(t.nbytes if isinstance(t, QuantMatrix) else t.numel() * t.element_size()
-                          for ws in self.w for t in ws if t is not None)
+                          for ws in self.w if ws is not None for t in ws if t is not None)
         self.seconds = 0.0
         default = meta["layer_default_sparsity"] if self.shares == "layer" else meta["default_sparsity"]
         self.set_sparsity(default if sparsity is None else sparsity)
@@ -129,26 +136,40 @@ class PredictorSelector:
         self.layer_sparsity = cal.spread(self.lost, self.shares, sparsity, len(self.cutoff_table))
         self.cut = [float(np.interp(s, store.GRID, c)) for s, c in zip(self.layer_sparsity, self.cutoff_table)]
 
-    def scores(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        # x [T, d] f32 -> [T, d_ff] f32 (a few tokens: each row as alone, see models.common.by_token)
+    def scores(self, layer: int, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        # x [T, d] f32 -> [T, d_ff] f32 (a few tokens: each row as alone, see models.common.by_token);
+        # gate: a gate-split bundle's gate values, which the threshold scores are made of
         if self.kind == "lowrank":
             A, B, bias = self.w[layer]
             g = linear(linear(x, A), B) + bias
+        elif gate is not None:
+            g = gate
         else:
+            if self.w[layer] is None:
+                self.w[layer] = (dense_gate(self.bundle, layer), None)
             rows, bias = self.w[layer]
             g = linear(x, rows) if self.gated else linear(x, rows, bias)
         act = (lambda r: F.silu(r).abs()) if self.gated else F.relu
         return per_row(act, g) if by_token(x.shape[0]) else act(g)
 
-    def mask(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+    def mask(self, layer: int, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
         t0 = time.perf_counter()
-        m = self.scores(layer, x) > self.cut[layer]
+        m = self.scores(layer, x, gate) > self.cut[layer]
         self.seconds += time.perf_counter() - t0
         return m
 
     def select(self, layer: int, x: torch.Tensor) -> np.ndarray:
         m = self.mask(layer, x)
         return np.flatnonzero(m.any(0).numpy()).astype(np.int64)
+
+
+def dense_gate(bundle: Bundle, layer: int):
+    """A gate-split bundle's gate matrix of ``layer`` as the engine holds it: a QuantMatrix over the
+    mapped q8 codes, or the mapped float tensor."""
+    name = f"layers.{layer}.gate"
+    if name in bundle.quantized_dense:
+        return QuantMatrix(bundle.dense(name), bundle.dense(name + ".scale"))
+    return torch.from_numpy(bundle.dense(name))
 
 
 def make_selector(name: str, bundle: Bundle, sparsity: float | None = None, predictor: str | None = None,

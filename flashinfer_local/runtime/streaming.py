@@ -31,7 +31,7 @@ from storage.window_cache import LayerWindow
 from flashinfer_local.runtime.backend import FFNCounters, arrays_of
 from flashinfer_local.runtime.budget import SCRATCH_BUFFERS, BudgetPlan
 from flashinfer_local.kernels import SMALL_T
-from flashinfer_local.runtime.dram import CHUNK_ROWS, RecordCompute, selected_ids, token_selection
+from flashinfer_local.runtime.dram import CHUNK_ROWS, RecordCompute, gate_array, selected_ids, token_selection
 
 # Read through gaps of up to this many bytes of unwanted records rather than issue another request:
 # on this project's reference disk (tools/bench_stream.py; 9 KiB records of Qwen-1.5B f16, 8 reader
@@ -90,11 +90,14 @@ class StreamingFFN:
 
     # ---- a prefill (T > SMALL_T): BLAS on each part as it becomes available
     def _compute(self, x: torch.Tensor, recs: np.ndarray, out: torch.Tensor, rows: np.ndarray | None = None,
-                 mask: torch.Tensor | None = None, ids: np.ndarray | None = None) -> None:
+                 mask: torch.Tensor | None = None, ids: np.ndarray | None = None,
+                 gate: torch.Tensor | None = None) -> None:
         """out += FFN of ``recs`` (or ``recs[rows]``), which hold neurons ``ids``; with a mask [T, d_ff]
-        each token computes only its own selection (its columns ``ids``)."""
+        each token computes only its own selection (its columns ``ids``); ``gate`` [T, d_ff]: the
+        gate values of a gate-split layout."""
         t0 = time.perf_counter()
-        self.compute(x, recs, out, rows, None if mask is None else mask[:, torch.from_numpy(ids)])
+        cols = torch.from_numpy(ids)
+        self.compute(x, recs, out, rows, None if mask is None else mask[:, cols], None if gate is None else gate[:, cols])
         self.t["compute_s"] += time.perf_counter() - t0
 
     def _wait(self, batch) -> None:
@@ -128,14 +131,14 @@ class StreamingFFN:
                 pending = submit(j + 1)
             yield ch, recs
 
-    def _prefill(self, layer: int, x: torch.Tensor, ids: np.ndarray, mask) -> torch.Tensor:
+    def _prefill(self, layer: int, x: torch.Tensor, ids: np.ndarray, mask, gate) -> torch.Tensor:
         """The selected records chunk by chunk in id order, computed by BLAS in chunk order (with
         a window: its records copied, the rest read; the window left as it is): the result depends
         on the selection only, never on what the window held (a masked prefill's rounding would
         otherwise move neurons across a predictor's cutoff)."""
         out = torch.zeros(x.shape[0], self.cfg.d_model)
         for ch, recs in self._chunks(layer, ids, self.windows[layer] if self.windows else None):
-            self._compute(x, recs, out, mask=mask, ids=ch)
+            self._compute(x, recs, out, mask=mask, ids=ch, gate=gate)
         return out
 
     # ---- decode and verification (T <= SMALL_T): each token exactly as it would be alone
@@ -150,12 +153,12 @@ class StreamingFFN:
         self.compute.kernel.down(ra, rows[order], ids[order], rb)
         self.t["compute_s"] += time.perf_counter() - t0
 
-    def _small(self, layer: int, x: torch.Tensor, ids: np.ndarray, mask) -> torch.Tensor:
+    def _small(self, layer: int, x: torch.Tensor, ids: np.ndarray, mask, gate) -> torch.Tensor:
         """Activations of resident records while reads are in flight, then the down pass in neuron
         order: resident records merged with each streamed chunk as it arrives."""
         T = x.shape[0]
         k = self.compute.kernel
-        k.begin(x.numpy())
+        k.begin(x.numpy(), gate_array(gate))
         res_ids = res_rows = ids[:0]
         rows_of = None
         if self.windows:
@@ -209,7 +212,7 @@ class StreamingFFN:
         finally:
             self.drafting = False
 
-    def _resident(self, layer: int, x: torch.Tensor, ids: np.ndarray, mask) -> torch.Tensor:
+    def _resident(self, layer: int, x: torch.Tensor, ids: np.ndarray, mask, gate) -> torch.Tensor:
         win = self.windows[layer] if self.windows else None
         slots = win.slot[ids] if win is not None else np.full(len(ids), -1)
         keep = slots >= 0
@@ -217,10 +220,12 @@ class StreamingFFN:
         if x.shape[0] > SMALL_T:
             out = torch.zeros(x.shape[0], self.cfg.d_model)
             if len(ids):
-                self.compute(x, win.rows, out, rows, None if mask is None else mask[:, torch.from_numpy(ids)])
+                cols = torch.from_numpy(ids)
+                self.compute(x, win.rows, out, rows, None if mask is None else mask[:, cols],
+                             None if gate is None else gate[:, cols])
             return out
         k = self.compute.kernel
-        k.begin(x.numpy())
+        k.begin(x.numpy(), gate_array(gate))
         if len(ids):
             k.activations(win.rows, rows, ids, token_selection(mask, ids))
             k.down(win.rows, rows, ids)
@@ -228,18 +233,20 @@ class StreamingFFN:
         k.finish(out.numpy())
         return out
 
-    def __call__(self, layer: int, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        # x [T, d] (f32) -> [T, d]; mask [T, d_ff] or None (all neurons)
+    def __call__(self, layer: int, x: torch.Tensor, mask: torch.Tensor | None = None,
+                 gate: torch.Tensor | None = None) -> torch.Tensor:
+        # x [T, d] (f32) -> [T, d]; mask [T, d_ff] or None (all neurons); gate [T, d_ff]: the gate
+        # values of a gate-split layout
         T = x.shape[0]
         ids = self.all_ids if mask is None else selected_ids(mask)
         if T == 1:
             mask = None                           # ids are the token's selection
         if self.drafting:
-            return self._resident(layer, x, ids, mask)
+            return self._resident(layer, x, ids, mask, gate)
         self.lookups += len(ids)
         if T <= SMALL_T:
-            return self._small(layer, x, ids, mask)
-        return self._prefill(layer, x, ids, mask)
+            return self._small(layer, x, ids, mask, gate)
+        return self._prefill(layer, x, ids, mask, gate)
 
     def close(self) -> None:
         self.reader.close()

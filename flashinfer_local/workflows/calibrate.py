@@ -63,7 +63,7 @@ def _windows(ids: list[int]) -> list[list[int]]:
 def _layer_fields(bundle, layer: int) -> dict[str, torch.Tensor]:
     rec = bundle.read_ffn_layer(layer)
     names = ["gate", "up"] if bundle.config.gated else ["up", "up_bias"]
-    w = {n: torch.from_numpy(np.ascontiguousarray(bundle.field_f32(rec, n))) for n in names}
+    w = {n: torch.from_numpy(np.ascontiguousarray(bundle.vector_f32(layer, rec, n))) for n in names}
     if "up_bias" in w:
         w["up_bias"] = w["up_bias"][:, 0].contiguous()
     return w

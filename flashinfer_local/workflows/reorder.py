@@ -143,8 +143,9 @@ def _write(b: Bundle, tmp: Path, perms, new_order: str, preds: dict, placement: 
         info = w.close()
     finally:
         w.abort()
+    dense_info = _write_dense(b, tmp, perms) if b.gate_split else None
     rewritten = {fmt.FFN_FILE, fmt.MANIFEST, fmt.MANIFEST_SUM, plan_file.FILE} | \
-        {store.predictor_path(b.path, k).name for k in store.KINDS}
+        {store.predictor_path(b.path, k).name for k in store.KINDS} | ({fmt.DENSE_FILE} if dense_info else set())
     for f in b.path.iterdir():                     # everything else as it is: hard links
         if f.is_file() and f.name not in rewritten and not f.name.startswith("."):
             try:
@@ -153,6 +154,8 @@ def _write(b: Bundle, tmp: Path, perms, new_order: str, preds: dict, placement: 
                 shutil.copy2(f, tmp / f.name)
     m = json.loads(json.dumps(b.manifest))
     m["files"][fmt.FFN_FILE] = info
+    if dense_info:
+        m["files"][fmt.DENSE_FILE] = dense_info
     m["neuron_order"] = new_order
     raw = json.dumps(m, indent=1).encode()
     (tmp / fmt.MANIFEST).write_bytes(raw)
@@ -168,3 +171,19 @@ def _write(b: Bundle, tmp: Path, perms, new_order: str, preds: dict, placement: 
                       placement.solve_s, placement.info)
     meta = {**plan_meta, "predictor_sha256": pred_sha.get(plan_meta.get("predictor"))}
     plan_file.save(tmp, m, moved, meta)
+
+
+def _write_dense(b: Bundle, tmp: Path, perms) -> dict:
+    """A gate-split bundle's dense file with each layer's gate rows (and their scales) in the new
+    neuron order, every other tensor as it was; returns its manifest entry."""
+    gates = {f"layers.{i}.gate": i for i in range(b.config.n_layers)}
+    specs = b.dense_specs()
+    w = SafetensorsWriter(tmp / fmt.DENSE_FILE, specs)
+    try:
+        for n, _, _ in specs:
+            layer = gates.get(n.removesuffix(".scale"))
+            a = b.dense(n)
+            w.write(n, a if layer is None else np.ascontiguousarray(a[perms[layer]]))
+        return w.close()
+    finally:
+        w.abort()
