@@ -131,7 +131,7 @@ class LayerWindow:
         self.freq = np.zeros(n_neurons if evict == "frequency" else 0, np.int64)
         self.n_used = 0
         self.token = -1
-        self.n_pinned = 0
+        self.n_pinned = self.n_base = 0       # pinned rows; of them the placement's (the rest: ``repin``)
         if pinned is not None and len(pinned):
             self._pin(np.asarray(pinned, np.int64))
 
@@ -147,7 +147,29 @@ class LayerWindow:
         self.ids[:k] = ids
         self.slot[ids] = np.arange(k, dtype=np.int32)
         self.uses[:k] = 1
+        self.n_used = self.n_pinned = self.n_base = k
+
+    def repin(self, ids: np.ndarray) -> slice:
+        """Hold ``ids`` (sorted unique, none pinned by the placement) pinned after the placement's
+        rows, until the next repin; every other row is dropped. Returns the rows the caller fills
+        with their records, in ``ids`` order (a prompt's most active neurons, ``--prompt-pin``)."""
+        ids = np.asarray(ids, np.int64)
+        base, n = self.n_base, self.n_used
+        ok = len(ids) <= self.capacity - base and (len(ids) < 2 or (ids[1:] > ids[:-1]).all())
+        if ok and len(ids):
+            ok = 0 <= ids[0] and ids[-1] < self.n_neurons and not ((self.slot[ids] >= 0) & (self.slot[ids] < base)).any()
+        if not ok:
+            raise ValueError(f"LayerWindow.repin: at most {self.capacity - base} sorted unique ids in "
+                             f"[0, {self.n_neurons}), none pinned by the placement")
+        self.slot[self.ids[base:n]] = -1
+        self.ids[base:n] = -1
+        k = base + len(ids)
+        self.ids[base:k] = ids
+        self.slot[ids] = np.arange(base, k, dtype=np.int32)
+        self.uses[base:k] = 1
+        self.last_used[base:k] = max(self.token, 0)
         self.n_used = self.n_pinned = k
+        return slice(base, k)
 
     # ------------------------------------------------------------------ planning
     def plan(self, token: int, selected: np.ndarray) -> Plan:

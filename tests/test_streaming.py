@@ -117,3 +117,29 @@ def test_a_multi_token_pass_computes_each_tokens_own_selection(tiny_bundle):
         eng = Engine(path, offload=mode, selector="oracle", sparsity=0.5, context=CTX)
         assert (eng.logits(IDS) - one_by_one).abs().max() < 1e-4 * scale, mode
         eng.close()
+
+
+def test_prompt_pins_hold_the_prompts_neurons_and_change_nothing(tiny_bundle):
+    """--prompt-pin: after a prefill, each window holds the prompt's most active neurons pinned;
+    the logits are the same as without (it only decides what DRAM holds)."""
+    path = tiny_bundle("llama", "f16")
+    b = Bundle(path)
+    budget = minimum_budget(b, CTX) + (150 << 10)
+    b.close()
+    ids = list(range(3, 40))
+    out, hits = {}, {}
+    for share in (0.0, 0.5):
+        eng = Engine(path, offload="window", dram_budget=budget, context=CTX, prompt_pin=share)
+        s = eng.session(CTX)
+        got = [s.append(ids)]
+        for t in (4, 11, 2, 19, 7):
+            got.append(s.append([t]))
+        out[share], hits[share] = torch.cat(got), eng.counters().hits
+        for w in eng.ffn.windows:
+            w.check()
+            assert w.n_pinned == (w.capacity // 2 if share else 0)
+        eng.close()
+    assert torch.equal(out[0.5], out[0.0]) and hits[0.5] > hits[0.0]
+    with pytest.raises(FlashinferError, match="prompt_pin 2.0 must be a share from 0 to 1") as e:
+        Engine(path, prompt_pin=2.0)
+    assert e.value.cli_message.startswith("--prompt-pin 2.0")

@@ -228,3 +228,22 @@ def test_least_recent_matches_lexsort(data, n_neurons, scale):
     k = data.draw(st.integers(0, c))
     got = least_recent(lu, uses, ids, k, n_neurons)
     assert sorted(got.tolist()) == sorted(np.lexsort((ids, uses, lu))[:k].tolist())
+
+
+def test_repin_keeps_the_placements_pins_and_holds_the_new_ones():
+    w = LayerWindow(50, 8, 20, 2, pinned=np.array([3, 7]))
+    w.rows[:2] = [[3] * 8, [7] * 8]
+    w.plan(0, np.array([1, 2, 30]))
+    rows = w.repin(np.array([10, 11, 40]))
+    assert rows == slice(2, 5) and w.n_base == 2 and w.n_pinned == w.n_used == 5
+    assert list(w.resident_ids) == [3, 7, 10, 11, 40] and (w.rows[:2, 0] == [3, 7]).all()
+    for t, sel in enumerate([list(range(12, 30)), [10, 40, 45], list(range(20, 38))], start=1):
+        p = w.plan(t, np.array(sel))
+        w.check()
+        assert list(w.ids[:5]) == [3, 7, 10, 11, 40]            # never expired or evicted
+        assert set(p.hit_ids) >= {10, 11, 40} & set(sel)
+    w.repin(np.array([], np.int64))                              # the next prompt pins nothing
+    assert w.n_pinned == 2 and list(w.resident_ids) == [3, 7]
+    for bad in ([3, 8], [9, 8], [60], list(range(19))):          # a placement pin, unsorted, out of range, too many
+        with pytest.raises(ValueError):
+            w.repin(np.array(bad))

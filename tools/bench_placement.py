@@ -2,7 +2,7 @@
 """Placement side by side: the window without a plan, the greedy plan and the MILP plan, per bundle.
 
     python tools/bench_placement.py --bundle f16=DIR --bundle int8=DIR [--share 0.5] [--tokens 16]
-        [--rounds 3] [--out /tmp/placement] [--budget NAME=SIZE] [--rows 0,2,5,7]
+        [--rounds 3] [--out /tmp/placement] [--budget NAME=SIZE] [--rows 0,2,5,7] [--prompt-file F]
 
 Per bundle, the budget is ``--share`` of its files (``--budget NAME=SIZE``: that size instead, so
 that a gate-split bundle runs under the same memory as the unsplit one); the selector is the bundle's calibrated
@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import evict  # noqa: E402
 
 PROMPT = "def quicksort(xs):\n    \"\"\"Sort a list of numbers.\"\"\"\n"
-# (row, selector args, plan: None | "greedy" | "milp", reorder, layer shares)
+# (row, extra run args (without --selector: the threshold predictor's), plan: None | "greedy" |
+# "milp", reorder, layer shares)
 ROWS = (("window all", ["--selector", "all"], None, None, "auto"),
         ("window", [], None, None, "uniform"),
         ("window", [], None, None, "auto"),
@@ -36,7 +37,9 @@ ROWS = (("window all", ["--selector", "all"], None, None, "auto"),
         ("milp plan", [], "milp", None, "uniform"),
         ("milp plan", [], "milp", None, "auto"),
         ("milp + reorder (frequency)", [], "milp", "frequency", "auto"),
-        ("milp + reorder (coact)", [], "milp", "coact", "auto"))
+        ("milp + reorder (coact)", [], "milp", "coact", "auto"),
+        ("window all + prompt pins 0.5", ["--selector", "all", "--prompt-pin", "0.5"], None, None, "auto"),
+        ("window + prompt pins 0.5", ["--prompt-pin", "0.5"], None, None, "auto"))
 
 
 def bundle_bytes(path: Path) -> int:
@@ -82,7 +85,7 @@ def prepare(bundle: Path, budget: int, context: int, keep: Path) -> dict:
     return out
 
 
-def run_row(row, prep: dict, budget: int, context: int, tokens: int, keep: Path) -> dict:
+def run_row(row, prep: dict, budget: int, context: int, tokens: int, keep: Path, prompt: list) -> dict:
     name, sel, solver, reorder, shares = row
     d = prep["dir"]
     (d / "placement.safetensors").unlink(missing_ok=True)
@@ -92,9 +95,9 @@ def run_row(row, prep: dict, budget: int, context: int, tokens: int, keep: Path)
         if f.is_file():
             evict.drop_cache(f)
     out = keep / "s.json"
-    r = cli("run", d, "-p", PROMPT, "-n", tokens, "--temperature", "0", "--dram-budget", f"{budget}B",
-            "--context", context, *(sel or ["--selector", "predictor", "--layer-shares", shares]),
-            "--stats-json", out)
+    predictor = [] if "--selector" in sel else ["--selector", "predictor", "--layer-shares", shares]
+    r = cli("run", d, *prompt, "-n", tokens, "--temperature", "0", "--dram-budget", f"{budget}B",
+            "--context", context, *predictor, *sel, "--stats-json", out)
     if r.returncode:
         return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1][:300]}
     s = json.loads(out.read_text())
@@ -123,7 +126,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/placement"))
     ap.add_argument("--budget", action="append", default=[], help="NAME=SIZE: that bundle's budget (e.g. 1697MiB)")
     ap.add_argument("--rows", help="which of the rows to run, by index (default: all)")
+    ap.add_argument("--prompt-file", type=Path, help="the prompt (default: a one-line code prompt)")
     a = ap.parse_args()
+    prompt = ["--prompt-file", a.prompt_file] if a.prompt_file else ["-p", PROMPT]
     global ROWS
     if a.rows:
         ROWS = tuple(ROWS[int(i)] for i in a.rows.split(","))
@@ -148,7 +153,7 @@ def main() -> None:
         for k in range(a.rounds):                 # every bundle's rows interleaved, round by round
             for name, (bundle, budget, keep, prep, _) in setups.items():
                 for row in ROWS:
-                    got = run_row(row, prep[key(row)], budget, a.context, a.tokens, keep)
+                    got = run_row(row, prep[key(row)], budget, a.context, a.tokens, keep, prompt)
                     runs[name, key(row)].append(got)
                     print(f"  round {k + 1} {name} {key(row)}: {got.get('decode_tps', got.get('error'))}", flush=True)
     finally:

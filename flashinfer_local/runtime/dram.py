@@ -104,10 +104,11 @@ class RecordCompute:
 
     def __call__(self, x: torch.Tensor, recs: np.ndarray, out: torch.Tensor,
                  rows: np.ndarray | None = None, mask: torch.Tensor | None = None,
-                 gate: torch.Tensor | None = None) -> None:
+                 gate: torch.Tensor | None = None, score: np.ndarray | None = None) -> None:
         """A prefill's out [T, d] += FFN of ``recs`` (or ``recs[rows]``, gathered a chunk at a
         time); ``mask`` [T, m] zeroes each token's unselected neurons; ``gate`` [T, m]: their gate
-        values (gate-split layouts)."""
+        values (gate-split layouts); ``score`` [m] (f32) += each record's |activation| summed over
+        the tokens."""
         n = recs.shape[0] if rows is None else len(rows)
         for a in range(0, n, CHUNK_ROWS):
             part = recs[a:a + CHUNK_ROWS] if rows is None else recs[rows[a:a + CHUNK_ROWS]]
@@ -115,6 +116,8 @@ class RecordCompute:
             h = self.activations(x, f=f, gate=None if gate is None else gate[:, a:a + CHUNK_ROWS])
             if mask is not None:
                 h = h * mask[:, a:a + CHUNK_ROWS]
+            if score is not None:
+                score[a:a + CHUNK_ROWS] += h.abs().sum(0).numpy()
             out.addmm_(h, f["down"])
 
     def whole(self, x: torch.Tensor, recs: np.ndarray, mask: torch.Tensor | None,

@@ -67,7 +67,7 @@ def make_backend(bundle: Bundle, plan, opts: EngineOptions, placement=None):
         return make_dram_ffn(bundle)
     pinned = None if placement is None else placed.pinned_ids(placement[0])
     ffn = StreamingFFN(bundle, plan, opts.window, io_threads=opts.io_threads, direct=opts.direct,
-                       evict=opts.evict, read_gap=opts.read_gap, pinned=pinned)
+                       evict=opts.evict, read_gap=opts.read_gap, pinned=pinned, prompt_pin=opts.prompt_pin)
     if placement is not None and any((t == DEVICE).any() for t in placement[0]):
         return placed.PlacedFFN(ffn, placed.DevicePart(bundle, placement[0], placement[1]["device"]))
     return ffn

@@ -59,6 +59,10 @@ class EngineOptions:
     placement: str = _opt("auto", "auto: follow the bundle's stored placement (flashinfer-local plan) when "
                           "the FFN streams: its pinned neurons held in DRAM or on the device; none: ignore it.",
                           choices=("auto", "none"))
+    prompt_pin: float = _opt(0.0, "Window mode: share of each layer's window rows that, after a prompt of more "
+                             f"than {SMALL_T} tokens, hold the neurons that prompt activated most (|activation| "
+                             "summed over its tokens) for the generation that follows. Only a choice of what DRAM "
+                             "holds: every token still computes what its selector keeps.")
     context: int = _opt(2048, "Longest prompt + generation (the KV cache's size, counted in the budget; a "
                         "longer request is refused, in every mode). At most the model's own context.")
     direct: bool = _opt(True, "Read records with direct I/O (bypassing the page cache).", cli=False)
@@ -83,6 +87,8 @@ class EngineOptions:
             if not k.isdigit() or not 1 <= int(k) <= SMALL_T - 1:
                 raise OptionError("draft_tokens", f"{self.draft_tokens} must be auto or a whole number from 1 "
                                   f"to {SMALL_T - 1}", self.label("draft_tokens"))
+        if not 0 <= self.prompt_pin <= 1:
+            raise OptionError("prompt_pin", f"{self.prompt_pin} must be a share from 0 to 1", self.label("prompt_pin"))
         if self.read_gap < 0:
             raise OptionError("read_gap", f"{self.read_gap} must be >= 0 bytes")
 

@@ -44,9 +44,10 @@ class StreamingFFN:
 
     def __init__(self, bundle: Bundle, plan: BudgetPlan, window: int, io_threads: int = 8,
                  direct: bool = True, evict: str = "recency", read_gap: int = MAX_GAP_BYTES,
-                 pinned: list[np.ndarray] | None = None):
+                 pinned: list[np.ndarray] | None = None, prompt_pin: float = 0.0):
         # pinned: a placement's DRAM-pinned neurons per layer (sorted ids), held at the front of each
-        # window and read once here (plan.rows_per_layer sizes each layer's window)
+        # window and read once here (plan.rows_per_layer sizes each layer's window); prompt_pin: the
+        # share of each window's other rows a prompt's most active neurons hold (``_repin``)
         cfg, lay = bundle.config, bundle.layout
         self.cfg = cfg
         self.reader = RecordReader(bundle.file_path(fmt.FFN_FILE), lay.record_bytes,
@@ -65,6 +66,10 @@ class StreamingFFN:
                 if w.n_pinned:
                     self.reader.read(i, w.resident_ids.astype(np.int64), w.rows[:w.n_pinned])
         self.all_ids = np.arange(cfg.d_ff, dtype=np.int64)
+        self.prompt_pin = prompt_pin if self.windows else 0.0
+        # per layer the prompt's |activation| per neuron, summed over its prefill chunks; None: no
+        # prefill since the last repin of that layer
+        self.prompt_score: list[np.ndarray | None] = [None] * cfg.n_layers
         self.token = -1
         self.t = {"bookkeeping_s": 0.0, "compute_s": 0.0, "io_wait_s": 0.0}
         self.lookups = self.hits = self.moved = 0
@@ -91,13 +96,17 @@ class StreamingFFN:
     # ---- a prefill (T > SMALL_T): BLAS on each part as it becomes available
     def _compute(self, x: torch.Tensor, recs: np.ndarray, out: torch.Tensor, rows: np.ndarray | None = None,
                  mask: torch.Tensor | None = None, ids: np.ndarray | None = None,
-                 gate: torch.Tensor | None = None) -> None:
+                 gate: torch.Tensor | None = None, score: np.ndarray | None = None) -> None:
         """out += FFN of ``recs`` (or ``recs[rows]``), which hold neurons ``ids``; with a mask [T, d_ff]
         each token computes only its own selection (its columns ``ids``); ``gate`` [T, d_ff]: the
-        gate values of a gate-split layout."""
+        gate values of a gate-split layout; ``score`` [d_ff]: += the prompt's |activation| of ``ids``."""
         t0 = time.perf_counter()
         cols = torch.from_numpy(ids)
-        self.compute(x, recs, out, rows, None if mask is None else mask[:, cols], None if gate is None else gate[:, cols])
+        part = None if score is None else np.zeros(len(ids), np.float32)
+        self.compute(x, recs, out, rows, None if mask is None else mask[:, cols], None if gate is None else gate[:, cols],
+                     part)
+        if score is not None:
+            score[ids] += part
         self.t["compute_s"] += time.perf_counter() - t0
 
     def _wait(self, batch) -> None:
@@ -137,9 +146,29 @@ class StreamingFFN:
         on the selection only, never on what the window held (a masked prefill's rounding would
         otherwise move neurons across a predictor's cutoff)."""
         out = torch.zeros(x.shape[0], self.cfg.d_model)
+        score = None
+        if self.prompt_pin:
+            score = self.prompt_score[layer]
+            if score is None:
+                score = self.prompt_score[layer] = np.zeros(self.cfg.d_ff, np.float32)
         for ch, recs in self._chunks(layer, ids, self.windows[layer] if self.windows else None):
-            self._compute(x, recs, out, mask=mask, ids=ch, gate=gate)
+            self._compute(x, recs, out, mask=mask, ids=ch, gate=gate, score=score)
         return out
+
+    def _repin(self, layer: int) -> None:
+        """After a prompt: the layer's window keeps, pinned, the ``prompt_pin`` share of its rows
+        (beyond the placement's) for the neurons the prompt activated most, read now; the rest of
+        the window starts empty. Never a reason to skip a neuron: only what DRAM holds."""
+        score, self.prompt_score[layer] = self.prompt_score[layer], None
+        win = self.windows[layer]
+        score[win.resident_ids[:win.n_base]] = 0              # the placement's own pins stay as they are
+        n = min(int(self.prompt_pin * (win.capacity - win.n_base)), int((score > 0).sum()))
+        ids = np.sort(np.argpartition(-score, n - 1)[:n]).astype(np.int64) if n > 0 else self.all_ids[:0]
+        rows = win.repin(ids)
+        if len(ids):
+            t0 = time.perf_counter()
+            self.reader.read(layer, ids, win.rows[rows])
+            self.t["io_wait_s"] += time.perf_counter() - t0
 
     # ---- decode and verification (T <= SMALL_T): each token exactly as it would be alone
     def _act(self, recs: np.ndarray, rows: np.ndarray, ids: np.ndarray, mask) -> None:
@@ -245,6 +274,8 @@ class StreamingFFN:
             return self._resident(layer, x, ids, mask, gate)
         self.lookups += len(ids)
         if T <= SMALL_T:
+            if self.prompt_score[layer] is not None:
+                self._repin(layer)
             return self._small(layer, x, ids, mask, gate)
         return self._prefill(layer, x, ids, mask, gate)
 
