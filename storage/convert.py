@@ -38,7 +38,8 @@ def dense_dtype(dtype: str) -> str:
     return dtype if dtype in fmt.DTYPES else "f16"
 
 
-def dense_specs(cfg: ModelConfig, dtype: "str | fmt.Precision", four_bit=lambda name: False) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+def dense_specs(cfg: ModelConfig, dtype: "str | fmt.Precision",
+                four_bit=lambda name: False) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
     """(name, dtype, shape) of every dense tensor, derived from the config, the ``convert --dtype``
     name (or its Precision) and which matrices the checkpoint stores in 4 bits
     (``format.dense_matrix_dtypes``)."""

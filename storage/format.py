@@ -15,9 +15,10 @@ down column i and the up bias of neuron i. A gate-split bundle (``convert --gate
 version 4; ``RecordLayout.gate_split``) keeps a gated model's gate rows out of the records, as a
 dense matrix ``layers.{i}.gate`` [d_ff, d] (q8 where it can be, see ``gate_codes``): its records hold
 up row i and down column i only, so a selector that scores neurons by their gate reads a third fewer
-bytes per kept neuron and the FFN reuses the gate values it computed. ``record_bytes`` is rounded up to a multiple of
-``RECORD_ALIGN`` (512, the smallest direct-I/O unit) with zero padding at the record's end, and every
-record tensor starts at a file offset that is a multiple of ``TENSOR_ALIGN`` (4 KiB): the safetensors
+bytes per kept neuron and the FFN reuses the gate values it computed. ``record_bytes`` is rounded
+up to a multiple of ``RECORD_ALIGN`` (512, the smallest direct-I/O unit) with zero padding at the
+record's end, and every record tensor starts at a file offset that is a multiple of
+``TENSOR_ALIGN`` (4 KiB): the safetensors
 header is padded with spaces, and where one layer's tensor ends off a 4 KiB boundary a small U8
 tensor "layers.{i}.ffn_pad" fills the gap (safetensors allows no holes). So a direct read of records
 ``[a, b)`` of layer ``l`` is one aligned span: ``offset(l) + a * record_bytes``.

@@ -190,3 +190,16 @@ def test_gate_split_errors_and_inspect(tiny_ckpt, split, tmp_path):
     assert r.exit_code == 0 and "gate split out as dense q8" in r.output, r.output
     m = json.loads((split("int8")[1] / "manifest.json").read_text())
     assert m["ffn"]["layout"]["gate_split"] is True and m["format_version"] == 4
+
+
+def test_real_smollm2_split_in_f32_is_the_same_model(smollm_bundle, tmp_path):
+    """SmolLM2-135M (real weights): the f32 split bundle gives the unsplit bundle's logits, all in
+    DRAM and streamed."""
+    from conftest import smollm_gguf
+    a = smollm_bundle("f32")
+    b = convert(smollm_gguf(), tmp_path / "s", dtype="f32", progress=False, gate_split=True)
+    ids = [1, 504, 3458, 314, 260, 1789, 30, 1070, 253, 2931, 28]
+    ref = Engine(a, context=CTX).logits(ids)
+    for kw in (dict(offload="none"), dict(offload="window")):
+        got = Engine(b, context=CTX, **kw).logits(ids)
+        assert torch.allclose(got, ref, atol=2e-3, rtol=1e-4), (kw, float((got - ref).abs().max()))

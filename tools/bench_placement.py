@@ -53,7 +53,7 @@ def cli(*args) -> subprocess.CompletedProcess:
 
 def key(row) -> str:
     name, _, _, _, shares = row
-    return f"{name} [{'per-layer' if shares == 'auto' else 'uniform'} shares]" if name != "window all" else name
+    return f"{name} [{'per-layer' if shares == 'auto' else 'uniform'} shares]" if not name.startswith("window all") else name
 
 
 def prepare(bundle: Path, budget: int, context: int, keep: Path) -> dict:
