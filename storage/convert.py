@@ -7,6 +7,7 @@ renamed into place only when complete, so an interrupted or failed convert leave
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -309,7 +310,7 @@ def convert(src_path: str | Path | Source, out: str | Path, dtype: str | fmt.Pre
     if not isinstance(dtype, fmt.Precision) and dtype not in fmt.CONVERT_DTYPES:
         raise OptionError("dtype", f"{dtype} is not supported (choose one of: {', '.join(fmt.CONVERT_DTYPES)})")
     if gate_split:
-        dtype = fmt.Precision.named(dtype).split(True)
+        dtype = dataclasses.replace(fmt.Precision.named(dtype), gate_split=True)
     out = Path(out).absolute()
     if out.parent.is_dir():
         remove_stale(out)

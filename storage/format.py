@@ -45,7 +45,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -110,9 +110,6 @@ class Precision:
         if name == "int4-q8":
             return cls("int4", "q8")
         return cls(name)
-
-    def split(self, on: bool) -> "Precision":
-        return replace(self, gate_split=on)
 
 
 def gate_codes(cfg: ModelConfig, ffn_dtype: str) -> str:

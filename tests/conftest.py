@@ -27,15 +27,16 @@ def tiny_ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_ckpt, tmp_path_factory):
-    """Factory: (arch, dtype) -> path of the converted bundle (made once per session)."""
+    """Factory: (arch, dtype[, gate_split]) -> path of the converted bundle (made once per session)."""
     from storage.convert import convert
     made = {}
 
-    def get(arch: str, dtype: str = "f32") -> Path:
-        if (arch, dtype) not in made:
-            out = tmp_path_factory.mktemp(f"bundle_{arch}_{dtype}") / "b"
-            made[arch, dtype] = convert(tiny_ckpt(arch), out, dtype=dtype, progress=False)
-        return made[arch, dtype]
+    def get(arch: str, dtype: str = "f32", gate_split: bool = False) -> Path:
+        if (arch, dtype, gate_split) not in made:
+            out = tmp_path_factory.mktemp(f"bundle_{arch}_{dtype}{'_split' if gate_split else ''}") / "b"
+            made[arch, dtype, gate_split] = convert(tiny_ckpt(arch), out, dtype=dtype, progress=False,
+                                                    gate_split=gate_split)
+        return made[arch, dtype, gate_split]
     return get
 
 

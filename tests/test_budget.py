@@ -28,9 +28,10 @@ def _engine(path, offload):
 
 @pytest.mark.parametrize("offload", ["none", "window", "naive"])
 @pytest.mark.parametrize("arch,dtype", [("llama", "f32"), ("llama", "f16"), ("opt", "f16"), ("llama", "int8"),
-                                        ("llama", "int4"), ("opt", "int4"), ("qwen2", "int8")])
+                                        ("llama", "int4"), ("opt", "int4"), ("qwen2", "int8"),
+                                        ("llama", "f16+split"), ("llama", "int8+split"), ("llama", "int4+split")])
 def test_allocated_is_planned_owner_by_owner(tiny_bundle, arch, dtype, offload):
-    path = tiny_bundle(arch, dtype)
+    path = tiny_bundle(arch, dtype.removesuffix("+split"), dtype.endswith("+split"))
     eng = _engine(path, offload)
     plan, cfg, s = eng.plan, eng.config, budget.Sizes.of(eng.bundle)
     assert plan.mode == offload

@@ -165,11 +165,15 @@ def device_costs(bundle: Bundle, device: str, reps: int = 20) -> tuple[float, fl
     cfg = bundle.config
     dev, dt = check_device(device), device_dtype(device)
     d, n = cfg.d_model, min(cfg.d_ff, 4096)
-    w = {k: torch.randn(n, d, dtype=torch.float32).to(dev, dt) for k in ("gate", "up", "down")}
+    w = {k: torch.randn(n, d, dtype=torch.float32).to(dev, dt) for k in bundle.layout.vectors}
+    if not cfg.gated:
+        w["up_bias"] = torch.zeros(n, dtype=dt, device=dev)
     x = torch.randn(1, d)
+    gate = torch.randn(1, n) if bundle.gate_split else None        # the engine's gate values
 
     def once(m):
-        return device_ffn(x, {k: v[:m] for k, v in w.items()}).to("cpu", torch.float32)
+        return device_ffn(x, {k: v[:m] for k, v in w.items()}, None,
+                          None if gate is None else gate[:, :m]).to("cpu", torch.float32)
 
     def timed(m):
         ts = []

@@ -192,7 +192,7 @@ def dram_ffn_bytes(s: Sizes) -> tuple[int, int]:
     n, d, ff = cfg.n_layers, cfg.d_model, cfg.d_ff
     if s.ffn_dtype in fmt.DTYPES:
         item = np.dtype(fmt.DTYPES[s.ffn_dtype]).itemsize
-        per_layer = ff * d * item * (3 if cfg.gated else 2) + (0 if cfg.gated else 4 * ff)
+        per_layer = ff * d * item * len(lay.vectors) + (0 if cfg.gated else 4 * ff)    # (gate-split: no gate)
         return n * per_layer, 0
     scratch = compute_scratch_bytes(s)
     if not splits_down(cfg, lay):

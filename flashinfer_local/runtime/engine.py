@@ -32,7 +32,6 @@ from storage import format as fmt
 from storage.errors import FlashinferError
 from storage.reader import Bundle
 
-from flashinfer_local.kernels import QuantMatrix
 from flashinfer_local.models import build_model
 from flashinfer_local.models.common import KVCache, kv_itemsize, linear
 from flashinfer_local.runtime import placed
@@ -42,7 +41,7 @@ from flashinfer_local.runtime.budget import (PREFILL_TOKENS, Placed, Sizes, draf
 from flashinfer_local.runtime.dram import make_dram_ffn
 from flashinfer_local.runtime.options import EngineOptions
 from flashinfer_local.runtime.rss import pin_malloc_thresholds, rss_bytes
-from flashinfer_local.runtime.selection import AllSelector, make_selector
+from flashinfer_local.runtime.selection import AllSelector, dense_weight, make_selector
 from flashinfer_local.runtime.streaming import StreamingFFN
 from flashinfer_local.runtime.tokenizer import Tokenizer
 
@@ -53,12 +52,7 @@ def _dense_weights(bundle: Bundle) -> dict:
     """Dense tensors as torch tensors in the bundle's precision, or for quantized matrices (an
     int8/int4 bundle's, a gate-split bundle's q8 gate) a QuantMatrix: zero-copy views of the map
     either way."""
-    quantized = set(bundle.quantized_dense)
-    w = {}
-    for name in fmt.dense_tensor_names(bundle.config, bundle.gate_split):
-        a = bundle.dense(name)
-        w[name] = QuantMatrix(a, bundle.dense(name + ".scale")) if name in quantized else torch.from_numpy(a)
-    return w
+    return {name: dense_weight(bundle, name) for name in fmt.dense_tensor_names(bundle.config, bundle.gate_split)}
 
 
 def make_backend(bundle: Bundle, plan, opts: EngineOptions, placement=None):

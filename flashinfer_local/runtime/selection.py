@@ -163,13 +163,17 @@ class PredictorSelector:
         return np.flatnonzero(m.any(0).numpy()).astype(np.int64)
 
 
-def dense_gate(bundle: Bundle, layer: int):
-    """A gate-split bundle's gate matrix of ``layer`` as the engine holds it: a QuantMatrix over the
-    mapped q8 codes, or the mapped float tensor."""
-    name = f"layers.{layer}.gate"
+def dense_weight(bundle: Bundle, name: str):
+    """Dense tensor ``name`` as the engine computes with it: a QuantMatrix over the mapped codes and
+    scales of a quantized matrix, else the mapped tensor (zero-copy views either way)."""
     if name in bundle.quantized_dense:
         return QuantMatrix(bundle.dense(name), bundle.dense(name + ".scale"))
     return torch.from_numpy(bundle.dense(name))
+
+
+def dense_gate(bundle: Bundle, layer: int):
+    """A gate-split bundle's gate matrix of ``layer``."""
+    return dense_weight(bundle, f"layers.{layer}.gate")
 
 
 def make_selector(name: str, bundle: Bundle, sparsity: float | None = None, predictor: str | None = None,

@@ -125,9 +125,11 @@ def _write(b: Bundle, tmp: Path, perms, new_order: str, preds: dict, placement: 
     cfg, lay = b.config, b.layout
     specs = ffn_specs(cfg, lay)
     need = sum(int(np.prod(s)) * np.dtype(d).itemsize for _, d, s in specs)
+    dense = b.manifest["files"][fmt.DENSE_FILE]["bytes"] if b.gate_split else 0    # rewritten too: its gate rows
     free = shutil.disk_usage(tmp).free
-    if free < need + (64 << 20):
-        raise FlashinferError(f"not enough disk space to reorder {b.path}: the FFN file needs {need / 2**30:.2f}GiB "
+    if free < need + dense + (64 << 20):
+        what = "the FFN file needs" + (" (and the dense file, for its gate rows)" if dense else "")
+        raise FlashinferError(f"not enough disk space to reorder {b.path}: {what} {(need + dense) / 2**30:.2f}GiB "
                               f"plus a 64MiB margin, {free / 2**30:.2f}GiB is free")
     say(f"rewriting the FFN records in the new order ({need / 2**30:.2f}GiB) ...")
     w = SafetensorsWriter(tmp / fmt.FFN_FILE, specs)
@@ -143,7 +145,10 @@ def _write(b: Bundle, tmp: Path, perms, new_order: str, preds: dict, placement: 
         info = w.close()
     finally:
         w.abort()
-    dense_info = _write_dense(b, tmp, perms) if b.gate_split else None
+    dense_info = None
+    if dense:
+        say(f"rewriting the dense file with its gate rows in the new order ({dense / 2**30:.2f}GiB) ...")
+        dense_info = _write_dense(b, tmp, perms)
     rewritten = {fmt.FFN_FILE, fmt.MANIFEST, fmt.MANIFEST_SUM, plan_file.FILE} | \
         {store.predictor_path(b.path, k).name for k in store.KINDS} | ({fmt.DENSE_FILE} if dense_info else set())
     for f in b.path.iterdir():                     # everything else as it is: hard links
