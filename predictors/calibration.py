@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .activation import act_fn
 from .store import GRID, KEEP_GRID
 
 QUANTILE_SAMPLE = 1 << 23    # (token, neuron) values a quantile is taken from at most
@@ -24,19 +25,19 @@ COACT_TOKENS = 512           # tokens co-activation is counted over
 COACT_NEIGHBOURS = 16        # most co-active neighbours stored per neuron
 
 
-def activations(x: torch.Tensor, w: dict[str, torch.Tensor], gated: bool) -> torch.Tensor:
+def activations(x: torch.Tensor, w: dict[str, torch.Tensor], act: str) -> torch.Tensor:
     """True activations a [N, d_ff] of FFN inputs x [N, d] (f32) and the layer's f32 fields
-    (gate/up [d_ff, d]; up_bias [d_ff] for ReLU models)."""
-    if gated:
-        return F.silu(x @ w["gate"].T) * (x @ w["up"].T)
+    (gate/up [d_ff, d]; up_bias [d_ff] for ReLU models); ``act`` the model's activation."""
+    if act != "relu":
+        return act_fn(act)(x @ w["gate"].T) * (x @ w["up"].T)
     return F.relu(x @ w["up"].T + w["up_bias"])
 
 
-def gate_scores(x: torch.Tensor, w: dict[str, torch.Tensor], gated: bool) -> torch.Tensor:
-    """The threshold predictor's score [N, d_ff]: |silu(gate . x)| (computed exactly from the gate
+def gate_scores(x: torch.Tensor, w: dict[str, torch.Tensor], act: str) -> torch.Tensor:
+    """The threshold predictor's score [N, d_ff]: |act(gate . x)| (computed exactly from the gate
     rows, CATS-style), or for ReLU models the activation itself (0 where it is zero)."""
-    if gated:
-        return F.silu(x @ w["gate"].T).abs()
+    if act != "relu":
+        return act_fn(act)(x @ w["gate"].T).abs()
     return F.relu(x @ w["up"].T + w["up_bias"])
 
 

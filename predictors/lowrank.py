@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .activation import act_fn
 from .calibration import cutoff_table, selection_quality
 from .store import grid_index
 
@@ -43,7 +44,7 @@ class LowRank:
     A: torch.Tensor        # [r, d] f32
     B: torch.Tensor        # [d_ff, r] f32
     bias: torch.Tensor     # [d_ff] f32
-    gated: bool = True
+    act: str = "silu"      # the model's activation (relu: a ReLU model's up row)
 
     @property
     def rank(self) -> int:
@@ -52,7 +53,7 @@ class LowRank:
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         # x [N, d] -> [N, d_ff]
         g = (x @ self.A.T) @ self.B.T + self.bias
-        return F.silu(g).abs() if self.gated else F.relu(g)
+        return F.relu(g) if self.act == "relu" else act_fn(self.act)(g).abs()
 
 
 def max_rank(d: int, d_ff: int) -> int:
@@ -101,7 +102,7 @@ def fine_tune(m: LowRank, x: torch.Tensor, abs_a: torch.Tensor, thr: float, x_va
     scale = thr if thr > 0 else (float(abs_a[abs_a > 0].mean()) if pos > 0 else 1.0)
     weight = torch.where(y > 0, pos_weight * (abs_a / scale).clamp(1.0, MAGNITUDE_MAX), torch.ones_like(y))
     cur = LowRank(m.A.clone().requires_grad_(), m.B.clone().requires_grad_(),
-                  m.bias.clone().requires_grad_(), m.gated)
+                  m.bias.clone().requires_grad_(), m.act)
     opt = torch.optim.Adam([cur.A, cur.B, cur.bias], lr=LR)
     g = torch.Generator().manual_seed(seed)
     with torch.enable_grad():
@@ -114,7 +115,7 @@ def fine_tune(m: LowRank, x: torch.Tensor, abs_a: torch.Tensor, thr: float, x_va
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-            snap = LowRank(cur.A.detach().clone(), cur.B.detach().clone(), cur.bias.detach().clone(), m.gated)
+            snap = LowRank(cur.A.detach().clone(), cur.B.detach().clone(), cur.bias.detach().clone(), m.act)
             cut, q = _quality(snap, x, x_val, abs_a_val, thr, k, seed)
             if q["recall"] > best[2]["recall"]:
                 best = (snap, cut, q, epoch)
@@ -123,9 +124,10 @@ def fine_tune(m: LowRank, x: torch.Tensor, abs_a: torch.Tensor, thr: float, x_va
 
 def fit(x: torch.Tensor, abs_a: torch.Tensor, x_val: torch.Tensor, abs_a_val: torch.Tensor, thr: float,
         sparsity: float, w: torch.Tensor, b: torch.Tensor | None, recall_target: float, seed: int,
-        ranks: tuple[int, ...] = RANKS, epochs: int = EPOCHS) -> tuple[LowRank, np.ndarray, dict]:
+        ranks: tuple[int, ...] = RANKS, epochs: int = EPOCHS, act: str = "silu") -> tuple[LowRank, np.ndarray, dict]:
     """The layer's predictor: (predictor, cutoffs [len(GRID)], report). w [d_ff, d] is the gate (ReLU:
-    up) matrix, b its bias or None; the cutoffs are the score's quantiles on the training tokens."""
+    up) matrix, b its bias or None (``act`` then "relu"); the cutoffs are the score's quantiles on the
+    training tokens."""
     cap = max_rank(w.shape[1], w.shape[0])
     ranks = tuple(r for r in ranks if r <= cap) or (cap,)
     k = grid_index(sparsity)
@@ -133,7 +135,7 @@ def fit(x: torch.Tensor, abs_a: torch.Tensor, x_val: torch.Tensor, abs_a_val: to
     bias = torch.zeros(w.shape[0]) if b is None else b.float().clone()
     tried, best = [], None
     for r in ranks:
-        m = LowRank(*svd.factors(r), bias, b is None)
+        m = LowRank(*svd.factors(r), bias, act)
         cut, q = _quality(m, x, x_val, abs_a_val, thr, k, seed)
         tried.append({"rank": r, "recall": q["recall"], "precision": q["precision"]})
         if best is None or q["recall"] > best[1]["recall"]:

@@ -6,6 +6,12 @@ bundle manifest stores it as JSON and the engine builds its model from it. Archi
 - ``llama``: Llama 1/2/3, Mistral-style, SmolLM, DeciLM (per-layer KV heads). RMSNorm, RoPE, SwiGLU.
 - ``qwen2``: as llama plus biases on q/k/v and (usually) an untied head.
 - ``opt``: LayerNorm, learned positions (offset 2), ReLU MLP with biases everywhere.
+- ``gemma3``: RMSNorm before and after attention and FFN, query/key RMSNorms, a GeGLU FFN (tanh
+  gelu), the embedding scaled by sqrt(d_model), a tied head, and sliding-window attention on most
+  layers (``sliding_layers``; their rotary base ``rope_local_theta``) with periodic global layers.
+
+Norm weights are stored as the factor the normalized value is multiplied by: Gemma's checkpoints
+keep ``w`` for a factor ``1 + w``, and the HF converter adds the one (GGUF files already carry it).
 """
 from __future__ import annotations
 
@@ -14,7 +20,8 @@ from dataclasses import dataclass, field
 
 from .errors import CheckpointError, UnsupportedModelError
 
-ARCHS = ("llama", "qwen2", "opt")
+ARCHS = ("llama", "qwen2", "opt", "gemma3")
+ACTIVATIONS = ("silu", "relu", "gelu_tanh")
 LIMITS = {"vocab_size": 1 << 22, "max_position": 1 << 22, "n_layers": 4096, "n_heads": 4096, "head_dim": 4096}
 
 
@@ -33,9 +40,13 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None   # None or {"rope_type": "linear"|"llama3"|"freq_factors", ...}
     tie_embeddings: bool = False
-    activation: str = "silu"       # silu (gated), relu (OPT)
+    activation: str = "silu"       # silu (gated), relu (OPT), gelu_tanh (gated: Gemma's GeGLU)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    sliding_window: int | None = None       # keys a local layer's query sees (itself included)
+    sliding_layers: tuple[int, ...] = ()    # the layers whose attention is local (sliding_window)
+    rope_local_theta: float | None = None   # rotary base of the local layers (None: rope_theta)
+    attn_scale: float | None = None         # query scaling (None: head_dim ** -0.5)
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -48,8 +59,17 @@ class ModelConfig:
                                       f"{LIMITS.get(name, 1 << 24)}: the model's metadata is damaged")
         if not (isinstance(self.norm_eps, (int, float)) and 0 < self.norm_eps < 1):
             raise CheckpointError(f"norm_eps {self.norm_eps} must be a small positive number")
-        if self.activation not in ("silu", "relu"):
-            raise UnsupportedModelError(f"activation {str(self.activation)[:30]!r} is not supported (silu, relu)")
+        if self.activation not in ACTIVATIONS:
+            raise UnsupportedModelError(f"activation {str(self.activation)[:30]!r} is not supported "
+                                        f"({', '.join(ACTIVATIONS)})")
+        if self.sliding_window is not None and (isinstance(self.sliding_window, bool) or not isinstance(
+                self.sliding_window, int) or not 1 <= self.sliding_window <= LIMITS["max_position"]):
+            raise CheckpointError(f"sliding_window {str(self.sliding_window)[:30]} must be a whole number of "
+                                  "tokens: the model's metadata is damaged")
+        if any(not isinstance(i, int) or not 0 <= i < self.n_layers for i in self.sliding_layers) or (
+                self.sliding_layers and self.sliding_window is None):
+            raise CheckpointError(f"sliding_layers {str(self.sliding_layers)[:40]} must name layers below "
+                                  f"{self.n_layers}, with a sliding_window: the model's metadata is damaged")
         if len(self.n_kv_heads) != self.n_layers:
             raise UnsupportedModelError(
                 f"n_kv_heads lists {len(self.n_kv_heads)} layers but the model has {self.n_layers}")
@@ -62,7 +82,31 @@ class ModelConfig:
     @property
     def gated(self) -> bool:
         """SwiGLU-style FFN (gate, up, down) rather than a plain MLP (up, down)."""
-        return self.arch in ("llama", "qwen2")
+        return self.arch in ("llama", "qwen2", "gemma3")
+
+    @property
+    def qk_norm(self) -> bool:
+        """RMSNorm of each query and key head before the rotation (Gemma 3)."""
+        return self.arch == "gemma3"
+
+    @property
+    def post_norms(self) -> bool:
+        """RMSNorm of the attention's and the FFN's outputs before the residual add (Gemma 3)."""
+        return self.arch == "gemma3"
+
+    @property
+    def embed_scale(self) -> float:
+        """The factor embedding rows are multiplied by (Gemma: sqrt(d_model))."""
+        return self.d_model ** 0.5 if self.arch == "gemma3" else 1.0
+
+    def window(self, layer: int) -> int | None:
+        """Keys a query of ``layer`` attends to (itself included), or None for the whole context."""
+        return self.sliding_window if layer in self.sliding_layers else None
+
+    def layer_rope_theta(self, layer: int) -> float:
+        if layer in self.sliding_layers and self.rope_local_theta is not None:
+            return self.rope_local_theta
+        return self.rope_theta
 
     @property
     def norm(self) -> str:
@@ -88,7 +132,7 @@ class ModelConfig:
     def kv_layer_bytes_per_token(self, itemsize: int = 2) -> list[int]:
         """Bytes of key+value cache one token costs in each layer (by that layer's key/value heads;
         f16 values, as the engine's cache holds them): the one formula the KV cache's size is
-        computed from."""
+        computed from (a local layer holds only its window's tokens: ``runtime.budget.kv_layer_bytes``)."""
         return [2 * kv * self.head_dim * itemsize for kv in self.n_kv_heads]
 
     def kv_bytes_per_token(self, itemsize: int = 2) -> int:
@@ -99,6 +143,7 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         d["n_kv_heads"] = list(self.n_kv_heads)
         d["eos_token_ids"] = list(self.eos_token_ids)
+        d["sliding_layers"] = list(self.sliding_layers)
         return d
 
     @classmethod
@@ -108,4 +153,5 @@ class ModelConfig:
         kw = {k: v for k, v in d.items() if k in names}
         kw["n_kv_heads"] = tuple(kw["n_kv_heads"])
         kw["eos_token_ids"] = tuple(kw.get("eos_token_ids") or ())
+        kw["sliding_layers"] = tuple(kw.get("sliding_layers") or ())
         return cls(**kw)

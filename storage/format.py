@@ -31,6 +31,8 @@ Canonical dense tensor names (shapes in the HF orientation, ``out x in``)::
     layers.{i}.q.weight [H*hd, d]  layers.{i}.k.weight [KV_i*hd, d]  layers.{i}.v.weight [KV_i*hd, d]
     layers.{i}.q/k/v.bias (qwen2, opt)   layers.{i}.o.weight [d, H*hd]  layers.{i}.o.bias (opt)
     layers.{i}.down_bias [d] (opt: fc2's bias is per output, not per neuron, so it is dense)
+    layers.{i}.q_norm.weight/k_norm.weight [hd]  layers.{i}.post_attn_norm.weight/post_ffn_norm.weight [d]
+        (gemma3; its norms are the factors applied, 1 + w of the HF checkpoint)
 
 Canonical FFN source tensors (assembled into records by the converter)::
 
@@ -173,6 +175,7 @@ def dense_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
         "k.weight": (kv * hd, d), "k.bias": (kv * hd,),
         "v.weight": (kv * hd, d), "v.bias": (kv * hd,),
         "o.weight": (d, H * hd), "o.bias": (d,), "down_bias": (d,), "gate": (cfg.d_ff, d),
+        "q_norm.weight": (hd,), "k_norm.weight": (hd,),
     }.get(leaf, (d,))  # norms
 
 
@@ -202,12 +205,18 @@ def dense_tensor_names(cfg: ModelConfig, gate_split: bool = False) -> list[str]:
             names.append(p + f"{m}.weight")
             if cfg.attn_qkv_bias:
                 names.append(p + f"{m}.bias")
+        if cfg.qk_norm:
+            names += [p + "q_norm.weight", p + "k_norm.weight"]
         names.append(p + "o.weight")
         if cfg.attn_out_bias:
             names.append(p + "o.bias")
+        if cfg.post_norms:
+            names.append(p + "post_attn_norm.weight")
         names.append(p + "ffn_norm.weight")
         if bias:
             names.append(p + "ffn_norm.bias")
+        if cfg.post_norms:
+            names.append(p + "post_ffn_norm.weight")
         if not cfg.gated:
             names.append(p + "down_bias")
         if gate_split:

@@ -24,12 +24,12 @@ import numpy as np
 from .config import ModelConfig
 from .errors import CheckpointError, UnsupportedModelError
 from .gguf_check import check_gguf
-from .gguf_tokenizer import build_tokenizer_json
+from .gguf_tokenizer import GEMMA_CHAT_TEMPLATE, build_spm_tokenizer_json, build_tokenizer_json
 from .source import Source, TokenizerInfo
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ARCHS = ("llama", "qwen2")   # GGUF general.architecture values (= our arch names)
+SUPPORTED_ARCHS = ("llama", "qwen2", "gemma3")   # GGUF general.architecture values (= our arch names)
 
 # canonical name -> GGUF tensor name; per-layer names are relative to "layers.{i}." / "blk.{i}."
 _GLOBAL = {"embed": "token_embd.weight", "final_norm.weight": "output_norm.weight",
@@ -40,7 +40,13 @@ _LAYER = {
     "q.bias": "attn_q.bias", "k.bias": "attn_k.bias", "v.bias": "attn_v.bias",
     "o.weight": "attn_output.weight",
     "gate": "ffn_gate.weight", "up": "ffn_up.weight", "down": "ffn_down.weight",
+    # gemma3 (its ffn_norm is the norm before the FFN, as for llama)
+    "q_norm.weight": "attn_q_norm.weight", "k_norm.weight": "attn_k_norm.weight",
+    "post_attn_norm.weight": "post_attention_norm.weight", "post_ffn_norm.weight": "post_ffw_norm.weight",
 }
+# llama.cpp's Gemma 3 constants (not in the metadata): every sixth layer global, the local layers'
+# rotary base, the 27B model's query scale
+GEMMA3_EVERY, GEMMA3_LOCAL_THETA, GEMMA3_27B_LAYERS = 6, 10000.0, 62
 _LAYER_NAME = re.compile(r"layers\.(\d+)\.(.+)")
 _REQUIRED = object()
 
@@ -60,7 +66,7 @@ FOUR_BIT_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 
 
 class GGUFSource(Source):
-    """A llama/qwen2 GGUF file: config and tokenizer from its metadata, tensors loaded lazily."""
+    """A llama/qwen2/gemma3 GGUF file: config and tokenizer from its metadata, tensors loaded lazily."""
 
     def __init__(self, path: Path):
         import gguf  # imported here: only GGUF conversions need it
@@ -154,6 +160,10 @@ class GGUFSource(Source):
             if t is not None and int(t) not in eos:
                 eos.append(int(t))
         bos = self._meta("tokenizer.ggml.bos_token_id", None)
+        gemma = a == "gemma3"
+        window = self._meta(f"{a}.attention.sliding_window", None) if gemma else None
+        if gemma and self._end_of_turn is not None and self._end_of_turn not in eos:
+            eos.append(self._end_of_turn)        # a chat turn ends there (llama.cpp's EOT for Gemma)
         return ModelConfig(
             arch=a, vocab_size=int(vocab), d_model=d_model,
             d_ff=int(self._meta(f"{a}.feed_forward_length")), n_layers=n_layers, n_heads=n_heads,
@@ -161,21 +171,35 @@ class GGUFSource(Source):
             max_position=int(self._meta(f"{a}.context_length")),
             norm_eps=float(self._meta(f"{a}.attention.layer_norm_rms_epsilon")),
             rope_theta=float(self._meta(f"{a}.rope.freq_base", 10000.0)), rope_scaling=scaling,
-            tie_embeddings="output.weight" not in self._tensors, activation="silu",
-            bos_token_id=None if bos is None else int(bos), eos_token_ids=tuple(eos))
+            tie_embeddings="output.weight" not in self._tensors, activation="gelu_tanh" if gemma else "silu",
+            bos_token_id=None if bos is None else int(bos), eos_token_ids=tuple(eos),
+            sliding_window=None if window is None else int(window),
+            sliding_layers=tuple(i for i in range(n_layers) if (i + 1) % GEMMA3_EVERY) if window else (),
+            rope_local_theta=GEMMA3_LOCAL_THETA if gemma else None,
+            attn_scale=(n_heads / d_model) ** 0.5 if gemma and n_layers == GEMMA3_27B_LAYERS else None)
 
     def _read_tokenizer(self) -> tuple[TokenizerInfo, int | None]:
         """The tokenizer facts, and the number of tokens (a fallback for the vocabulary size)."""
         model = self._meta("tokenizer.ggml.model", None)
         chat = self._meta("tokenizer.chat_template", None)
+        self._end_of_turn = None
         if model is None:
             logger.warning("%s: no tokenizer in the GGUF metadata", self.path.name)
             return TokenizerInfo(chat_template=chat), None
         tokens = self._meta("tokenizer.ggml.tokens")
-        text = build_tokenizer_json(
-            model, self._meta("tokenizer.ggml.pre", None), tokens,
-            self._meta("tokenizer.ggml.token_type", None), self._meta("tokenizer.ggml.merges", []),
-            where=self.path.name)
+        types = self._meta("tokenizer.ggml.token_type", None)
+        if model == "llama":             # SentencePiece BPE: merges follow the pieces' scores
+            text = build_spm_tokenizer_json(tokens, self._meta("tokenizer.ggml.scores"), types,
+                                            bool(self._meta("tokenizer.ggml.add_space_prefix", True)),
+                                            where=self.path.name)
+        else:
+            text = build_tokenizer_json(model, self._meta("tokenizer.ggml.pre", None), tokens, types,
+                                        self._meta("tokenizer.ggml.merges", []), where=self.path.name)
+        self._end_of_turn = tokens.index("<end_of_turn>") if self.arch == "gemma3" and "<end_of_turn>" in tokens \
+            else None
+        if chat is None and self.arch == "gemma3":
+            chat = GEMMA_CHAT_TEMPLATE
+            logger.info("%s: no chat template in the file; using Gemma's turn format", self.path.name)
 
         def token(key):
             i = self._meta(f"tokenizer.ggml.{key}", None)
@@ -204,7 +228,8 @@ class GGUFSource(Source):
         d, q = c.d_model, c.n_heads * c.head_dim
         kv = c.n_kv_heads[layer] * c.head_dim if layer is not None else 0
         return {"embed": (c.vocab_size, d), "lm_head": (c.vocab_size, d), "final_norm.weight": (d,),
-                "attn_norm.weight": (d,), "ffn_norm.weight": (d,),
+                "attn_norm.weight": (d,), "ffn_norm.weight": (d,), "post_attn_norm.weight": (d,),
+                "post_ffn_norm.weight": (d,), "q_norm.weight": (c.head_dim,), "k_norm.weight": (c.head_dim,),
                 "q.weight": (q, d), "k.weight": (kv, d), "v.weight": (kv, d),
                 "q.bias": (q,), "k.bias": (kv,), "v.bias": (kv,), "o.weight": (d, q),
                 "gate": (c.d_ff, d), "up": (c.d_ff, d), "down": (d, c.d_ff)}[key]

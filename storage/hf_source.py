@@ -14,7 +14,9 @@ from .source import Source, TokenizerInfo
 log = logging.getLogger(__name__)
 
 # model_type -> our architecture family
-FAMILIES = {"llama": "llama", "mistral": "llama", "deci": "llama", "qwen2": "qwen2", "opt": "opt"}
+FAMILIES = {"llama": "llama", "mistral": "llama", "deci": "llama", "qwen2": "qwen2", "opt": "opt",
+            "gemma3_text": "gemma3"}
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 # checkpoint tensors that carry nothing we need (recomputed buffers)
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -43,13 +45,23 @@ def _config(c: dict) -> ModelConfig:
             head_dim=c["hidden_size"] // heads, max_position=c["max_position_embeddings"],
             norm_eps=1e-5, tie_embeddings=c.get("tie_word_embeddings", True), activation="relu",
             bos_token_id=c.get("bos_token_id"), eos_token_ids=eos)
-    if c.get("hidden_act", "silu") != "silu":
-        raise UnsupportedModelError(f"hidden_act '{c.get('hidden_act')}' is not supported (silu only)")
+    act = c.get("hidden_activation" if arch == "gemma3" else "hidden_act") or "silu"
+    if ACTIVATIONS.get(act) != ("gelu_tanh" if arch == "gemma3" else "silu"):
+        raise UnsupportedModelError(f"{mt} with activation '{act}' is not supported "
+                                    f"({'gelu_pytorch_tanh' if arch == 'gemma3' else 'silu'} only)")
+    for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if c.get(cap):
+            raise UnsupportedModelError(f"{mt} with {cap}={c[cap]} is not supported (Gemma 3 has none)")
     kv = c.get("num_key_value_heads_per_layer")
     if kv is None:
         kv = [c.get("num_key_value_heads") or heads] * n_layers
     # transformers >= 5 writes rope settings into "rope_parameters"; older configs use top-level keys
     rp = c.get("rope_parameters") or {}
+    local_theta = None
+    if arch == "gemma3":       # one rope setting per layer type
+        full, local = rp.get("full_attention", rp), rp.get("sliding_attention", {})
+        local_theta = local.get("rope_theta", c.get("rope_local_base_freq", 10000.0))
+        rp = full
     theta = c.get("rope_theta", rp.get("rope_theta", 10000.0))
     scaling = c.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
     if scaling:
@@ -60,17 +72,35 @@ def _config(c: dict) -> ModelConfig:
             raise UnsupportedModelError(f"rope_scaling type '{rtype}' is not supported (linear, llama3)")
         else:
             scaling = {**scaling, "rope_type": rtype}
-    if arch == "llama" and c.get("sliding_window"):
-        log.warning("sliding_window=%s is ignored: attention is full over the context",
-                    c["sliding_window"])
+    window, local_layers = _sliding(c, arch, n_layers)
+    head_dim = c.get("head_dim") or c["hidden_size"] // heads
     return ModelConfig(
         arch=arch, vocab_size=c["vocab_size"], d_model=c["hidden_size"],
         d_ff=c["intermediate_size"], n_layers=n_layers, n_heads=heads, n_kv_heads=tuple(kv),
-        head_dim=c.get("head_dim") or c["hidden_size"] // heads,
-        max_position=c.get("max_position_embeddings", 2048), norm_eps=c.get("rms_norm_eps", 1e-6),
-        rope_theta=theta, rope_scaling=scaling,
-        tie_embeddings=c.get("tie_word_embeddings", False), activation="silu",
-        bos_token_id=c.get("bos_token_id"), eos_token_ids=eos)
+        head_dim=head_dim, max_position=c.get("max_position_embeddings", 2048),
+        norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
+        tie_embeddings=c.get("tie_word_embeddings", arch == "gemma3"), activation=ACTIVATIONS[act],
+        bos_token_id=c.get("bos_token_id"), eos_token_ids=eos, sliding_window=window,
+        sliding_layers=local_layers, rope_local_theta=local_theta,
+        attn_scale=c["query_pre_attn_scalar"] ** -0.5 if arch == "gemma3" and c.get("query_pre_attn_scalar") else None)
+
+
+def _sliding(c: dict, arch: str, n_layers: int) -> tuple[int | None, tuple[int, ...]]:
+    """(window, local layers) from ``layer_types`` (transformers >= 4.53), Gemma 3's older
+    ``sliding_window_pattern``, Qwen2's ``use_sliding_window`` from ``max_window_layers`` on, or a
+    Mistral-style ``sliding_window`` on every layer."""
+    window = c.get("sliding_window")
+    if not window or (arch == "qwen2" and not c.get("use_sliding_window")):
+        return None, ()
+    types = c.get("layer_types")
+    if types:
+        return window, tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    if arch == "gemma3":
+        every = c.get("sliding_window_pattern") or c.get("_sliding_window_pattern") or 6
+        return window, tuple(i for i in range(n_layers) if (i + 1) % every)
+    if arch == "qwen2":
+        return window, tuple(range(c.get("max_window_layers", 0), n_layers))
+    return window, tuple(range(n_layers))
 
 
 def _name_map(cfg: ModelConfig, keys: set[str]) -> dict[str, str]:
@@ -103,6 +133,12 @@ def _name_map(cfg: ModelConfig, keys: set[str]) -> dict[str, str]:
                     m[q + f"{a}.{s}"] = p + f"self_attn.{a}_proj.{s}"
             for a in ("gate", "up", "down"):
                 m[q + a] = p + f"mlp.{a}_proj.weight"
+            if cfg.arch == "gemma3":
+                m[q + "post_attn_norm.weight"] = p + "post_attention_layernorm.weight"
+                m[q + "ffn_norm.weight"] = p + "pre_feedforward_layernorm.weight"
+                m[q + "post_ffn_norm.weight"] = p + "post_feedforward_layernorm.weight"
+                m[q + "q_norm.weight"] = p + "self_attn.q_norm.weight"
+                m[q + "k_norm.weight"] = p + "self_attn.k_norm.weight"
     m["lm_head"] = "lm_head.weight"
     return m
 
@@ -192,7 +228,10 @@ class HFSource(Source):
             t = self._open[f].get_slice(key)[:]
         except Exception as e:
             raise CheckpointError(f"{f}: cannot read tensor '{key}' ({e}); the file may be truncated") from None
-        return t.float().numpy()
+        t = t.float().numpy()
+        if self.config.arch == "gemma3" and name.endswith("norm.weight"):
+            t = t + np.float32(1)          # Gemma keeps w for a factor 1 + w (storage.config)
+        return t
 
     def close(self) -> None:
         self._open.clear()

@@ -51,7 +51,7 @@ def test_allocated_is_planned_owner_by_owner(tiny_bundle, arch, dtype, offload):
             assert got["window"] == plan.cache_bytes == 0
     # the KV cache at the planned context: keys and values per layer and the rotary tables
     session = eng.session(eng.context)
-    tables = sum(t.numel() * t.element_size() for t in (session.cache.cos, session.cache.sin) if t is not None)
+    tables = sum(t.numel() * t.element_size() for t in session.cache.tables)
     assert session.cache.nbytes + tables == plan.kv_bytes
     assert plan.selector_bytes == eng.selector.nbytes == 0
     # the dense part: the mapped file, or for an untied embedding only the rows a context touches

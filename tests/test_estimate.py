@@ -47,7 +47,7 @@ def test_kv_estimate_equals_the_allocated_cache_with_variable_gqa(tiny_ckpt):
         assert kv["bytes"] == cache.nbytes
         assert [n * b for b in kv["per_layer_per_token_bytes"]] == [
             k.nbytes + v.nbytes for k, v in zip(cache.k, cache.v)]
-        tables = sum(t.numel() * t.element_size() for t in (cache.cos, cache.sin))
+        tables = sum(t.numel() * t.element_size() for t in cache.tables)
         assert kv["rope_tables_bytes"] == tables
 
 

@@ -84,12 +84,12 @@ def test_lowrank_recovers_a_planted_pattern():
     up = torch.randn(d_ff, d, generator=g) / 7
     x = torch.randn(n, d, generator=g) * torch.linspace(0.3, 2, d)         # anisotropic inputs
     w = {"gate": gate, "up": up}
-    a = cal.activations(x, w, True).abs()
+    a = cal.activations(x, w, "silu").abs()
     xt, xv, at, av = x[:2500], x[2500:], a[:2500], a[2500:]
     thr = cal.threshold(at, 0.5, True)
     # what the exact gate picks (|silu(gate . x)| above its cutoff) is the most a gate stand-in can
-    exact = cal.selection_quality(cal.gate_scores(xv, w, True),
-                                  float(cal.cutoff_table(cal.gate_scores(xt, w, True))[50]), av, thr)
+    exact = cal.selection_quality(cal.gate_scores(xv, w, "silu"),
+                                  float(cal.cutoff_table(cal.gate_scores(xt, w, "silu"))[50]), av, thr)
     m, cut, rep = lowrank.fit(xt, at, xv, av, thr, 0.5, gate, None, exact["recall"] - 0.005, seed=0,
                               ranks=(2, 4, 8, 16))
     assert rep["rank"] == 8 and rep["reached"]                           # 2 and 4 cannot, 8 can

@@ -7,7 +7,7 @@ I/O; the only scratch (activations, per-block accumulators, the int8 copy of x) 
 
 A record holds a neuron's fields in the bundle's layout (``storage.format``): for gated models gate
 row, up row, down column; for OPT up row, down column, up bias. The kernel computes each selected
-neuron's activation act(gate . x, up . x) per token, then adds activation * down into one
+neuron's activation act(gate . x) * (up . x) per token (silu or tanh-gelu; ReLU models relu(up . x + b)), then adds activation * down into one
 accumulator per block of BLOCK neurons, each block in ascending neuron order, and sums the blocks in
 order: what a token gets depends only on x and its neurons, never on which records were resident,
 how a streamed layer was split into reads, the thread count, or which other tokens shared the pass
@@ -53,8 +53,16 @@ def _f32_impl(v):
     return lambda v: np.float32(v)
 
 
+SILU, GELU_TANH = 0, 1   # the gate activation (``act``) of a gated model: SwiGLU, GeGLU
+ACT_CODES = {"silu": SILU, "gelu_tanh": GELU_TANH, "relu": SILU}
+
+
 @njit(inline="always", fastmath=True)
-def _silu_mul(g, u):
+def _glu(g, u, act):
+    # act(g) * u: silu, or gelu with the tanh approximation (torch's approximate="tanh")
+    if act == GELU_TANH:
+        c = np.float32(0.7978845608028654) * (g + np.float32(0.044715) * g * g * g)
+        return np.float32(0.5) * g * (np.float32(1) + np.tanh(c)) * u
     return g / (np.float32(1) + np.exp(-g)) * u
 
 
@@ -112,7 +120,7 @@ def _wanted(sel, t, k):
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def _act_float(rec, rows, ids, x, sel, gate, up, bias, d, gv, h):
+def _act_float(rec, rows, ids, x, sel, gate, up, bias, d, gv, act, h):
     # h[t, ids[k]] = activation of record rows[k] of rec for each token t that wants it; rec [n, R]
     # f16 bits (uint16) or f32, gate/up/bias element offsets in a record (gate -1: a ReLU model's
     # record; GATE_GIVEN: the gate values are gv [T, d_ff]), x [T, d]
@@ -129,9 +137,9 @@ def _act_float(rec, rows, ids, x, sel, gate, up, bias, d, gv, h):
                 u += _f32(rec[r, U(bias)])
                 h[t, ids[k]] = u if u > 0 else np.float32(0)
             elif gate == GATE_GIVEN:
-                h[t, ids[k]] = _silu_mul(gv[t, ids[k]], u)
+                h[t, ids[k]] = _glu(gv[t, ids[k]], u, act)
             else:
-                h[t, ids[k]] = _silu_mul(_dot(rec, r, U(gate), x, t, d), u)
+                h[t, ids[k]] = _glu(_dot(rec, r, U(gate), x, t, d), u, act)
 
 
 @njit(inline="always", fastmath=True)
@@ -145,7 +153,7 @@ def _qdot_code(p, q, s16, r, off, so, mo, ho, xq, xd, xs, t, ng):
 
 
 @njit(inline="always", fastmath=True)
-def _act_quant(p, q, s16, f32, r, xq, xd, xs, t, gq, uq, gs, us, gm, um, gh, uh, bias, ng, gv, n):
+def _act_quant(p, q, s16, f32, r, xq, xd, xs, t, gq, uq, gs, us, gm, um, gh, uh, bias, ng, gv, n, act):
     # one neuron's (n, record r) activation for token t from quantized gate/up rows (offsets:
     # codes, scales, minimums, fifth bits; see _qdot_code; gq -1: a ReLU model; GATE_GIVEN: gv)
     u = _qdot_code(p, q, s16, r, uq, us, um, uh, xq, xd, xs, t, ng)
@@ -153,13 +161,13 @@ def _act_quant(p, q, s16, f32, r, xq, xd, xs, t, gq, uq, gs, us, gm, um, gh, uh,
         u += f32[r, U(bias)]
         return u if u > 0 else np.float32(0)
     if gq == GATE_GIVEN:
-        return _silu_mul(gv[t, n], u)
-    return _silu_mul(_qdot_code(p, q, s16, r, gq, gs, gm, gh, xq, xd, xs, t, ng), u)
+        return _glu(gv[t, n], u, act)
+    return _glu(_qdot_code(p, q, s16, r, gq, gs, gm, gh, xq, xd, xs, t, ng), u, act)
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def _act_quant_rows(p, q, s16, f32, rows, ids, sel, T, xq, xd, xs, gq, uq, gs, us, gm, um, gh, uh, bias, ng, gv,
-                    h):
+                    act, h):
     # h[t, ids[k]] = activation of record rows[k] for each token t < T that wants it. p [n, R] uint8,
     # q int8, s16 uint16, f32: views of the same records; code offsets in bytes, scale/minimum offsets
     # in u16 elements (minimum -1: that vector is q8), fifth bits in bytes (-1: not q5), bias in f32
@@ -173,7 +181,7 @@ def _act_quant_rows(p, q, s16, f32, rows, ids, sel, T, xq, xd, xs, gq, uq, gs, u
         for t in range(T):
             if _wanted(sel, t, k):
                 h[t, ids[k]] = _act_quant(p, q, s16, f32, r, xq, xd, xs, t, gq, uq, gs, us, gm, um, gh, uh, bias,
-                                          ng, gv, ids[k])
+                                          ng, gv, ids[k], act)
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
@@ -284,8 +292,9 @@ class RecordKernel:
     calls as long as the calls go in ascending id order.
     """
 
-    def __init__(self, layout, dtype: str, d_model: int, d_ff: int):
+    def __init__(self, layout, dtype: str, d_model: int, d_ff: int, activation: str = "silu"):
         self.d, self.dtype, self.T = d_model, dtype, 0
+        self.act = ACT_CODES[activation]
         self.nb = -(-d_ff // BLOCK)
         self.h = np.zeros((SMALL_T, d_ff), np.float32)                   # activations per token
         self.part = np.zeros((SMALL_T * self.nb, d_model), np.float32)     # per token and block
@@ -354,12 +363,12 @@ class RecordKernel:
         sel = self.all_sel if sel is None else sel
         if self.dtype in ("f16", "f32"):
             _act_float(recs.view(np.uint16 if self.dtype == "f16" else np.float32), rows, ids, self.x[:self.T], sel,
-                       self.gate, self.up, self.bias, self.d, self.gv, h)
+                       self.gate, self.up, self.bias, self.d, self.gv, self.act, h)
             return
         q, s, m = self.q, self.s, self.m
         _act_quant_rows(recs, recs.view(np.int8), recs.view(np.uint16), recs.view(np.float32), rows, ids, sel,
                         self.T, self.xq, self.xd, self.xs, q["gate"], q["up"], s["gate"], s["up"], m["gate"],
-                        m["up"], self.hb["gate"], self.hb["up"], self.bias, self.d // 32, self.gv, h)
+                        m["up"], self.hb["gate"], self.hb["up"], self.bias, self.d // 32, self.gv, self.act, h)
 
     def down(self, ra: np.ndarray, rows: np.ndarray, ids: np.ndarray, rb: np.ndarray | None = None) -> None:
         """Add each record's down column times its activations: record k is ``ra[rows[k]]``, or

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from predictors.activation import gate_activation
 from predictors.placement import CostModel
 from storage import format as fmt
 from storage import window_cache as wc
@@ -141,7 +142,7 @@ def order_factor(bundle: Bundle, costs: CostModel, streamed: list[np.ndarray], k
 def cpu_cost(bundle: Bundle, reps: int = 20) -> float:
     """Seconds per neuron of the record kernel for one token (activations and down pass)."""
     cfg = bundle.config
-    k = RecordKernel(bundle.layout, bundle.ffn_dtype, cfg.d_model, cfg.d_ff)
+    k = RecordKernel(bundle.layout, bundle.ffn_dtype, cfg.d_model, cfg.d_ff, cfg.activation)
     recs = bundle.read_ffn_layer(cfg.n_layers // 2)
     n = min(cfg.d_ff, 4096)
     ids = np.sort(np.random.default_rng(1).choice(cfg.d_ff, n, replace=False)).astype(np.int64)
@@ -173,7 +174,7 @@ def device_costs(bundle: Bundle, device: str, reps: int = 20) -> tuple[float, fl
 
     def once(m):
         return device_ffn(x, {k: v[:m] for k, v in w.items()}, None,
-                          None if gate is None else gate[:, :m]).to("cpu", torch.float32)
+                          None if gate is None else gate[:, :m], gate_activation(cfg)).to("cpu", torch.float32)
 
     def timed(m):
         ts = []

@@ -99,7 +99,7 @@ def _draft_resident(pm, eng, session) -> int:
                                                        for a in arrays)
     ds = getattr(getattr(session, "draft", None), "session", None)
     if ds is not None:
-        n += sum(pm.array(t) for t in (*ds.cache.k, *ds.cache.v, ds.cache.cos, ds.cache.sin) if t is not None)
+        n += sum(pm.array(t) for t in (*ds.cache.k, *ds.cache.v, *ds.cache.tables))
     return n
 
 
@@ -116,8 +116,7 @@ def snapshot(eng, cache, session=None) -> dict:
             owners[owner] += sum(pm.array(a) for a in arrays)
         if cache is not None:
             kv_layers = [pm.array(k) + pm.array(v) for k, v in zip(cache.k, cache.v)]
-            tables = [t for t in (cache.cos, cache.sin) if t is not None]
-            owners["kv_cache"] = sum(kv_layers) + sum(pm.array(t) for t in tables)
+            owners["kv_cache"] = sum(kv_layers) + sum(pm.array(t) for t in cache.tables)
         owners["draft"] = _draft_resident(pm, eng, session)
     owners["selector"] = int(eng.selector.nbytes)     # its own copies, written whole at load
     mem = psutil.Process().memory_info()

@@ -84,12 +84,14 @@ def layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float) ->
     return F.layer_norm(x, (x.shape[-1],), w, b, eps)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies [head_dim/2], with linear or llama3 context scaling applied."""
+def rope_inv_freq(cfg: ModelConfig, layer: int | None = None) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2] of ``layer``'s rotation (None: a global layer's), with linear
+    or llama3 context scaling applied; a local layer (Gemma 3) has its own base and no scaling."""
     hd = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    theta = cfg.rope_theta if layer is None else cfg.layer_rope_theta(layer)
+    inv = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
     s = cfg.rope_scaling
-    if not s:
+    if not s or (layer is not None and cfg.window(layer) is not None and cfg.rope_local_theta is not None):
         return inv.float()
     if s["rope_type"] == "linear":
         return (inv / s["factor"]).float()
@@ -117,35 +119,102 @@ def kv_itemsize(ffn_dtype: str) -> int:
 ATTN_BLOCK_BYTES = 4 << 20
 
 
+# a local layer's ring holds this many keys past its window, so that a rollback of up to this many
+# tokens (a speculative draft's rejected tail) still finds the keys the next query needs
+RING_MARGIN = SMALL_T
+
+
+def kv_slots(cfg: ModelConfig, layer: int, capacity: int) -> int:
+    """Positions layer ``layer``'s cache holds at a context of ``capacity`` tokens: all of them, or
+    for a local (sliding-window) layer its window and RING_MARGIN, as a ring."""
+    w = cfg.window(layer)
+    return capacity if w is None else min(capacity, w + RING_MARGIN)
+
+
+def rope_thetas(cfg: ModelConfig) -> list[float]:
+    """The distinct rotary bases of a rope model's layers (one cos/sin table pair each)."""
+    return [] if cfg.learned_positions else sorted({cfg.layer_rope_theta(i) for i in range(cfg.n_layers)})
+
+
 class KVCache:
     """Preallocated keys/values, sized per layer by that layer's key/value heads.
 
-    k[l], v[l]: [n_kv_heads[l], capacity, head_dim], f16 (``itemsize`` 2) or f32 (4; f32
+    k[l], v[l]: [n_kv_heads[l], slots[l], head_dim], f16 (``itemsize`` 2) or f32 (4; f32
     bundles, compared with transformers). f16 halves the cache (56 KiB -> 28 KiB per token on
     Qwen2.5-1.5B), and rounding keys and values to f16 changed perplexity by -0.001% (SmolLM2 f16)
-    and +0.005% (Qwen2.5-Coder-1.5B int4). Attention computes in f32 either way. Also holds the
-    rotary tables cos/sin [capacity, head_dim] f32 for rope models.
+    and +0.005% (Qwen2.5-Coder-1.5B int4). Attention computes in f32 either way. A global layer
+    holds position p in slot p; a local layer (sliding-window attention) holds its last
+    ``kv_slots`` positions as a ring, position p in slot p % slots. Also holds the rotary tables
+    [capacity, head_dim] f32 of each layer (``rope[l]``: (cos, sin), shared by the layers of one base).
     """
 
     def __init__(self, cfg: ModelConfig, capacity: int, itemsize: int = 2):
         self.capacity = capacity
         dt = KV_DTYPES[itemsize]
-        self.k = [torch.zeros(kv, capacity, cfg.head_dim, dtype=dt) for kv in cfg.n_kv_heads]
-        self.v = [torch.zeros(kv, capacity, cfg.head_dim, dtype=dt) for kv in cfg.n_kv_heads]
-        self.cos = self.sin = None
+        self.slots = [kv_slots(cfg, i, capacity) for i in range(cfg.n_layers)]
+        self.windows = [cfg.window(i) for i in range(cfg.n_layers)]
+        self.k = [torch.zeros(kv, n, cfg.head_dim, dtype=dt) for kv, n in zip(cfg.n_kv_heads, self.slots)]
+        self.v = [torch.zeros(kv, n, cfg.head_dim, dtype=dt) for kv, n in zip(cfg.n_kv_heads, self.slots)]
+        self.rope, self.tables = [None] * cfg.n_layers, []
         if not cfg.learned_positions:
-            freqs = torch.outer(torch.arange(capacity, dtype=torch.float32), rope_inv_freq(cfg))
-            emb = torch.cat([freqs, freqs], dim=-1)
-            self.cos, self.sin = emb.cos(), emb.sin()
+            by_base = {}
+            for i in range(cfg.n_layers):
+                inv = rope_inv_freq(cfg, i)
+                key = tuple(inv.tolist())
+                if key not in by_base:
+                    freqs = torch.outer(torch.arange(capacity, dtype=torch.float32), inv)
+                    emb = torch.cat([freqs, freqs], dim=-1)
+                    by_base[key] = (emb.cos(), emb.sin())
+                    self.tables += list(by_base[key])
+                self.rope[i] = by_base[key]
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
+    def ring(self, layer: int) -> bool:
+        return self.slots[layer] < self.capacity
+
+    def held(self, layer: int, n: int) -> int:
+        """The first position layer ``layer`` still holds when the cache holds ``n`` tokens."""
+        return max(0, n - self.slots[layer])
+
+    def store(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keys/values [KV, T, hd] of positions [pos, pos + T), rounded to the cache's dtype."""
+        if not self.ring(layer):
+            self.k[layer][:, pos:pos + k.shape[1]] = k
+            self.v[layer][:, pos:pos + k.shape[1]] = v
+            return
+        n = self.slots[layer]
+        T = k.shape[1]
+        cut = max(0, T - n)                        # a ring keeps the last ``n`` of them
+        idx = torch.arange(pos + cut, pos + T) % n
+        self.k[layer][:, idx] = k[:, cut:].to(self.k[layer].dtype)
+        self.v[layer][:, idx] = v[:, cut:].to(self.v[layer].dtype)
+
+    def keys(self, layer: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of positions [lo, hi) as f32 [KV, hi - lo, hd], in position order."""
+        if not self.ring(layer):
+            return self.k[layer][:, lo:hi].float(), self.v[layer][:, lo:hi].float()
+        idx = torch.arange(lo, hi) % self.slots[layer]
+        return self.k[layer][:, idx].float(), self.v[layer][:, idx].float()
+
+    def can_rewind(self, to: int, n: int) -> bool:
+        """Whether a cache holding ``n`` tokens can continue from position ``to`` <= n: every local
+        layer still holds the keys (to - window, to) that the query at ``to`` needs."""
+        for i, w in enumerate(self.windows):
+            if w is not None and self.ring(i) and max(0, to - w + 1) < self.held(i, n):
+                return False
+        return True
+
     def copy_from(self, other: KVCache, n: int) -> None:
-        """The first ``n`` positions of ``other``'s keys and values (a session growing its cache)."""
-        for dst, src in zip(self.k + self.v, other.k + other.v):
-            dst[:, :n] = src[:, :n]
+        """The first ``n`` positions of ``other``'s keys and values (a session growing its cache;
+        of a local layer, the ones it still holds)."""
+        for i in range(len(self.k)):
+            keep = torch.arange(max(other.held(i, n), self.held(i, n)), n)
+            src, dst = keep % other.slots[i], keep % self.slots[i]
+            self.k[i][:, dst] = other.k[i][:, src]
+            self.v[i][:, dst] = other.v[i][:, src]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -155,38 +224,58 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rot * sin
 
 
-def _attend(q: torch.Tensor, cache: KVCache, layer: int, S: int, G: int) -> torch.Tensor:
-    """One token's attention: q [H, 1, hd] against the first S cached keys/values -> [H * hd].
+def _attend(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, G: int, scale: float) -> torch.Tensor:
+    """One token's attention: q [H, 1, hd] against keys/values K, V [KV, S, hd] f32 -> [H * hd].
     Grouped-query attention without repeating K/V: query head h reads kv head h // G, so the G
     heads of a group form one [G, hd] block per kv head."""
-    K, V = cache.k[layer][:, :S].float(), cache.v[layer][:, :S].float()      # [KV, S, hd]
     KV, hd = K.shape[0], K.shape[2]
-    s = torch.bmm(q.reshape(KV, G, hd), K.transpose(1, 2)) * hd ** -0.5   # [KV, G, S]
+    s = torch.bmm(q.reshape(KV, G, hd), K.transpose(1, 2)) * scale    # [KV, G, S]
     return torch.bmm(torch.softmax(s, dim=-1), V).reshape(-1)
+
+
+def _head_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of each head vector of x [heads, T, hd] (Gemma 3's query/key norms)."""
+    if by_token(x.shape[1]):
+        return torch.cat([_head_norm(x[:, t:t + 1], w, eps) for t in range(x.shape[1])], dim=1)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
 def attention(cfg: ModelConfig, w: dict, p: str, layer: int, h: torch.Tensor, pos: int,
               cache: KVCache) -> torch.Tensor:
     """Self-attention of T new tokens at positions [pos, pos+T) against the cache. h [T, d] -> [T, d].
     Up to SMALL_T tokens (``by_token``) the projections run for all of them at once (each row as
-    alone) and each token attends exactly as a decode step at its position would."""
+    alone) and each token attends exactly as a decode step at its position would. A local layer's
+    query at position p sees the keys (p - window, p]."""
     T = h.shape[0]
     H, KV, hd = cfg.n_heads, cfg.n_kv_heads[layer], cfg.head_dim
     q = linear(h, w[p + "q.weight"], w.get(p + "q.bias")).view(T, H, hd).transpose(0, 1)
     k = linear(h, w[p + "k.weight"], w.get(p + "k.bias")).view(T, KV, hd).transpose(0, 1)
     v = linear(h, w[p + "v.weight"], w.get(p + "v.bias")).view(T, KV, hd).transpose(0, 1)
-    if cache.cos is not None:
-        cos, sin = cache.cos[pos:pos + T], cache.sin[pos:pos + T]
+    if cfg.qk_norm:
+        q, k = _head_norm(q, w[p + "q_norm.weight"], cfg.norm_eps), _head_norm(k, w[p + "k_norm.weight"], cfg.norm_eps)
+    if cache.rope[layer] is not None:
+        cos, sin = (t[pos:pos + T] for t in cache.rope[layer])
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    cache.k[layer][:, pos:pos + T] = k            # rounded to the cache's dtype: the decode and
-    cache.v[layer][:, pos:pos + T] = v            # prefill paths both attend to the stored values
-    G = H // KV
+    G, win = H // KV, cfg.window(layer)
+    scale = cfg.attn_scale if cfg.attn_scale is not None else hd ** -0.5
     if T == 1 or by_token(T):
-        o = torch.empty(T, H * hd)
+        cache.store(layer, pos, k, v)          # rounded to the cache's dtype: the decode and prefill
+        o = torch.empty(T, H * hd)             # paths both attend to the stored values
         for t in range(T):
-            o[t] = _attend(q[:, t:t + 1].contiguous(), cache, layer, pos + t + 1, G)
+            S = pos + t + 1
+            K, V = cache.keys(layer, 0 if win is None else max(0, S - win), S)
+            o[t] = _attend(q[:, t:t + 1].contiguous(), K, V, G, scale)
     else:
-        o = _prefill_attention(q, cache, layer, pos, G)
+        lo = 0 if win is None else max(0, pos - win + 1)
+        if not cache.ring(layer):
+            cache.store(layer, pos, k, v)
+            K, V = cache.keys(layer, lo, pos + T)
+        else:                                  # the older keys are read before new ones overwrite their slots
+            K0, V0 = cache.keys(layer, lo, pos)
+            cache.store(layer, pos, k, v)
+            dt = cache.k[layer].dtype
+            K, V = torch.cat([K0, k.to(dt).float()], dim=1), torch.cat([V0, v.to(dt).float()], dim=1)
+        o = _prefill_attention(q, K, V, lo, pos, G, scale, win)
     return linear(o, w[p + "o.weight"], w.get(p + "o.bias"))
 
 
@@ -203,24 +292,30 @@ def attention_scratch_bytes(cfg: ModelConfig, keys: int) -> int:
     return 2 * 4 * cfg.n_heads * block * keys + 2 * 4 * max(cfg.n_kv_heads) * keys * cfg.head_dim
 
 
-def _prefill_attention(q: torch.Tensor, cache: KVCache, layer: int, pos: int, G: int) -> torch.Tensor:
-    """A prefill's attention: q [H, T, hd] for positions [pos, pos + T) -> [T, H * hd], a block of
-    queries at a time so the scores stay within ATTN_BLOCK_BYTES whatever the prompt's length
-    (a 2048-token prompt's scores for Qwen2.5-1.5B at once were 200 MB, three times over with the
-    mask and the softmax). The G heads of a kv group and a block's tokens form one [G * B, hd] matrix."""
+def _prefill_attention(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, k0: int, pos: int, G: int,
+                       scale: float, window: int | None) -> torch.Tensor:
+    """A prefill's attention: q [H, T, hd] for positions [pos, pos + T) against keys/values K, V
+    [KV, S, hd] f32 of positions [k0, pos + T) -> [T, H * hd], a block of queries at a time so the
+    scores stay within ATTN_BLOCK_BYTES whatever the prompt's length (a 2048-token prompt's scores
+    for Qwen2.5-1.5B at once were 200 MB, three times over with the mask and the softmax). The G
+    heads of a kv group and a block's tokens form one [G * B, hd] matrix. Query p sees keys
+    [0, p], or (p - window, p] in a local layer."""
     H, T, hd = q.shape
-    S = pos + T
-    K, V = cache.k[layer][:, :S].float(), cache.v[layer][:, :S].float()             # [KV, S, hd]
     KV = K.shape[0]
     o = torch.empty(T, H * hd)
-    B = attention_block_tokens(H, S)
+    B = attention_block_tokens(H, K.shape[1])
     for a in range(0, T, B):
         b = min(T, a + B)
-        n, keys = b - a, pos + b                       # this block's queries see keys [0, pos + b)
+        n = b - a
+        first = k0 if window is None else max(k0, pos + a - window + 1)    # this block's keys [first, pos + b)
+        kp = torch.arange(first, pos + b)[None, :]
+        qp = torch.arange(pos + a, pos + b)[:, None]
+        mask = kp <= qp if window is None else (kp <= qp) & (kp > qp - window)
+        Kb, Vb = K[:, first - k0:pos + b - k0], V[:, first - k0:pos + b - k0]
         qb = q[:, a:b].reshape(KV, G * n, hd)
-        s = torch.bmm(qb, K[:, :keys].transpose(1, 2)).mul_(hd ** -0.5)             # [KV, G*n, keys]
-        mask = torch.ones(n, keys, dtype=torch.bool).tril(diagonal=pos + a)          # query t sees [0, pos + t]
+        s = torch.bmm(qb, Kb.transpose(1, 2)).mul_(scale)                               # [KV, G*n, keys]
+        keys = Kb.shape[1]
         s = s.view(KV, G, n, keys).masked_fill_(~mask, float("-inf")).view(KV, G * n, keys)
-        ob = torch.bmm(torch.softmax(s, dim=-1), V[:, :keys])                         # [KV, G*n, hd]
+        ob = torch.bmm(torch.softmax(s, dim=-1), Vb)                                    # [KV, G*n, hd]
         o[a:b] = ob.view(H, n, hd).transpose(0, 1).reshape(n, H * hd)
     return o

@@ -34,7 +34,7 @@ from storage.errors import FlashinferError
 from storage.reader import Bundle
 
 from flashinfer_local.kernels import QuantMatrix, RecordKernel
-from flashinfer_local.models.common import UPCAST_BYTES, attention_scratch_bytes, kv_itemsize
+from flashinfer_local.models.common import UPCAST_BYTES, attention_scratch_bytes, kv_itemsize, kv_slots, rope_thetas
 from flashinfer_local.runtime.dram import CHUNK_ROWS, splits_down
 from flashinfer_local.units import fmt_bytes
 
@@ -125,13 +125,15 @@ class BudgetPlan:
 
 def kv_layer_bytes(cfg: ModelConfig, tokens: int, itemsize: int = 2) -> list[int]:
     """Keys + values of each layer at ``tokens`` tokens (``models.common.kv_itemsize`` bytes each,
-    by that layer's key/value heads): what ``models.common.KVCache`` allocates."""
-    return [tokens * b for b in cfg.kv_layer_bytes_per_token(itemsize)]
+    by that layer's key/value heads; a local layer holds its window's ring, ``kv_slots``): what
+    ``models.common.KVCache`` allocates."""
+    return [kv_slots(cfg, i, tokens) * b for i, b in enumerate(cfg.kv_layer_bytes_per_token(itemsize))]
 
 
 def rope_table_bytes(cfg: ModelConfig, tokens: int) -> int:
-    """The cos/sin tables [tokens, head_dim] f32 of a rope model (learned positions: none)."""
-    return 0 if cfg.learned_positions else 2 * tokens * cfg.head_dim * 4
+    """The cos/sin tables [tokens, head_dim] f32 of a rope model, one pair per rotary base
+    (learned positions: none)."""
+    return len(rope_thetas(cfg)) * 2 * tokens * cfg.head_dim * 4
 
 
 def kv_cache_bytes(cfg: ModelConfig, tokens: int, itemsize: int = 2) -> int:

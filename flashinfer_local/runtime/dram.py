@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from predictors.activation import gate_activation
 from storage import format as fmt
 from storage.quant import quantize_q8
 from storage.reader import Bundle
@@ -59,8 +60,8 @@ class RecordCompute:
 
     def __init__(self, bundle: Bundle):
         cfg, lay = bundle.config, bundle.layout
-        self.gated, self.layout = cfg.gated, lay
-        self.kernel = RecordKernel(lay, bundle.ffn_dtype, cfg.d_model, cfg.d_ff)
+        self.gated, self.layout, self.act = cfg.gated, lay, gate_activation(cfg)
+        self.kernel = RecordKernel(lay, bundle.ffn_dtype, cfg.d_model, cfg.d_ff, cfg.activation)
         self.tdt = TORCH_DT.get(bundle.ffn_dtype)             # None: quantized records
         if self.tdt is not None:
             item = np.dtype(fmt.DTYPES[bundle.ffn_dtype]).itemsize
@@ -99,7 +100,7 @@ class RecordCompute:
         f = f if f is not None else self._fields(part, down=False)
         if self.gated:
             g = F.linear(x, f["gate"]) if gate is None else gate
-            return F.silu(g) * F.linear(x, f["up"])
+            return self.act(g) * F.linear(x, f["up"])
         return F.relu(F.linear(x, f["up"]) + f["up_bias"][:, 0])
 
     def __call__(self, x: torch.Tensor, recs: np.ndarray, out: torch.Tensor,
@@ -235,7 +236,7 @@ class DenseFFN(_InDRAM):
 
     def __init__(self, bundle: Bundle):
         cfg = bundle.config
-        self.gated = cfg.gated
+        self.gated, self.act = cfg.gated, gate_activation(cfg)
         self.gate, self.up, self.down, self.up_bias = [], [], [], []      # (gate-split: no gate here)
         for i in range(cfg.n_layers):
             rec = bundle.read_ffn_layer(i)                               # [d_ff, record_bytes] u8
@@ -261,7 +262,7 @@ class DenseFFN(_InDRAM):
                                    None if gate is None else gate[t:t + 1]) for t in range(T)])
         if self.gated:
             g = linear(x, self.gate[layer]) if gate is None else gate
-            h = F.silu(g) * linear(x, self.up[layer])                             # [T, d_ff]
+            h = self.act(g) * linear(x, self.up[layer])                             # [T, d_ff]
         else:
             h = F.relu(linear(x, self.up[layer], self.up_bias[layer]))
         if mask is not None:

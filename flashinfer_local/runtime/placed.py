@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from predictors.activation import gate_activation
 from predictors.placement import DEVICE, PINNED
 from storage import format as fmt
 from storage.errors import FlashinferError
@@ -49,17 +50,17 @@ def device_bytes_per_neuron(cfg, device: str, gate_split: bool = False) -> int:
 
 
 def device_ffn(x: torch.Tensor, w: dict, mask: torch.Tensor | None = None,
-               gate: torch.Tensor | None = None) -> torch.Tensor:
+               gate: torch.Tensor | None = None, act=F.silu) -> torch.Tensor:
     """The FFN of the neurons whose fields ``w`` holds on a device (gate/up/down [n, d], or up,
     up_bias and down for ReLU models), for x [T, d] on the CPU; ``mask`` [T, n] keeps each token's
     own; ``gate`` [T, n] (on the CPU): their gate values where ``w`` holds no gate (a gate-split
-    bundle). Returns [T, d] on the device (asynchronous there)."""
+    bundle); ``act`` the model's gate activation. Returns [T, d] on the device (asynchronous there)."""
     dev, dt = w["up"].device, w["up"].dtype
     xd = x.to(dev, dt, non_blocking=True)
     if gate is not None:
-        h = F.silu(gate.to(dev, dt, non_blocking=True)) * (xd @ w["up"].T)
+        h = act(gate.to(dev, dt, non_blocking=True)) * (xd @ w["up"].T)
     elif "gate" in w:
-        h = F.silu(xd @ w["gate"].T) * (xd @ w["up"].T)
+        h = act(xd @ w["gate"].T) * (xd @ w["up"].T)
     else:
         h = F.relu(xd @ w["up"].T + w["up_bias"])
     if mask is not None:
@@ -76,7 +77,7 @@ class DevicePart:
 
     def __init__(self, bundle: Bundle, tiers: list[np.ndarray], device: str):
         cfg = bundle.config
-        self.dev = check_device(device)
+        self.dev, self.act = check_device(device), gate_activation(cfg)
         dt = device_dtype(device)
         self.ids, self.w = [], []
         for i, t in enumerate(tiers):
@@ -107,7 +108,8 @@ class DevicePart:
         if w is None:
             return None
         ids = self.ids[layer]
-        return device_ffn(x, w, None if mask is None else mask[:, ids], None if gate is None else gate[:, ids])
+        return device_ffn(x, w, None if mask is None else mask[:, ids], None if gate is None else gate[:, ids],
+                          self.act)
 
 
 class PlacedFFN:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from predictors import calibration as cal
+from predictors.activation import gate_activation
 from predictors import store
 from storage.convert import quantize_rows_q8
 from storage.errors import FlashinferError, OptionError
@@ -52,7 +53,7 @@ class OracleSelector:
             raise OptionError("sparsity", f"{sparsity} must be in [0, 1)")
         cfg = bundle.config
         self.keep = max(1, round(cfg.d_ff * (1 - sparsity)))
-        self.gated = cfg.gated
+        self.gated, self.act = cfg.gated, gate_activation(cfg)
         self.w = []   # per layer: (gate or None, up, up_bias or None), f16 [d_ff, d]
         for i in range(cfg.n_layers):
             rec = bundle.read_ffn_layer(i)
@@ -66,7 +67,7 @@ class OracleSelector:
             return per_row(lambda r: self._top(layer, r), x)
         gate, up, bias = self.w[layer]
         u = linear(x, up, bias)
-        act = F.silu(linear(x, gate)) * u if self.gated else F.relu(u)              # [T, d_ff]
+        act = self.act(linear(x, gate)) * u if self.gated else F.relu(u)            # [T, d_ff]
         return torch.topk(act.abs(), self.keep, dim=-1).indices                     # [T, keep]
 
     def select(self, layer: int, x: torch.Tensor) -> np.ndarray | None:
@@ -101,6 +102,7 @@ class PredictorSelector:
             tensors, meta = store.load(bundle.path, kind, cfg, store.neuron_order(bundle.manifest),
                                        only=store.SELECTOR_TENSORS)
         self.meta, self.gated, self.bundle = meta, cfg.gated, bundle
+        self.act = gate_activation(cfg)
         self.cutoff_table = [tensors[f"cutoffs.{i}"] for i in range(cfg.n_layers)]
         # per-layer shares of the sparsity (calibrate's lost mass per layer), where calibrated
         self.lost = (np.stack([tensors[f"lost.{i}"] for i in range(cfg.n_layers)])
@@ -149,7 +151,7 @@ class PredictorSelector:
                 self.w[layer] = (dense_gate(self.bundle, layer), None)
             rows, bias = self.w[layer]
             g = linear(x, rows) if self.gated else linear(x, rows, bias)
-        act = (lambda r: F.silu(r).abs()) if self.gated else F.relu
+        act = (lambda r: self.act(r).abs()) if self.gated else F.relu
         return per_row(act, g) if by_token(x.shape[0]) else act(g)
 
     def mask(self, layer: int, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:

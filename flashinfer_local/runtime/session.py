@@ -108,9 +108,13 @@ class Session:
         return logits
 
     def rollback(self, pos: int) -> None:
-        """Forget the tokens from position ``pos`` on."""
+        """Forget the tokens from position ``pos`` on (all of them where a sliding-window layer's
+        ring has overwritten keys the next token would need: more than ``RING_MARGIN`` back, which a
+        speculative draft's rollback never is)."""
         if not 0 <= pos <= self.pos:
             raise FlashinferError(f"rollback to {pos}: the session holds {self.pos} tokens")
+        if not self.cache.can_rewind(pos, self.pos):
+            pos = 0        # a local layer's ring no longer holds the keys before ``pos``: start over
         del self.tokens[pos:]
 
     def prefill(self, ids: list[int]) -> torch.Tensor:

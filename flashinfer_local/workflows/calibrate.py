@@ -5,7 +5,7 @@
    exact model over it in windows, recording every layer's FFN input x (f16).
 2. Per layer: the true activations a of those inputs from the layer's records, the threshold on |a|
    at the target sparsity, per-neuron activation frequencies, and the predictor (threshold: the
-   quantiles of |silu(gate . x)|; lowrank: trained, ``predictors.lowrank.fit``), with its recall and
+   quantiles of |act(gate . x)|; lowrank: trained, ``predictors.lowrank.fit``), with its recall and
    precision on the validation tokens (the last ``VAL_SHARE`` of the windows, not trained on).
 3. The default sparsity: the largest of DEFAULT_CANDIDATES whose validation perplexity is at most
    ``max_ppl_increase`` above the exact model's (binary search; perplexity rises with sparsity).
@@ -132,8 +132,8 @@ def calibrate(bundle_path: str | Path, kind: str = "threshold", corpus: list[Pat
         rec.xs[i] = None
         xt, xv = x[:n_train], x[n_train:]
         w = _layer_fields(bundle, i)
-        abs_a = cal.activations(xt, w, cfg.gated).abs()                    # [N, d_ff]
-        abs_av = cal.activations(xv, w, cfg.gated).abs()
+        abs_a = cal.activations(xt, w, cfg.activation).abs()                    # [N, d_ff]
+        abs_av = cal.activations(xv, w, cfg.activation).abs()
         natural.append(cal.natural_sparsity(abs_a))
         thr = cal.threshold(abs_a, target_sparsity, cfg.gated, seed)
         # ReLU: active = non-zero, so the kept share to compare with is the layer's own zeros' share
@@ -141,16 +141,16 @@ def calibrate(bundle_path: str | Path, kind: str = "threshold", corpus: list[Pat
         tensors[f"freq.{i}"] = cal.frequencies(abs_a, thr)
         t0 = time.perf_counter()
         if kind == "threshold":
-            score = cal.gate_scores(xt, w, cfg.gated)
+            score = cal.gate_scores(xt, w, cfg.activation)
             cut = cal.cutoff_table(score, seed)
             k_t = store.grid_index(s_fit)
-            score_v = cal.gate_scores(xv, w, cfg.gated)
+            score_v = cal.gate_scores(xv, w, cfg.activation)
             q = cal.selection_quality(score_v, float(cut[k_t]), abs_av, thr)
             rep = {**q, "rank": None}
         else:
             m, cut, rep = lowrank.fit(xt, abs_a, xv, abs_av, thr, s_fit,
                                       w["gate"] if cfg.gated else w["up"], None if cfg.gated else w["up_bias"],
-                                      recall_target, seed + i, (rank,) if rank else lowrank.RANKS)
+                                      recall_target, seed + i, (rank,) if rank else lowrank.RANKS, act=cfg.activation)
             tensors[f"A.{i}"] = m.A.numpy().astype(np.float16)
             tensors[f"B.{i}"] = m.B.numpy().astype(np.float16)
             tensors[f"bias.{i}"] = m.bias.numpy().astype(np.float32)
