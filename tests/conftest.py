@@ -10,7 +10,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from tiny_models import make_tiny_checkpoint  # noqa: E402
 
-ARCHS = ["llama", "llama_tied", "qwen2", "opt", "deci"]
+ARCHS = ["llama", "llama_tied", "qwen2", "opt", "deci", "gemma3", "mistral"]
 
 
 @pytest.fixture(scope="session")

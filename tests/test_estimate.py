@@ -25,7 +25,7 @@ def test_bundle_size_is_exact(tiny_ckpt, tiny_bundle, arch, dtype):
     assert est["record_bytes"] == real["record_bytes"]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "deci"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "deci", "gemma3"])
 @pytest.mark.parametrize("context", [16, 200, 4096])
 def test_minimum_budget_matches_the_engines_plan(tiny_bundle, arch, context):
     path = tiny_bundle(arch, "f16")
@@ -38,15 +38,16 @@ def test_minimum_budget_matches_the_engines_plan(tiny_bundle, arch, context):
     assert mb["minimum_bytes"] == min(mb["streaming_bytes"], mb["in_dram_bytes"])
 
 
-def test_kv_estimate_equals_the_allocated_cache_with_variable_gqa(tiny_ckpt):
-    with open_source(tiny_ckpt("deci")) as src:
+@pytest.mark.parametrize("arch", ["deci", "gemma3"])
+def test_kv_estimate_equals_the_allocated_cache(tiny_ckpt, arch):
+    with open_source(tiny_ckpt(arch)) as src:
         cfg = src.config
-    assert len(set(cfg.n_kv_heads)) > 1                     # per-layer key/value heads
+    # deci: per-layer key/value heads; gemma3: local layers keep a ring of their window
+    assert len(set(cfg.n_kv_heads)) > 1 if arch == "deci" else cfg.sliding_layers == (0, 1)
     for n in (1, 37, 256):
         kv, cache = kv_cache(cfg, n), KVCache(cfg, n)
         assert kv["bytes"] == cache.nbytes
-        assert [n * b for b in kv["per_layer_per_token_bytes"]] == [
-            k.nbytes + v.nbytes for k, v in zip(cache.k, cache.v)]
+        assert kv["per_layer_bytes"] == [k.nbytes + v.nbytes for k, v in zip(cache.k, cache.v)]
         tables = sum(t.numel() * t.element_size() for t in cache.tables)
         assert kv["rope_tables_bytes"] == tables
 

@@ -173,15 +173,15 @@ def test_wrong_shape_is_a_checkpoint_error(tmp_path):
 
 
 def test_unsupported_architecture_fails_at_open(tmp_path):
-    path = tmp_path / "gemma.gguf"
-    w = gguf.GGUFWriter(str(path), "gemma3")
+    path = tmp_path / "mamba.gguf"
+    w = gguf.GGUFWriter(str(path), "mamba")
     w.add_block_count(1)
     w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(UnsupportedModelError, match=r"'gemma3'.*supported: llama, qwen2"):
+    with pytest.raises(UnsupportedModelError, match=r"'mamba'.*supported: llama, qwen2, gemma3"):
         open_source(path)
 
 

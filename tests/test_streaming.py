@@ -27,7 +27,7 @@ def decode_logits(eng, ids):
     return torch.cat([eng.forward(torch.tensor([t]), i, cache) for i, t in enumerate(ids)])
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "opt", "deci"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "opt", "deci", "gemma3"])
 def test_offload_modes_match_dense(arch, tiny_bundle):
     path = tiny_bundle(arch, "f32")
     ref = Engine(path)
@@ -42,7 +42,7 @@ def test_offload_modes_match_dense(arch, tiny_bundle):
         assert (decode_logits(eng, IDS) - want_decode).abs().max() < 1e-4 * scale   # kernel path
 
 
-@pytest.mark.parametrize("arch", ["llama", "opt"])
+@pytest.mark.parametrize("arch", ["llama", "opt", "gemma3"])
 def test_f16_streaming_close_to_dense(arch, tiny_bundle):
     path = tiny_bundle(arch, "f16")
     a, b = decode_logits(Engine(path), IDS), decode_logits(Engine(path, offload="window", context=CTX), IDS)

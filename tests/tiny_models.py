@@ -7,7 +7,10 @@ Plain helper module (not a conftest).  Public API::
     reference_greedy(model, ids: list[int], n: int) -> list[int]
     reference_logits(model, ids: list[int]) -> torch.Tensor
 
-``arch`` is one of ``ARCHS``: "llama", "llama_tied", "qwen2", "opt", "deci".
+``arch`` is one of ``ARCHS``: "llama", "llama_tied", "qwen2", "opt", "deci", "gemma3", "mistral".
+"gemma3" is a Gemma3ForCausalLM (GeGLU, sandwich and query/key norms, a query scale other than
+head_dim's) with local layers 0-1 and a global layer 2; "mistral" a MistralForCausalLM with a
+sliding window on every layer. Both windows are SLIDING_WINDOW tokens, so a short test crosses them.
 
 Every checkpoint folder holds config.json, model.safetensors, tokenizer.json and
 tokenizer_config.json (with a ChatML-style ``chat_template``).  Weights are fp32,
@@ -39,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-ARCHS = ("llama", "llama_tied", "qwen2", "opt", "deci")
+ARCHS = ("llama", "llama_tied", "qwen2", "opt", "deci", "gemma3", "mistral")
 
 VOCAB_SIZE = 300
 HIDDEN = 64
@@ -51,6 +54,7 @@ MAX_POS = 256
 RMS_EPS = 1e-5
 ROPE_THETA = 10000.0
 DECI_KV_PER_LAYER = [4, 2, 1]
+SLIDING_WINDOW = 6           # gemma3 (layers 0 and 1 local, 2 global) and mistral (every layer local)
 
 SPECIAL_TOKENS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2, 3
 BOS_TOKEN, EOS_TOKEN = "<s>", "</s>"
@@ -188,6 +192,33 @@ def _qwen2_config(bos: int, eos: int):
         bos_token_id=bos,
         eos_token_id=eos,
         architectures=["Qwen2ForCausalLM"],
+    )
+
+
+def _gemma3_config(bos: int, eos: int):
+    from transformers import Gemma3TextConfig
+
+    return Gemma3TextConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=16,
+        max_position_embeddings=MAX_POS, rms_norm_eps=RMS_EPS, query_pre_attn_scalar=24,
+        sliding_window=SLIDING_WINDOW, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": ROPE_THETA}},
+        hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True, bos_token_id=bos, eos_token_id=eos,
+        pad_token_id=eos, architectures=["Gemma3ForCausalLM"],
+    )
+
+
+def _mistral_config(bos: int, eos: int):
+    from transformers import MistralConfig
+
+    return MistralConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+        max_position_embeddings=MAX_POS, rms_norm_eps=RMS_EPS, sliding_window=SLIDING_WINDOW,
+        rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA}, tie_word_embeddings=False,
+        bos_token_id=bos, eos_token_id=eos, architectures=["MistralForCausalLM"],
     )
 
 
@@ -335,6 +366,10 @@ def make_tiny_checkpoint(out_dir: Path, arch: str, seed: int = 0) -> Path:
         cfg = _llama_config(tied=(arch == "llama_tied"), bos=bos, eos=eos)
     elif arch == "qwen2":
         cfg = _qwen2_config(bos, eos)
+    elif arch == "gemma3":
+        cfg = _gemma3_config(bos, eos)
+    elif arch == "mistral":
+        cfg = _mistral_config(bos, eos)
     else:
         cfg = _opt_config(bos, eos)
     cfg.dtype = torch.float32

@@ -40,7 +40,7 @@ from flashinfer_local.units import fmt_bytes  # noqa: E402
 from flashinfer_local.workflows.fetch import models_dir  # noqa: E402
 from storage.convert import convert  # noqa: E402
 
-FILES = {"smollm2-135m": "SmolLM2-135M-Instruct.Q4_1.gguf",
+FILES = {"smollm2-135m": "SmolLM2-135M-Instruct.Q4_1.gguf", "gemma3-270m": "gemma-3-270m-q4_k_m.gguf",
          "qwen2.5-coder-0.5b": "qwen2.5-coder-0.5b-instruct-awq.gguf",
          "qwen2.5-coder-1.5b": "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"}
 PROMPT = "Write a short story about a robot who learns to paint. Once upon a time,"

@@ -116,9 +116,9 @@ def estimate(model, context, dram_budget, draft, as_json):
     if draft is not None:
         dcfg, dfacts = load_config(draft)
         extra = draft_bytes(dcfg, dfacts.get("dtype") or DRAFT_DTYPE, dfacts["tokenizer_bytes"],
-                            min(context, cfg.max_position), dfacts.get("four_bit", ()))
+                            min(context, cfg.max_position), dfacts.get("four_bit", ()), dfacts.get("lean_tokenizer", True))
     e = do_estimate(cfg, context, parse_size(dram_budget) if dram_budget is not None else None,
-                    facts["tokenizer_bytes"], extra, facts.get("four_bit", ()))
+                    facts["tokenizer_bytes"], extra, facts.get("four_bit", ()), facts.get("lean_tokenizer", True))
     if as_json:
         click.echo(json.dumps({"source": {k: v for k, v in facts.items() if k != "bundle"}, **e}, indent=1))
         return
@@ -139,7 +139,7 @@ def estimate(model, context, dram_budget, draft, as_json):
               help="threshold: the exact gate from gate rows held in DRAM (a third of the FFN); lowrank: a "
               "rank-r stand-in B(A x) for the gate per layer (data-aware SVD, then fine-tuned), small, but its "
               "1%-quality default is 0.00 on the SwiGLU models measured. Both keep the neurons whose "
-              "|silu(gate)| passes a calibrated cutoff.")
+              "|act(gate)| (silu, or Gemma's tanh-gelu) passes a calibrated cutoff.")
 @click.option("--rank", type=int, default=None, help="lowrank: fixed rank for every layer (default: per "
               "layer, the smallest of 32, 64, 128, 256, 512 reaching --recall, capped where the factors "
               "would take a quarter of the gate rows' bytes).")

@@ -120,7 +120,9 @@ def inspect(bundle: Path, verify: bool, as_json: bool):
         click.echo(f"ffn record  {lay.record_bytes} bytes per neuron ({fields}); "
                    f"padding {lay.padding_bytes} B/record, {fmt_bytes(s['ffn_padding_bytes'])} in all "
                    f"({100 * s['ffn_padding_bytes'] / s['ffn_bytes']:.1f}% of ffn)")
-        click.echo(f"kv cache    {fmt_bytes(cfg.kv_bytes_per_token())} per token (f16)")
+        click.echo(f"kv cache    {fmt_bytes(cfg.kv_bytes_per_token())} per token (f16)"
+                   + (f"; {len(cfg.sliding_layers)} of {cfg.n_layers} layers attend to the last "
+                      f"{cfg.sliding_window} tokens (a ring of that many)" if cfg.sliding_layers else ""))
         for line in _predictor_lines(b) + _placement_lines(b):
             click.echo(line)
     if verify:

@@ -45,17 +45,31 @@ def load_config(model: str | Path | None) -> tuple[ModelConfig, dict]:
         b = Bundle(p)
         files = b.sizes()["files"]
         return b.config, {"kind": "bundle", "path": str(p), "dtype": b.ffn_dtype,
-                          "tokenizer_bytes": files.get(fmt.TOKENIZER_FILE, 0), "bundle": b.sizes()}
+                          "tokenizer_bytes": files.get(fmt.TOKENIZER_FILE, 0), "bundle": b.sizes(),
+                          "lean_tokenizer": budget_mod.Sizes.of(b).lean_tokenizer}
     with open_source(p) as src:
         tok = src.tokenizer.tokenizer_json
         four = [n for n in fmt.quantized_dense(src.config, "int4") if src.four_bit(n)]
         return src.config, {"kind": src.identity.get("kind", "checkpoint"), "path": str(p),
-                            "tokenizer_bytes": len(tok.encode()) if tok is not None else 0, "four_bit": four}
+                            "tokenizer_bytes": len(tok.encode()) if tok is not None else 0, "four_bit": four,
+                            "lean_tokenizer": tok is None or _lean(tok)}
 
 
-def bundle_bytes(cfg: ModelConfig, dtype: str, tokenizer_bytes: int = 0, four_bit=()) -> dict:
+def _lean(tokenizer_json: str) -> bool:
+    """Whether the lean BPE reproduces this tokenizer.json (else the engine holds HF tokenizers)."""
+    import tempfile
+    from flashinfer_local.runtime.bpe_tables import unsupported_reason
+    with tempfile.NamedTemporaryFile("w", suffix=".json", encoding="utf-8") as f:
+        f.write(tokenizer_json)
+        f.flush()
+        return unsupported_reason(f.name) is None
+
+
+def bundle_bytes(cfg: ModelConfig, dtype: str, tokenizer_bytes: int = 0, four_bit=(),
+                 lean_tokenizer: bool = True) -> dict:
     """Exact sizes of the files ``convert --dtype dtype`` writes for ``cfg``; ``four_bit``: the
-    matrices the checkpoint stores in 4 bits (``storage.source.Source.four_bit``)."""
+    matrices the checkpoint stores in 4 bits (``storage.source.Source.four_bit``);
+    ``lean_tokenizer``: whether the lean BPE will hold the tokenizer (``load_config``)."""
     p = fmt.Precision.named(dtype)
     layout = fmt.record_layout(cfg, p.ffn, p.down, p.gate_up)
     four = set(four_bit)
@@ -65,28 +79,32 @@ def bundle_bytes(cfg: ModelConfig, dtype: str, tokenizer_bytes: int = 0, four_bi
     embed = sum(int(np.prod(shape)) * dt.itemsize for name, dt, shape in specs if name in ("embed", "embed.scale"))
     return {"dense_bytes": dense, "ffn_bytes": ffn, "tokenizer_bytes": tokenizer_bytes,
             "total_bytes": dense + ffn + tokenizer_bytes, "embed_bytes": embed,
-            "record_bytes": layout.record_bytes, "layout": layout, "dtype": dtype}
+            "record_bytes": layout.record_bytes, "layout": layout, "dtype": dtype, "lean_tokenizer": lean_tokenizer}
 
 
 def _sizes(cfg: ModelConfig, sizes: dict) -> Sizes:
-    # the tokenizer planned as the lean BPE holds it: every tokenizer this project converts from a
-    # GGUF or an HF folder so far is one it reproduces (the engine itself checks its own file)
+    # the tokenizer planned as the engine will hold it: the lean BPE, or HF tokenizers for a file the
+    # lean one does not reproduce (Gemma's SentencePiece vocabulary)
     return Sizes(cfg, sizes["layout"], fmt.Precision.named(sizes["dtype"]).ffn, sizes["dense_bytes"], sizes["embed_bytes"],
-                 sizes["tokenizer_bytes"])
+                 sizes["tokenizer_bytes"], sizes.get("lean_tokenizer", True))
 
 
 def kv_cache(cfg: ModelConfig, tokens: int) -> dict:
     """KV cache (f16, as the engine holds it for all but f32 bundles) per token, per layer and at
     ``tokens`` tokens."""
     per_layer = budget_mod.kv_layer_bytes(cfg, 1)                              # bytes per token
+    at = budget_mod.kv_layer_bytes(cfg, tokens)
     return {"per_token_bytes": sum(per_layer), "per_layer_per_token_bytes": per_layer,
-            "tokens": tokens, "bytes": sum(budget_mod.kv_layer_bytes(cfg, tokens)),
+            "tokens": tokens, "bytes": sum(at), "per_layer_bytes": at,
+            "local_layers": len(cfg.sliding_layers), "sliding_window": cfg.sliding_window,
             "rope_tables_bytes": budget_mod.rope_table_bytes(cfg, tokens)}
 
 
-def draft_bytes(cfg: ModelConfig, dtype: str, tokenizer_bytes: int, context: int, four_bit=()) -> int:
+def draft_bytes(cfg: ModelConfig, dtype: str, tokenizer_bytes: int, context: int, four_bit=(),
+                lean_tokenizer: bool = True) -> int:
     """What a draft model of ``cfg`` converted to ``dtype`` holds beside its target (``--draft``)."""
-    return budget_mod.draft_model_bytes(_sizes(cfg, bundle_bytes(cfg, dtype, tokenizer_bytes, four_bit)), context)
+    return budget_mod.draft_model_bytes(_sizes(cfg, bundle_bytes(cfg, dtype, tokenizer_bytes, four_bit, lean_tokenizer)),
+                                        context)
 
 
 def budget_parts(cfg: ModelConfig, sizes: dict, context: int, draft: int = 0) -> dict:
@@ -124,14 +142,14 @@ def verdict(cfg: ModelConfig, sizes: dict, minimum: dict, budget: int) -> dict:
 
 
 def estimate(cfg: ModelConfig, context: int = 2048, budget: int | None = None,
-             tokenizer_bytes: int = 0, draft: int = 0, four_bit=()) -> dict:
+             tokenizer_bytes: int = 0, draft: int = 0, four_bit=(), lean_tokenizer: bool = True) -> dict:
     """Sizes per precision, KV cache, minimum budget and (given ``budget``) the verdict; ``draft``:
     bytes a speculative draft model holds inside the budget (``draft_bytes``)."""
     context = min(context, cfg.max_position)
     rows = {}
     for dtype in PRECISIONS:
         try:
-            sizes = bundle_bytes(cfg, dtype, tokenizer_bytes, four_bit)
+            sizes = bundle_bytes(cfg, dtype, tokenizer_bytes, four_bit, lean_tokenizer)
         except ValueError:            # int8/int4 need d_model divisible by the group size
             continue
         minimum = {**budget_parts(cfg, sizes, context, draft), "context": context}
@@ -169,7 +187,9 @@ def report_lines(e: dict, facts: dict) -> list[str]:
                  + ("" if len(per_layer) == 1 else f" (per layer {fmt_bytes(per_layer[0])} to "
                                                      f"{fmt_bytes(per_layer[-1])}: variable GQA)")
                  + f", {fmt_bytes(kv['bytes'])} at {kv['tokens']} tokens (+ rotary tables "
-                 f"{fmt_bytes(kv['rope_tables_bytes'])})")
+                 f"{fmt_bytes(kv['rope_tables_bytes'])})"
+                 + (f"; {kv['local_layers']} of {len(kv['per_layer_bytes'])} layers attend to a window of "
+                    f"{kv['sliding_window']} tokens and keep only those" if kv["local_layers"] else ""))
     f16 = e["precisions"].get(facts.get("dtype") or "f16")
     mb = f16["minimum_budget"]
     lines.append(f"streaming minimum at {e['context']} tokens ({facts.get('dtype') or 'f16'}): "
