@@ -115,21 +115,27 @@ def build_tokenizer_json(model: str, pre: str | None, tokens: list[str], token_t
     tk.pre_tokenizer = make_pre()
     tk.decoder = decoders.ByteLevel()
 
-    types = token_types or []
-    special = [AddedToken(t, special=True, normalized=False)
-               for t, ty in zip(tokens, types) if ty == CONTROL]
-    user = [AddedToken(t, special=False, normalized=False)
-            for t, ty in zip(tokens, types) if ty == USER_DEFINED and not _PLACEHOLDER.match(t)]
+    special, user = _add_pieces(tk, tokens, token_types or [], len(vocab), where, skip=_PLACEHOLDER)
+    logger.debug("%s: built BPE tokenizer (pre=%s, %d tokens, %d merges, %d special, %d added)",
+                 where, pre, len(tokens), len(pairs), special, user)
+    return tk.to_str()
+
+
+def _add_pieces(tk: Tokenizer, tokens: list[str], types: list[int], n_vocab: int, where: str,
+                skip: re.Pattern | None = None) -> tuple[int, int]:
+    """Control tokens as special added tokens, user-defined ones (but ``skip``'s) as plain added
+    tokens, both matched whole in the raw text -> how many of each."""
+    special = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == CONTROL]
+    user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types)
+            if ty == USER_DEFINED and not (skip and skip.match(t))]
     if special:
         tk.add_special_tokens(special)
     if user:
         tk.add_tokens(user)
-    if tk.get_vocab_size(with_added_tokens=True) != len(vocab):
+    if tk.get_vocab_size(with_added_tokens=True) != n_vocab:
         # every added token is a vocabulary string, so adding one must not create a new id
         raise CheckpointError(f"{where}: added tokens do not match the vocabulary")
-    logger.debug("%s: built BPE tokenizer (pre=%s, %d tokens, %d merges, %d special, %d added)",
-                 where, pre, len(tokens), len(pairs), len(special), len(user))
-    return tk.to_str()
+    return len(special), len(user)
 
 
 # Gemma's turn format, for files that carry no template (a base model's GGUF): a system message
@@ -181,14 +187,7 @@ def build_spm_tokenizer_json(tokens: list[str], scores: list[float], token_types
                               "the file is damaged, fetch or export it again") from None
     tk.normalizer = normalizers.Replace(" ", "\u2581")
     tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
-    special = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == CONTROL]
-    user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == USER_DEFINED]
-    if special:
-        tk.add_special_tokens(special)
-    if user:
-        tk.add_tokens(user)
-    if tk.get_vocab_size(with_added_tokens=True) != len(vocab):
-        raise CheckpointError(f"{where}: added tokens do not match the vocabulary")
+    special, user = _add_pieces(tk, tokens, types, len(vocab), where)
     logger.debug("%s: built SentencePiece BPE tokenizer (%d pieces, %d merges, %d special, %d added)",
-                 where, len(tokens), len(ranked), len(special), len(user))
+                 where, len(tokens), len(ranked), special, user)
     return tk.to_str()

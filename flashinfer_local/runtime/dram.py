@@ -262,7 +262,7 @@ class DenseFFN(_InDRAM):
                                    None if gate is None else gate[t:t + 1]) for t in range(T)])
         if self.gated:
             g = linear(x, self.gate[layer]) if gate is None else gate
-            h = self.act(g) * linear(x, self.up[layer])                             # [T, d_ff]
+            h = self.act(g) * linear(x, self.up[layer])                           # [T, d_ff]
         else:
             h = F.relu(linear(x, self.up[layer], self.up_bias[layer]))
         if mask is not None:
