@@ -103,10 +103,9 @@ class ModelConfig:
         """Keys a query of ``layer`` attends to (itself included), or None for the whole context."""
         return self.sliding_window if layer in self.sliding_layers else None
 
-    def layer_rope_theta(self, layer: int) -> float:
-        if layer in self.sliding_layers and self.rope_local_theta is not None:
-            return self.rope_local_theta
-        return self.rope_theta
+    def local_rope(self, layer: int) -> bool:
+        """Whether ``layer`` rotates with the local base ``rope_local_theta`` (and no context scaling)."""
+        return self.rope_local_theta is not None and layer in self.sliding_layers
 
     @property
     def norm(self) -> str:

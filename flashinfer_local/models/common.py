@@ -84,14 +84,14 @@ def layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float) ->
     return F.layer_norm(x, (x.shape[-1],), w, b, eps)
 
 
-def rope_inv_freq(cfg: ModelConfig, layer: int | None = None) -> torch.Tensor:
-    """Inverse frequencies [head_dim/2] of ``layer``'s rotation (None: a global layer's), with linear
-    or llama3 context scaling applied; a local layer (Gemma 3) has its own base and no scaling."""
+def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2], with linear or llama3 context scaling applied; ``local``: a
+    local layer's (Gemma 3: ``rope_local_theta``, no scaling; ``ModelConfig.local_rope``)."""
     hd = cfg.head_dim
-    theta = cfg.rope_theta if layer is None else cfg.layer_rope_theta(layer)
+    theta = cfg.rope_local_theta if local else cfg.rope_theta
     inv = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
     s = cfg.rope_scaling
-    if not s or (layer is not None and cfg.window(layer) is not None and cfg.rope_local_theta is not None):
+    if not s or local:
         return inv.float()
     if s["rope_type"] == "linear":
         return (inv / s["factor"]).float()
@@ -131,9 +131,10 @@ def kv_slots(cfg: ModelConfig, layer: int, capacity: int) -> int:
     return capacity if w is None else min(capacity, w + RING_MARGIN)
 
 
-def rope_thetas(cfg: ModelConfig) -> list[float]:
-    """The distinct rotary bases of a rope model's layers (one cos/sin table pair each)."""
-    return [] if cfg.learned_positions else sorted({cfg.layer_rope_theta(i) for i in range(cfg.n_layers)})
+def rope_kinds(cfg: ModelConfig) -> list[bool]:
+    """The rotations a rope model's layers use (``local`` of ``rope_inv_freq``): one cos/sin table
+    pair each."""
+    return [] if cfg.learned_positions else sorted({cfg.local_rope(i) for i in range(cfg.n_layers)})
 
 
 class KVCache:
@@ -155,18 +156,13 @@ class KVCache:
         self.windows = [cfg.window(i) for i in range(cfg.n_layers)]
         self.k = [torch.zeros(kv, n, cfg.head_dim, dtype=dt) for kv, n in zip(cfg.n_kv_heads, self.slots)]
         self.v = [torch.zeros(kv, n, cfg.head_dim, dtype=dt) for kv, n in zip(cfg.n_kv_heads, self.slots)]
-        self.rope, self.tables = [None] * cfg.n_layers, []
-        if not cfg.learned_positions:
-            by_base = {}
-            for i in range(cfg.n_layers):
-                inv = rope_inv_freq(cfg, i)
-                key = tuple(inv.tolist())
-                if key not in by_base:
-                    freqs = torch.outer(torch.arange(capacity, dtype=torch.float32), inv)
-                    emb = torch.cat([freqs, freqs], dim=-1)
-                    by_base[key] = (emb.cos(), emb.sin())
-                    self.tables += list(by_base[key])
-                self.rope[i] = by_base[key]
+        by_kind = {}
+        for local in rope_kinds(cfg):
+            freqs = torch.outer(torch.arange(capacity, dtype=torch.float32), rope_inv_freq(cfg, local))
+            emb = torch.cat([freqs, freqs], dim=-1)
+            by_kind[local] = (emb.cos(), emb.sin())
+        self.tables = [t for pair in by_kind.values() for t in pair]
+        self.rope = [by_kind.get(cfg.local_rope(i)) for i in range(cfg.n_layers)]
 
     @property
     def nbytes(self) -> int:
@@ -202,10 +198,7 @@ class KVCache:
     def can_rewind(self, to: int, n: int) -> bool:
         """Whether a cache holding ``n`` tokens can continue from position ``to`` <= n: every local
         layer still holds the keys (to - window, to) that the query at ``to`` needs."""
-        for i, w in enumerate(self.windows):
-            if w is not None and self.ring(i) and max(0, to - w + 1) < self.held(i, n):
-                return False
-        return True
+        return not any(self.ring(i) and max(0, to - w + 1) < self.held(i, n) for i, w in enumerate(self.windows))
 
     def copy_from(self, other: KVCache, n: int) -> None:
         """The first ``n`` positions of ``other``'s keys and values (a session growing its cache;

@@ -34,7 +34,7 @@ from storage.errors import FlashinferError
 from storage.reader import Bundle
 
 from flashinfer_local.kernels import QuantMatrix, RecordKernel
-from flashinfer_local.models.common import UPCAST_BYTES, attention_scratch_bytes, kv_itemsize, kv_slots, rope_thetas
+from flashinfer_local.models.common import UPCAST_BYTES, attention_scratch_bytes, kv_itemsize, kv_slots, rope_kinds
 from flashinfer_local.runtime.dram import CHUNK_ROWS, splits_down
 from flashinfer_local.units import fmt_bytes
 
@@ -131,9 +131,9 @@ def kv_layer_bytes(cfg: ModelConfig, tokens: int, itemsize: int = 2) -> list[int
 
 
 def rope_table_bytes(cfg: ModelConfig, tokens: int) -> int:
-    """The cos/sin tables [tokens, head_dim] f32 of a rope model, one pair per rotary base
-    (learned positions: none)."""
-    return len(rope_thetas(cfg)) * 2 * tokens * cfg.head_dim * 4
+    """The cos/sin tables [tokens, head_dim] f32 of a rope model, one pair per kind of rotation
+    (Gemma 3: global and local; learned positions: none)."""
+    return len(rope_kinds(cfg)) * 2 * tokens * cfg.head_dim * 4
 
 
 def kv_cache_bytes(cfg: ModelConfig, tokens: int, itemsize: int = 2) -> int:
