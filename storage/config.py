@@ -10,6 +10,12 @@ bundle manifest stores it as JSON and the engine builds its model from it. Archi
   gelu), the embedding scaled by sqrt(d_model), a tied head, and sliding-window attention on most
   layers (``sliding_layers``; their rotary base ``rope_local_theta``) with periodic global layers.
 
+Recursive (shared-weight) models: ``layer_map`` lists, for each layer position from the input up,
+the stored layer it runs, so one stored block of layers can serve several depths (Mixture-of-
+Recursions' shared blocks). Everything indexed by layer (tensors, FFN records, windows, predictors,
+``n_kv_heads``, ``sliding_layers``) counts stored layers; the KV cache is kept per position
+(``stack``). Without a map each position runs its own layer.
+
 Norm weights are stored as the factor the normalized value is multiplied by: Gemma's checkpoints
 keep ``w`` for a factor ``1 + w``, and the HF converter adds the one (GGUF files already carry it).
 """
@@ -47,6 +53,7 @@ class ModelConfig:
     sliding_layers: tuple[int, ...] = ()    # the layers whose attention is local (sliding_window)
     rope_local_theta: float | None = None   # rotary base of the local layers (None: rope_theta)
     attn_scale: float | None = None         # query scaling (None: head_dim ** -0.5)
+    layer_map: tuple[int, ...] = ()         # the stored layer each position runs (() : position i runs i)
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -70,6 +77,12 @@ class ModelConfig:
                 self.sliding_layers and self.sliding_window is None):
             raise CheckpointError(f"sliding_layers {str(self.sliding_layers)[:40]} must name layers below "
                                   f"{self.n_layers}, with a sliding_window: the model's metadata is damaged")
+        if self.layer_map and (len(self.layer_map) > LIMITS["n_layers"] or any(
+                isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.n_layers for i in self.layer_map)
+                or len(set(self.layer_map)) != self.n_layers):
+            raise CheckpointError(f"layer_map {str(list(self.layer_map))[:60]} must list, for up to "
+                                  f"{LIMITS['n_layers']} positions, stored layers below {self.n_layers}, each "
+                                  "of them at least once: the model's metadata is damaged")
         if len(self.n_kv_heads) != self.n_layers:
             raise UnsupportedModelError(
                 f"n_kv_heads lists {len(self.n_kv_heads)} layers but the model has {self.n_layers}")
@@ -79,6 +92,20 @@ class ModelConfig:
                     f"{self.n_heads} attention heads cannot be grouped over {kv} key/value heads")
 
     # ---- derived facts (cheap, computed from fields) ----
+    @property
+    def stack(self) -> tuple[int, ...]:
+        """The stored layer run at each position, from the input up (``layer_map``, or each its own)."""
+        return self.layer_map or tuple(range(self.n_layers))
+
+    @property
+    def depth(self) -> int:
+        """Layer positions a token passes through (more than ``n_layers`` when layers are shared)."""
+        return len(self.stack)
+
+    def uses(self, layer: int) -> int:
+        """Positions that run stored layer ``layer`` (1 without a layer map)."""
+        return self.stack.count(layer)
+
     @property
     def gated(self) -> bool:
         """SwiGLU-style FFN (gate, up, down) rather than a plain MLP (up, down)."""
@@ -129,13 +156,14 @@ class ModelConfig:
         return 2 if self.arch == "opt" else 0
 
     def kv_layer_bytes_per_token(self, itemsize: int = 2) -> list[int]:
-        """Bytes of key+value cache one token costs in each layer (by that layer's key/value heads;
-        f16 values, as the engine's cache holds them): the one formula the KV cache's size is
-        computed from (a local layer holds only its window's tokens: ``runtime.budget.kv_layer_bytes``)."""
-        return [2 * kv * self.head_dim * itemsize for kv in self.n_kv_heads]
+        """Bytes of key+value cache one token costs at each position (``stack``, by its layer's
+        key/value heads; f16 values, as the engine's cache holds them): the one formula the KV
+        cache's size is computed from (a local layer holds only its window's tokens:
+        ``runtime.budget.kv_layer_bytes``)."""
+        return [2 * self.n_kv_heads[i] * self.head_dim * itemsize for i in self.stack]
 
     def kv_bytes_per_token(self, itemsize: int = 2) -> int:
-        """Bytes of key+value cache one token costs across all layers."""
+        """Bytes of key+value cache one token costs across all positions."""
         return sum(self.kv_layer_bytes_per_token(itemsize))
 
     def to_dict(self) -> dict:
@@ -143,6 +171,7 @@ class ModelConfig:
         d["n_kv_heads"] = list(self.n_kv_heads)
         d["eos_token_ids"] = list(self.eos_token_ids)
         d["sliding_layers"] = list(self.sliding_layers)
+        d["layer_map"] = list(self.layer_map)
         return d
 
     @classmethod
@@ -153,4 +182,5 @@ class ModelConfig:
         kw["n_kv_heads"] = tuple(kw["n_kv_heads"])
         kw["eos_token_ids"] = tuple(kw.get("eos_token_ids") or ())
         kw["sliding_layers"] = tuple(kw.get("sliding_layers") or ())
+        kw["layer_map"] = tuple(kw.get("layer_map") or ())
         return cls(**kw)

@@ -1,4 +1,4 @@
-"""The bundle format, version 4 (``FORMAT_VERSION``; versions 1 to 3 are still read): the one
+"""The bundle format, version 5 (``FORMAT_VERSION``; versions 1 to 4 are still read): the one
 place that says what is on disk.
 
 A bundle is a directory::
@@ -22,6 +22,10 @@ record's end, and every record tensor starts at a file offset that is a multiple
 header is padded with spaces, and where one layer's tensor ends off a 4 KiB boundary a small U8
 tensor "layers.{i}.ffn_pad" fills the gap (safetensors allows no holes). So a direct read of records
 ``[a, b)`` of layer ``l`` is one aligned span: ``offset(l) + a * record_bytes``.
+
+A recursive bundle (from version 5) stores a shared layer once: its config's ``layer_map`` lists the
+stored layer each position runs (``ModelConfig.stack``), and every ``layers.{i}`` name below counts
+stored layers.
 
 Canonical dense tensor names (shapes in the HF orientation, ``out x in``)::
 
@@ -57,10 +61,11 @@ from .config import ModelConfig
 from .errors import BundleError
 
 FORMAT_NAME = "flashinfer-local-bundle"
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 # versions this reader opens: 1 is 2 without the int8 tied embedding, 2 is 3 with every quantized
-# dense matrix in q8 (see ``dense_matrix_dtypes``), 3 is 4 without the gate split
-READS_VERSIONS = (1, 2, 3, 4)
+# dense matrix in q8 (see ``dense_matrix_dtypes``), 3 is 4 without the gate split, 4 is 5 without a
+# layer map (a reader before 5 would run a recursive bundle's stored layers once each)
+READS_VERSIONS = (1, 2, 3, 4, 5)
 MANIFEST = "manifest.json"
 MANIFEST_SUM = "manifest.sha256"   # the manifest's own sha256 (bundles before it have none)
 DENSE_FILE = "dense.safetensors"

@@ -1,6 +1,7 @@
 """Hugging Face checkpoint folders: config.json + *.safetensors (sharded or not) + tokenizer files."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -22,6 +23,36 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def _config(c: dict) -> ModelConfig:
+    cfg = _layer_config(c)
+    return cfg if c.get("layer_map") is None else _shared(cfg, c["layer_map"])
+
+
+def _shared(cfg: ModelConfig, layer_map) -> ModelConfig:
+    """A recursive checkpoint's config: ``layer_map`` (config.json) lists the stored layer each of
+    the ``num_hidden_layers`` positions runs; the positions sharing a layer must agree on its
+    key/value heads and on whether it is local. The config's per-layer facts become per stored layer."""
+    if not isinstance(layer_map, list) or len(layer_map) != cfg.n_layers or not all(
+            type(i) is int and 0 <= i < cfg.n_layers for i in layer_map):
+        raise CheckpointError(f"config.json's layer_map {str(layer_map)[:60]} must list, for each of the "
+                              f"{cfg.n_layers} layers (num_hidden_layers), the stored layer it runs (0 to "
+                              f"{cfg.n_layers - 1})")
+    stored = max(layer_map) + 1
+    first = {}
+    for at, i in enumerate(layer_map):
+        j = first.setdefault(i, at)
+        if (cfg.n_kv_heads[at], cfg.window(at)) != (cfg.n_kv_heads[j], cfg.window(j)):
+            raise CheckpointError(f"layers {j} and {at} share stored layer {i} (layer_map) but differ in "
+                                  "their key/value heads or attention window")
+    missing = sorted(set(range(stored)) - set(first))
+    if missing:
+        raise CheckpointError(f"layer_map never runs stored layer {missing[0]}: number the stored layers 0 to "
+                              f"{len(first) - 1}")
+    return dataclasses.replace(cfg, n_layers=stored, n_kv_heads=tuple(cfg.n_kv_heads[first[i]] for i in range(stored)),
+                               sliding_layers=tuple(i for i in range(stored) if first[i] in cfg.sliding_layers),
+                               layer_map=tuple(layer_map))
+
+
+def _layer_config(c: dict) -> ModelConfig:
     mt = c.get("model_type")
     arch = FAMILIES.get(mt)
     if arch is None:
@@ -162,7 +193,10 @@ class HFSource(Source):
         if unknown:
             raise UnsupportedModelError(
                 f"{self.path}: checkpoint tensor '{unknown[0]}' (and {len(unknown) - 1} more) has no "
-                f"place in a {self.config.arch} model; this variant is not supported")
+                f"place in a {self.config.arch} model; " + (
+                    f"a recursive checkpoint stores its {self.config.n_layers} shared layers once, as layers 0 to "
+                    f"{self.config.n_layers - 1} (config.json's layer_map)" if self.config.layer_map
+                    else "this variant is not supported"))
         if self.config.tie_embeddings is False and "lm_head.weight" not in self._files:
             log.info("no lm_head.weight in checkpoint: tying the head to the embeddings")
             self.config = ModelConfig.from_dict({**self.config.to_dict(), "tie_embeddings": True})

@@ -120,6 +120,9 @@ def check_config_dict(d: dict, path: Path) -> None:
         v = need(path, d, f"config.{k}", (int, float), optional=k == "rope_theta")
         if v is not None and not (math.isfinite(v) and v > 0):
             raise _bad(path, f"config.{k}", f"{v} must be a positive number")
+    for k in ("sliding_layers", "layer_map"):
+        if not all(is_int(x) for x in need(path, d, f"config.{k}", list, optional=True) or []):
+            raise _bad(path, f"config.{k}", "must list whole numbers")
     need(path, d, "config.tie_embeddings", bool, optional=True)
     need(path, d, "config.activation", str, optional=True)
     need(path, d, "config.rope_scaling", dict, optional=True)

@@ -58,7 +58,7 @@ def _run(path, **kw):
 
 def test_layout_and_format(split):
     a, b = (Bundle(p) for p in split("int8"))
-    assert b.format_version == fmt.FORMAT_VERSION == 4 and b.gate_split and not a.gate_split
+    assert b.format_version == fmt.FORMAT_VERSION == 5 and b.gate_split and not a.gate_split
     assert b.layout.vectors == ["up", "down"] and a.layout.vectors == ["gate", "up", "down"]
     assert b.layout.payload_bytes == a.layout.payload_bytes - a.layout.field("gate").nbytes - 4   # and its scales
     g = b.dense("layers.0.gate")
@@ -189,7 +189,7 @@ def test_gate_split_errors_and_inspect(tiny_ckpt, split, tmp_path):
     r = CliRunner().invoke(main, ["inspect", str(split("int8")[1])])
     assert r.exit_code == 0 and "gate split out as dense q8" in r.output, r.output
     m = json.loads((split("int8")[1] / "manifest.json").read_text())
-    assert m["ffn"]["layout"]["gate_split"] is True and m["format_version"] == 4
+    assert m["ffn"]["layout"]["gate_split"] is True and m["format_version"] == fmt.FORMAT_VERSION
 
 
 def test_real_smollm2_split_in_f32_is_the_same_model(smollm_bundle, tmp_path):

@@ -266,23 +266,35 @@ def _old_bundle(tiny_ckpt, out, version, dtype, monkeypatch):
 
 def test_older_bundles_still_run(tiny_ckpt, tmp_path, monkeypatch):
     """Format v1 keeps a tied embedding (the head) of a quantized bundle in f16, v2 in int8, v3 in
-    the precision's codes (v4 adds the gate split, off by default); bundles of every version open
+    the precision's codes (v4 adds the gate split, off by default; v5 the layer map of a recursive
+    model); bundles of every version open
     and predict the same tokens. (The head's
     cost in quality is measured on the real, tied SmolLM2 above; this tiny random model's logits
     are too peaky for a tight per-logit bound: both int8 bundles differ from f32 by 8-14% of the
     largest.)"""
+    import json
+
+    from conftest import rewrite_manifest
+    from storage import format as fmt
     from storage.convert import convert
-    v4 = convert(tiny_ckpt("llama_tied"), tmp_path / "v4", dtype="int8", progress=False)
+    v5 = convert(tiny_ckpt("llama_tied"), tmp_path / "v5", dtype="int8", progress=False)
+    with monkeypatch.context() as m:          # v4 as its converter wrote it: no layer map
+        m.setattr(fmt, "FORMAT_VERSION", 4)
+        v4 = convert(tiny_ckpt("llama_tied"), tmp_path / "v4", dtype="int8", progress=False)
+    man = json.loads((v4 / fmt.MANIFEST).read_text())
+    del man["config"]["layer_map"]
+    rewrite_manifest(v4, man)
     v3 = _old_bundle(tiny_ckpt, tmp_path / "v3", 3, "int8", monkeypatch)
     v2 = _old_bundle(tiny_ckpt, tmp_path / "v2", 2, "int8", monkeypatch)
     v1 = _old_bundle(tiny_ckpt, tmp_path / "v1", 1, "int8", monkeypatch)
-    b1, b2, b3, b4 = Bundle(v1), Bundle(v2), Bundle(v3), Bundle(v4)
+    b1, b2, b3, b4, b5 = Bundle(v1), Bundle(v2), Bundle(v3), Bundle(v4), Bundle(v5)
     assert b1.format_version == 1 and "embed" not in b1.quantized_dense and b1.dense("embed").dtype == np.float16
     assert b2.format_version == 2 and b2.quantized_dense["embed"] == "q8" and b2.dense("embed").dtype == np.int8
     assert b3.format_version == 3 and b3.quantized_dense["embed"] == "q8"
-    assert b4.format_version == 4 and not b4.gate_split
-    l1, l2, l3, l4 = (Engine(v).logits(IDS) for v in (v1, v2, v3, v4))
+    assert b4.format_version == 4 and not b4.gate_split and b5.format_version == 5 and not b5.config.layer_map
+    l1, l2, l3, l4, l5 = (Engine(v).logits(IDS) for v in (v1, v2, v3, v4, v5))
     assert torch.equal(l1.argmax(-1), l2.argmax(-1)) and torch.equal(l2, l3) and torch.equal(l3, l4)
+    assert torch.equal(l4, l5)
     ref = Engine(convert(tiny_ckpt("llama_tied"), tmp_path / "f32", dtype="f32", progress=False)).logits(IDS)
     for got in (l1, l2):                       # measured: 10.4% / 9.8% of the largest f32 logit
         assert (got - ref).abs().max() < 0.15 * ref.abs().max()

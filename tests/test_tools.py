@@ -16,6 +16,23 @@ def load_tool(name):
     return mod
 
 
+def test_a_synthetic_recursive_model_runs_as_its_untied_copy(tmp_path):
+    tool = load_tool("make_synthetic_model")
+    from dataclasses import replace
+
+    from storage.config import ModelConfig
+    from storage.convert import convert
+    cfg = replace(ModelConfig(**tool.SHAPES["tiny"]), n_kv_heads=(2, 2), layer_map=(0, 1, 1, 0))
+    flat, alias = tool.untied(cfg)
+    assert flat.n_layers == 4 and alias == (0, 1, 1, 0) and not flat.layer_map
+    rec = convert(tool.RandomSource(cfg, seed=1), tmp_path / "rec", dtype="f32", progress=False)
+    untied = convert(tool.RandomSource(flat, 1, alias), tmp_path / "flat", dtype="f32", progress=False)
+    greedy = SamplingParams(temperature=0)
+    a, b = (Engine(p, offload="window", context=32).generate([1, 2, 3], 8, greedy, stop_at_eos=False)
+            for p in (rec, untied))
+    assert [s.token_id for s in a] == [s.token_id for s in b]
+
+
 def test_synthetic_model_runs_in_every_mode(tmp_path):
     tool = load_tool("make_synthetic_model")
     from storage.config import ModelConfig

@@ -113,6 +113,9 @@ def inspect(bundle: Path, verify: bool, as_json: bool):
                    f"heads {cfg.n_heads} (kv {kv[0] if len(kv) == 1 else kv}), head_dim {cfg.head_dim}, "
                    f"vocab {cfg.vocab_size}, context {cfg.max_position}"
                    f"{', tied head' if cfg.tie_embeddings else ''}")
+        if cfg.layer_map:
+            click.echo(f"recursion   {cfg.depth} layer positions run the {cfg.n_layers} stored layers "
+                       f"{' '.join(map(str, cfg.layer_map))}")
         click.echo(f"precision   {_precision(b)}")
         click.echo(f"size        total {fmt_bytes(s['total_bytes'])}: dense {fmt_bytes(s['dense_bytes'])}, "
                    f"ffn {fmt_bytes(s['ffn_bytes'])}")
@@ -121,7 +124,7 @@ def inspect(bundle: Path, verify: bool, as_json: bool):
                    f"padding {lay.padding_bytes} B/record, {fmt_bytes(s['ffn_padding_bytes'])} in all "
                    f"({100 * s['ffn_padding_bytes'] / s['ffn_bytes']:.1f}% of ffn)")
         click.echo(f"kv cache    {fmt_bytes(cfg.kv_bytes_per_token())} per token (f16)"
-                   + (f"; {len(cfg.sliding_layers)} of {cfg.n_layers} layers attend to the last "
+                   + (f"; {sum(cfg.window(i) is not None for i in cfg.stack)} of {cfg.depth} layers attend to the last "
                       f"{cfg.sliding_window} tokens (a ring of that many)" if cfg.sliding_layers else ""))
         for line in _predictor_lines(b) + _placement_lines(b):
             click.echo(line)

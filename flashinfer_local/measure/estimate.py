@@ -158,7 +158,7 @@ def estimate(cfg: ModelConfig, context: int = 2048, budget: int | None = None,
             r["verdict"] = verdict(cfg, sizes, minimum, budget)
         rows[dtype] = r
     return {"context": context, "budget_bytes": budget, "draft_bytes": draft, "precisions": rows, "kv_cache": kv_cache(cfg, context),
-            "model": {"arch": cfg.arch, "n_layers": cfg.n_layers, "d_model": cfg.d_model, "d_ff": cfg.d_ff,
+            "model": {"arch": cfg.arch, "n_layers": cfg.n_layers, "depth": cfg.depth, "d_model": cfg.d_model, "d_ff": cfg.d_ff,
                       "n_heads": cfg.n_heads, "n_kv_heads": list(cfg.n_kv_heads), "head_dim": cfg.head_dim,
                       "vocab_size": cfg.vocab_size, "max_position": cfg.max_position}}
 
@@ -167,7 +167,9 @@ def report_lines(e: dict, facts: dict) -> list[str]:
     """The terminal form of an ``estimate`` result."""
     m, kv = e["model"], e["kv_cache"]
     kvh = sorted(set(m["n_kv_heads"]))
-    lines = [f"{facts['path']} ({facts['kind']}): {m['arch']}, {m['n_layers']} layers, d_model {m['d_model']}, "
+    depth = m.get("depth", m["n_layers"])
+    layers = f"{m['n_layers']} layers" if depth == m["n_layers"] else f"{depth} layer positions over {m['n_layers']} stored layers"
+    lines = [f"{facts['path']} ({facts['kind']}): {m['arch']}, {layers}, d_model {m['d_model']}, "
              f"d_ff {m['d_ff']}, heads {m['n_heads']} (kv {kvh[0] if len(kvh) == 1 else m['n_kv_heads']}), "
              f"vocab {m['vocab_size']}",
              f"{'precision':<10}{'bundle':>12}{'dense':>12}{'ffn':>12}{'record':>10}{'min budget':>13}"

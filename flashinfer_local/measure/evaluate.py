@@ -135,7 +135,8 @@ def evaluate(engine, sparsities: list[float], parts: dict[str, list[int]], gen_t
     """
     sel, cfg, lay = engine.selector, engine.config, engine.bundle.layout
     timing_tokens = max(1, min(timing_tokens, gen_tokens))
-    all_bytes = cfg.n_layers * cfg.d_ff * lay.record_bytes
+    uses = np.array([cfg.uses(i) for i in range(cfg.n_layers)])      # a shared layer runs at several positions
+    all_bytes = cfg.depth * cfg.d_ff * lay.record_bytes
     with engine.selecting(None):                                  # the exact model
         exact = perplexity_parts(engine, parts, window)
         prompt = next(iter(parts.values()))[:prompt_tokens]
@@ -167,8 +168,8 @@ def evaluate(engine, sparsities: list[float], parts: dict[str, list[int]], gen_t
                "ppl_increase": {k: ppl[k] / exact[k] - 1 for k in ppl},
                "agreement": sum(same) / len(same),
                "identical_prefix": same.index(False) if False in same else len(same),
-               "kept_share_per_layer": share.tolist(), "kept_share": float(share.mean()),
-               "bytes_per_token": float(share.mean() * all_bytes),
+               "kept_share_per_layer": share.tolist(), "kept_share": float((share * uses).sum() / cfg.depth),
+               "bytes_per_token": float((share * uses).sum() / cfg.depth * all_bytes),
                "predictor_ms_per_token": 1000 * sel.seconds / timing_tokens,
                "predictor_share_of_dram_token": sel.seconds / timing_tokens / tok_s}
         rows.append(row)

@@ -138,31 +138,33 @@ def rope_kinds(cfg: ModelConfig) -> list[bool]:
 
 
 class KVCache:
-    """Preallocated keys/values, sized per layer by that layer's key/value heads.
+    """Preallocated keys/values per layer position (``ModelConfig.stack``: a stored layer shared
+    by several positions has a cache at each), sized by the position's key/value heads.
 
-    k[l], v[l]: [n_kv_heads[l], slots[l], head_dim], f16 (``itemsize`` 2) or f32 (4; f32
+    k[l], v[l]: [n_kv_heads of l's layer, slots[l], head_dim], f16 (``itemsize`` 2) or f32 (4; f32
     bundles, compared with transformers). f16 halves the cache (56 KiB -> 28 KiB per token on
     Qwen2.5-1.5B), and rounding keys and values to f16 changed perplexity by -0.001% (SmolLM2 f16)
     and +0.005% (Qwen2.5-Coder-1.5B int4). Attention computes in f32 either way. A global layer
     holds position p in slot p; a local layer (sliding-window attention) holds its last
     ``kv_slots`` positions as a ring, position p in slot p % slots. Also holds the rotary tables
-    [capacity, head_dim] f32 of each layer (``rope[l]``: (cos, sin), shared by the layers of one base).
+    [capacity, head_dim] f32 of each position (``rope[l]``: (cos, sin), shared by the layers of one base).
     """
 
     def __init__(self, cfg: ModelConfig, capacity: int, itemsize: int = 2):
         self.capacity = capacity
         dt = KV_DTYPES[itemsize]
-        self.slots = [kv_slots(cfg, i, capacity) for i in range(cfg.n_layers)]
-        self.windows = [cfg.window(i) for i in range(cfg.n_layers)]
-        self.k = [torch.zeros(kv, n, cfg.head_dim, dtype=dt) for kv, n in zip(cfg.n_kv_heads, self.slots)]
-        self.v = [torch.zeros(kv, n, cfg.head_dim, dtype=dt) for kv, n in zip(cfg.n_kv_heads, self.slots)]
+        self.slots = [kv_slots(cfg, i, capacity) for i in cfg.stack]
+        self.windows = [cfg.window(i) for i in cfg.stack]
+        heads = [cfg.n_kv_heads[i] for i in cfg.stack]
+        self.k = [torch.zeros(kv, n, cfg.head_dim, dtype=dt) for kv, n in zip(heads, self.slots)]
+        self.v = [torch.zeros(kv, n, cfg.head_dim, dtype=dt) for kv, n in zip(heads, self.slots)]
         by_kind = {}
         for local in rope_kinds(cfg):
             freqs = torch.outer(torch.arange(capacity, dtype=torch.float32), rope_inv_freq(cfg, local))
             emb = torch.cat([freqs, freqs], dim=-1)
             by_kind[local] = (emb.cos(), emb.sin())
         self.tables = [t for pair in by_kind.values() for t in pair]
-        self.rope = [by_kind.get(cfg.local_rope(i)) for i in range(cfg.n_layers)]
+        self.rope = [by_kind.get(cfg.local_rope(i)) for i in cfg.stack]
 
     @property
     def nbytes(self) -> int:
@@ -234,8 +236,9 @@ def _head_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def attention(cfg: ModelConfig, w: dict, p: str, layer: int, h: torch.Tensor, pos: int,
-              cache: KVCache) -> torch.Tensor:
-    """Self-attention of T new tokens at positions [pos, pos+T) against the cache. h [T, d] -> [T, d].
+              cache: KVCache, at: int) -> torch.Tensor:
+    """Self-attention of T new tokens at positions [pos, pos+T) against the cache. h [T, d] -> [T, d]:
+    stored layer ``layer`` (weights under prefix ``p``) at layer position ``at`` (its cache).
     Up to SMALL_T tokens (``by_token``) the projections run for all of them at once (each row as
     alone) and each token attends exactly as a decode step at its position would. A local layer's
     query at position p sees the keys (p - window, p]."""
@@ -246,27 +249,27 @@ def attention(cfg: ModelConfig, w: dict, p: str, layer: int, h: torch.Tensor, po
     v = linear(h, w[p + "v.weight"], w.get(p + "v.bias")).view(T, KV, hd).transpose(0, 1)
     if cfg.qk_norm:
         q, k = _head_norm(q, w[p + "q_norm.weight"], cfg.norm_eps), _head_norm(k, w[p + "k_norm.weight"], cfg.norm_eps)
-    if cache.rope[layer] is not None:
-        cos, sin = (t[pos:pos + T] for t in cache.rope[layer])
+    if cache.rope[at] is not None:
+        cos, sin = (t[pos:pos + T] for t in cache.rope[at])
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     G, win = H // KV, cfg.window(layer)
     scale = cfg.attn_scale if cfg.attn_scale is not None else hd ** -0.5
     if T == 1 or by_token(T):
-        cache.store(layer, pos, k, v)          # rounded to the cache's dtype: the decode and prefill
+        cache.store(at, pos, k, v)             # rounded to the cache's dtype: the decode and prefill
         o = torch.empty(T, H * hd)             # paths both attend to the stored values
         for t in range(T):
             S = pos + t + 1
-            K, V = cache.keys(layer, 0 if win is None else max(0, S - win), S)
+            K, V = cache.keys(at, 0 if win is None else max(0, S - win), S)
             o[t] = _attend(q[:, t:t + 1].contiguous(), K, V, G, scale)
     else:
         lo = 0 if win is None else max(0, pos - win + 1)
-        if not cache.ring(layer):
-            cache.store(layer, pos, k, v)
-            K, V = cache.keys(layer, lo, pos + T)
+        if not cache.ring(at):
+            cache.store(at, pos, k, v)
+            K, V = cache.keys(at, lo, pos + T)
         else:                                  # the older keys are read before new ones overwrite their slots
-            K0, V0 = cache.keys(layer, lo, pos)
-            cache.store(layer, pos, k, v)
-            dt = cache.k[layer].dtype
+            K0, V0 = cache.keys(at, lo, pos)
+            cache.store(at, pos, k, v)
+            dt = cache.k[at].dtype
             K, V = torch.cat([K0, k.to(dt).float()], dim=1), torch.cat([V0, v.to(dt).float()], dim=1)
         o = _prefill_attention(q, K, V, lo, pos, G, scale, win)
     return linear(o, w[p + "o.weight"], w.get(p + "o.bias"))

@@ -27,9 +27,9 @@ class Gemma3Model:
         """tokens [T] at positions [pos, pos+T) -> logits [1 or T, vocab]."""
         cfg, w, eps = self.cfg, self.w, self.cfg.norm_eps
         x = self.embed(tokens, pos)
-        for i in range(cfg.n_layers):
+        for at, i in enumerate(cfg.stack):
             p = f"layers.{i}."
-            a = attention(cfg, w, p, i, rms_norm(x, w[p + "attn_norm.weight"], eps), pos, cache)
+            a = attention(cfg, w, p, i, rms_norm(x, w[p + "attn_norm.weight"], eps), pos, cache, at)
             x = x + rms_norm(a, w[p + "post_attn_norm.weight"], eps)
             f = self.ffn(i, rms_norm(x, w[p + "ffn_norm.weight"], eps))
             x = x + rms_norm(f, w[p + "post_ffn_norm.weight"], eps)

@@ -24,9 +24,9 @@ class LlamaModel:
         """tokens [T] at positions [pos, pos+T) -> logits [1 or T, vocab]."""
         cfg, w = self.cfg, self.w
         x = self.embed(tokens, pos)
-        for i in range(cfg.n_layers):
+        for at, i in enumerate(cfg.stack):
             p = f"layers.{i}."
-            x = x + attention(cfg, w, p, i, rms_norm(x, w[p + "attn_norm.weight"], cfg.norm_eps), pos, cache)
+            x = x + attention(cfg, w, p, i, rms_norm(x, w[p + "attn_norm.weight"], cfg.norm_eps), pos, cache, at)
             x = x + self.ffn(i, rms_norm(x, w[p + "ffn_norm.weight"], cfg.norm_eps))
         if last_only:
             x = x[-1:]

@@ -22,10 +22,10 @@ class OPTModel:
         cfg, w, eps = self.cfg, self.w, self.cfg.norm_eps
         T, off = tokens.shape[0], cfg.position_offset
         x = embed_rows(w["embed"], tokens) + w["pos_embed"][pos + off:pos + off + T].float()
-        for i in range(cfg.n_layers):
+        for at, i in enumerate(cfg.stack):
             p = f"layers.{i}."
             h = layer_norm(x, w[p + "attn_norm.weight"], w[p + "attn_norm.bias"], eps)
-            x = x + attention(cfg, w, p, i, h, pos, cache)
+            x = x + attention(cfg, w, p, i, h, pos, cache, at)
             h = layer_norm(x, w[p + "ffn_norm.weight"], w[p + "ffn_norm.bias"], eps)
             x = x + self.ffn(i, h) + w[p + "down_bias"]
         if last_only:

@@ -124,10 +124,10 @@ class BudgetPlan:
 # ---------------------------------------------------------------- sizes of each owner
 
 def kv_layer_bytes(cfg: ModelConfig, tokens: int, itemsize: int = 2) -> list[int]:
-    """Keys + values of each layer at ``tokens`` tokens (``models.common.kv_itemsize`` bytes each,
-    by that layer's key/value heads; a local layer holds its window's ring, ``kv_slots``): what
-    ``models.common.KVCache`` allocates."""
-    return [kv_slots(cfg, i, tokens) * b for i, b in enumerate(cfg.kv_layer_bytes_per_token(itemsize))]
+    """Keys + values of each layer position (``ModelConfig.stack``) at ``tokens`` tokens
+    (``models.common.kv_itemsize`` bytes each, by its layer's key/value heads; a local layer holds
+    its window's ring, ``kv_slots``): what ``models.common.KVCache`` allocates."""
+    return [kv_slots(cfg, i, tokens) * b for i, b in zip(cfg.stack, cfg.kv_layer_bytes_per_token(itemsize))]
 
 
 def rope_table_bytes(cfg: ModelConfig, tokens: int) -> int:

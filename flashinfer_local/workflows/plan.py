@@ -94,6 +94,10 @@ def make_plan(path: str | Path, dram_budget: int, options: EngineOptions | None 
                           "(e.g. 4GiB)", flag="--gpu-mem")
     with contextlib.closing(Bundle(path)) as bundle:
         cfg = bundle.config
+        if cfg.layer_map:
+            raise FlashinferError(f"{bundle.path} is a recursive model ({cfg.depth} layer positions over "
+                                  f"{cfg.n_layers} stored layers): the placement's cost model counts each layer once "
+                                  "per token and cannot plan it yet; run it without a plan (--offload window)")
         sizes = Sizes.of(bundle)             # (whether the lean tokenizer reads its file, without loading it)
         context = min(opts.context, cfg.max_position)
         sel = predictor_bytes(bundle, opts.predictor) if opts.selector == "predictor" else 0
