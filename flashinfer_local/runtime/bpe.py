@@ -1,8 +1,9 @@
-"""Byte-level BPE encoding and decoding, in a few MiB instead of the ~45-86 MiB of HF ``tokenizers``.
+"""BPE encoding and decoding, in a few MiB instead of the ~45-300 MiB of HF ``tokenizers``.
 
 The ids are the ones ``tokenizers`` gives, for the ``tokenizer.json`` shapes our bundles carry
-(GPT-2, SmolLM2, Qwen2 and Llama 3 style files); :mod:`.bpe_tables` reads the file into arrays and
-names anything else (:class:`UnsupportedTokenizer`), and the caller then uses ``tokenizers``.
+(byte-level: GPT-2, SmolLM2, Qwen2 and Llama 3 style files; SentencePiece BPE: Gemma's, rebuilt
+from its GGUF, :class:`SentencePieceBPE`); :mod:`.bpe_tables` reads the file into arrays and names
+anything else (:class:`UnsupportedTokenizer`), and the caller then uses ``tokenizers``.
 Encoding follows ``tokenizers``' own order:
 
 1. added tokens are cut out of the text, leftmost-longest: first those matched on the raw text
@@ -15,19 +16,26 @@ Encoding follows ``tokenizers``' own order:
 
 Decoding joins the ids' bytes and replaces invalid UTF-8 with U+FFFD, as ``tokenizers``' ByteLevel
 decoder does.
+
+A SentencePiece file differs in three steps: the text is normalized by writing spaces as U+2581
+and is not split (each piece between added tokens is one word); a word's symbols are its
+characters' pieces, or for a character without one its UTF-8 bytes' ``<0xNN>`` pieces (byte
+fallback); decoding writes U+2581 back as a space and joins each run of byte pieces into text, a
+run that is not valid UTF-8 as one U+FFFD per byte (tokenizers' ByteFallback decoder).
 """
 from __future__ import annotations
 
 import heapq
 from pathlib import Path
 
+import numpy as np
 import regex
 
-from .bpe_tables import (FROM_BYTES, PRESENT, SPECIAL, Tables, UnsupportedTokenizer, read_tables,
+from .bpe_tables import (FROM_BYTES, PRESENT, SPACE, SPECIAL, Tables, UnsupportedTokenizer, read_tables,
                          token_string, unsupported_reason, vocab_id)
 from .bpe_unicode import nfc, onig_view
 
-__all__ = ["ByteLevelBPE", "UnsupportedTokenizer", "load", "unsupported_reason"]
+__all__ = ["ByteLevelBPE", "SentencePieceBPE", "UnsupportedTokenizer", "load", "unsupported_reason"]
 
 # `tokenizers` tests added tokens' surroundings with the Rust regex crate's Unicode classes:
 # \w is Alphabetic, marks, decimal digits, connector punctuation and joiners; \s is White_Space.
@@ -36,24 +44,42 @@ _SPACE_CHAR = regex.compile(r"\p{White_Space}")
 _SPACES = regex.compile(r"\p{White_Space}*")
 
 _CACHE_WORDS = 4096      # words whose ids are remembered (a prompt repeats most of its words)
+_BYTE_PIECE = regex.compile(rb"<0x(\+?[0-9A-Fa-f]{1,2})>")
 _CACHE_WORD_LEN = 64     # longer words are not remembered
 
 
 def load(path: str | Path) -> ByteLevelBPE:
     """The lean tokenizer of the ``tokenizer.json`` at ``path``; :class:`UnsupportedTokenizer`
     names what it lacks (then use HF ``tokenizers``)."""
-    return ByteLevelBPE(read_tables(path))
+    tables = read_tables(path)
+    return (SentencePieceBPE if tables.rest["spm"] else ByteLevelBPE)(tables)
+
+
+def trie_pattern(words) -> str:
+    """A regex that matches any of ``words``, the longest of those that match at a position: their
+    trie, each node's continuations tried before ending there (tokenizers matches leftmost-longest,
+    with Aho-Corasick; a plain alternation of Gemma's 6,414 added tokens is tried one by one)."""
+    trie: dict = {}
+    for w in words:
+        node = trie
+        for ch in w:
+            node = node.setdefault(ch, {})
+        node[""] = {}
+
+    def pattern(node: dict) -> str:
+        alts = [regex.escape(ch) + pattern(child) for ch, child in node.items() if ch]
+        if not alts:
+            return ""
+        return "(?:" + "|".join(alts) + ")" + ("?" if "" in node else "")
+    return pattern(trie)
 
 
 class _AddedTokens:
     """Cuts one matching set of added tokens (the raw-text or the normalized one) out of a text."""
 
     def __init__(self, tokens: list[dict]):
-        # longest first: the regex's first alternative that matches at a position is then the
-        # longest there (tokenizers matches leftmost-longest, with Aho-Corasick)
-        tokens = sorted(tokens, key=lambda t: -len(t["content"]))
         self._tokens = {t["content"]: t for t in tokens}
-        self._re = regex.compile("|".join(regex.escape(t["content"]) for t in tokens)) if tokens else None
+        self._re = regex.compile(trie_pattern(self._tokens)) if tokens else None
 
     def split(self, text: str) -> list[tuple[str, int | None]]:
         """``text`` as (piece, None) and (token text, id) in order, as tokenizers' find_matches."""
@@ -175,12 +201,16 @@ class ByteLevelBPE:
         if tid is not None:
             ids = (tid,)
         else:
-            ids = tuple(self._merge([i for i in map(self._byte_ids.__getitem__, raw) if i >= 0]))
+            ids = tuple(self._merge(self._symbols(word, raw)))
         if len(word) <= _CACHE_WORD_LEN:
             if len(cache) >= _CACHE_WORDS:
                 del cache[next(iter(cache))]     # the oldest entry
             cache[word] = ids
         return ids
+
+    def _symbols(self, word: str, raw: bytes) -> list[int]:
+        """A word's symbols before any merge: its UTF-8 bytes' tokens (bytes without one dropped)."""
+        return [i for i in map(self._byte_ids.__getitem__, raw) if i >= 0]
 
     def _pair(self, a: int, b: int) -> tuple[int, int] | None:
         """(rank, merged id) of the merge of ``a`` then ``b``, or None."""
@@ -240,3 +270,66 @@ class ByteLevelBPE:
             if 0 <= i < n and kind[i] & PRESENT and not kind[i] & drop:
                 out += blob[off[i]:off[i + 1]]
         return out.decode("utf-8", "replace")
+
+
+class SentencePieceBPE(ByteLevelBPE):
+    """Encoder and decoder of the SentencePiece BPE file ``storage.gguf_tokenizer`` writes (module
+    docstring): the same tables, every token its own text."""
+
+    def __init__(self, tables: Tables):
+        super().__init__(tables)
+        if min(self._byte_ids) < 0:
+            raise UnsupportedTokenizer("a byte-fallback vocabulary without all 256 <0xNN> pieces")
+        # byte piece id -> its byte: every token spelled <0xNN> (tokenizers' ByteFallback reads the
+        # hex of any such token, Rust's from_str_radix, a leading + included)
+        lengths = np.diff(tables.offsets)
+        self._byte_of = {}
+        for tid in np.flatnonzero((lengths == 6) & (tables.kind & PRESENT > 0)).tolist():
+            m = _BYTE_PIECE.fullmatch(self._blob, int(tables.offsets[tid]), int(tables.offsets[tid + 1]))
+            if m is not None:
+                self._byte_of[tid] = int(m.group(1), 16)
+        self._chars: dict[str, tuple[int, ...]] = {}      # a character -> its symbols (seen ones)
+
+    def _normalize(self, text: str) -> str:
+        return text.replace(" ", SPACE)
+
+    def _symbols(self, word: str, raw: bytes) -> list[int]:
+        out: list[int] = []
+        chars = self._chars
+        for ch in word:
+            ids = chars.get(ch)
+            if ids is None:
+                tid = vocab_id(self._t, ch)
+                ids = (tid,) if tid is not None else tuple(self._byte_ids[b] for b in ch.encode("utf-8"))
+                if len(chars) < _CACHE_WORDS * 16:
+                    chars[ch] = ids
+            out.extend(ids)
+        return out
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        off, kind, blob, n = self._off_mv, self._kind_mv, self._blob, self.n_ids
+        drop = SPECIAL if skip_special_tokens else 0
+        byte_of = self._byte_of
+        out, run = [], bytearray()
+        for i in ids:
+            if not (0 <= i < n and kind[i] & PRESENT) or kind[i] & drop:
+                continue
+            b = byte_of.get(i)
+            if b is not None:
+                run.append(b)
+                continue
+            if run:
+                out.append(_byte_run(run))
+                run = bytearray()
+            out.append(blob[off[i]:off[i + 1]].decode("utf-8").replace(SPACE, " "))
+        if run:
+            out.append(_byte_run(run))
+        return "".join(out)
+
+
+def _byte_run(run: bytearray) -> str:
+    """A run of byte pieces as text; not valid UTF-8: one U+FFFD per byte, as tokenizers does."""
+    try:
+        return run.decode("utf-8")
+    except UnicodeDecodeError:
+        return "\ufffd" * len(run)

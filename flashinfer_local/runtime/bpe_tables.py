@@ -1,12 +1,18 @@
-"""A byte-level BPE ``tokenizer.json`` read into a few arrays, without a Python object per token.
+"""A BPE ``tokenizer.json`` read into a few arrays, without a Python object per token.
+
+Two shapes: byte-level BPE (GPT-2, SmolLM2, Qwen2, Llama 3: tokens spell bytes in GPT-2's
+alphabet) and the SentencePiece BPE that ``storage.gguf_tokenizer`` rebuilds from a GGUF's pieces
+(Gemma: tokens are text with U+2581 for spaces, ``<0xNN>`` pieces for bytes without a piece of
+their own; ``Tables.rest["spm"]``).
 
 ``json.load`` of Qwen2.5's 5.1 MiB file holds ~55 MiB in ~750k small objects, and the pymalloc
 pools they touched stay partly resident once they are freed (a json-based first version of this
 reader kept 4-5 MiB above its own tables, 3.8x SmolLM2's file in all).
 So the two big members, ``model.vocab`` and ``model.merges``, are scanned straight from the file's
 bytes into compact arrays, one entry at a time; ``json`` parses only the small rest, with those two
-cut out. Token strings are found by their Python ``hash`` in a sorted int64 array (the hash is per
-process, and so are these tables), and every lookup that can be checked against the bytes is.
+cut out. Token strings are found by the Python ``hash`` of their UTF-8 (``key``) in a sorted int64
+array (the hash is per process, and so are these tables), and every lookup that can be checked
+against the bytes is.
 
 A file this reader or :func:`_check` does not follow raises :class:`UnsupportedTokenizer`: the
 caller then uses HF ``tokenizers``, which also gives the error a broken file deserves.
@@ -14,6 +20,7 @@ caller then uses HF ``tokenizers``, which also gives the error a broken file des
 from __future__ import annotations
 
 import array
+import bisect
 import json
 import re
 from dataclasses import dataclass
@@ -28,8 +35,10 @@ from .bpe_unicode import nfc
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 
 # kind flags, one byte per id
-PRESENT, SPECIAL, ODD = 1, 2, 4   # ODD: the token has characters outside the byte alphabet and
-                                  # stands for its own UTF-8 (as tokenizers' ByteLevel decoder does)
+PRESENT, SPECIAL, ODD = 1, 2, 4   # ODD: the token stands for its own UTF-8 (every token of a
+                                  # SentencePiece file; in a byte-level one, a token with characters
+                                  # outside the byte alphabet, as tokenizers' ByteLevel decoder does)
+SPACE = "\u2581"                  # SentencePiece's stand-in for a space
 
 
 def byte_alphabet() -> tuple[str, ...]:
@@ -73,7 +82,7 @@ class Tables:
     blob: bytes              # every id's bytes, back to back
     offsets: np.ndarray      # (V+1,) int32: id i is blob[offsets[i]:offsets[i+1]]
     kind: np.ndarray         # (V,) uint8: PRESENT | SPECIAL | ODD flags
-    index_hash: np.ndarray   # (N,) int64, sorted: hash() of each model-vocab token string
+    index_hash: np.ndarray   # (N,) int64, sorted: ``key`` of each model-vocab token string
     index_id: np.ndarray     # (N,) int32: its id
     merge_keys: np.ndarray   # (M,) int64, sorted: left id * V + right id
     merge_rank: np.ndarray   # (M,) int32: the merge's position in the merges list
@@ -87,11 +96,18 @@ def token_string(t: Tables, tid: int) -> str:
     return b.decode("utf-8") if t.kind[tid] & ODD else b.decode("latin-1").translate(FROM_BYTES)
 
 
+def key(token: str) -> int:
+    """The hash a token string is found by: of its UTF-8, since ``hash`` of a str hashes its
+    internal buffer, which two strings of different widths can share ("er" and U+7265)."""
+    return hash(_utf8(token))
+
+
 def vocab_id(t: Tables, token: str) -> int | None:
     """The model-vocab id of ``token``, checked against its bytes (hashes may collide)."""
-    h = hash(token)
-    i = int(np.searchsorted(t.index_hash, h))
-    while i < len(t.index_hash) and t.index_hash[i] == h:
+    h = key(token)
+    hashes = memoryview(t.index_hash)          # bisect on it: a tenth of a searchsorted call's time
+    i = bisect.bisect_left(hashes, h)
+    while i < len(hashes) and hashes[i] == h:
         tid = int(t.index_id[i])
         if token_string(t, tid) == token:
             return tid
@@ -124,34 +140,40 @@ def _find(data: bytes, pattern: re.Pattern, what: str) -> int:
 
 
 def _scan_vocab(data: bytes, start: int):
-    """(token strings' hashes, ids, bytes blob in file order, lengths, odd tokens, end offset)."""
-    hashes, ids, lengths = array.array("q"), array.array("q"), array.array("q")
-    blob, odd = bytearray(), {}
+    """(token strings' hashes, ids, bytes blob in file order, lengths, ids of odd tokens, end offset) as
+    a byte-level file spells them, and (blob, lengths) of the tokens' own UTF-8 (a SentencePiece
+    file's, which shape the file has is known only once the rest is parsed)."""
+    hashes, ids, lengths, lengths8 = array.array("q"), array.array("q"), array.array("q"), array.array("q")
+    blob, blob8, odd = bytearray(), bytearray(), array.array("q")
     pos = start + 1
     if _EMPTY.match(data, pos):
-        return hashes, ids, blob, lengths, odd, _EMPTY.match(data, pos).end()
+        return hashes, ids, blob, lengths, odd, (blob8, lengths8), _EMPTY.match(data, pos).end()
     while True:
         m = _VOCAB_ENTRY.match(data, pos)
         if m is None:
             raise UnsupportedTokenizer(f"unexpected text in model.vocab at byte {pos}")
         raw, tid, end = m.groups()
-        tok = raw.decode("utf-8") if b"\\" not in raw else _unescape(raw)
+        plain = b"\\" not in raw              # then the file's bytes are the token's UTF-8
+        tok = raw.decode("utf-8") if plain else _unescape(raw)
         tid = int(tid)
-        b = token_bytes(tok)
+        b, b8 = token_bytes(tok), raw if plain else tok.encode("utf-8")
         if b is None:
-            odd[tid] = tok
-            b = tok.encode("utf-8")
-        hashes.append(hash(tok))
+            odd.append(tid)
+            b = b8
+        hashes.append(hash(b8))                 # its key
         ids.append(tid)
         lengths.append(len(b))
+        lengths8.append(len(b8))
         blob += b
+        blob8 += b8
         pos = m.end()
         if end == b"}":
-            return hashes, ids, blob, lengths, odd, pos
+            return hashes, ids, blob, lengths, odd, (blob8, lengths8), pos
 
 
 def _scan_merges(data: bytes, start: int):
-    """(hashes of left, right and merged token strings, end offset); their order is the rank."""
+    """(``key`` of left, right and merged token strings, end offset); their order is the rank.
+    Hashed from the file's bytes: a string without escapes is its UTF-8 there."""
     left, right, merged = array.array("q"), array.array("q"), array.array("q")
     pos = start + 1
     if _EMPTY.match(data, pos):
@@ -160,14 +182,14 @@ def _scan_merges(data: bytes, start: int):
         m = _MERGE_PAIR.match(data, pos)
         if m is not None:
             a, b, end = m.groups()
-            a = a.decode("utf-8") if b"\\" not in a else _unescape(a)
-            b = b.decode("utf-8") if b"\\" not in b else _unescape(b)
+            a = a if b"\\" not in a else _utf8(_unescape(a))
+            b = b if b"\\" not in b else _utf8(_unescape(b))
         else:
             m = _MERGE_STRING.match(data, pos)
             if m is None:
                 raise UnsupportedTokenizer(f"unexpected text in model.merges at byte {pos}")
             raw, end = m.groups()
-            parts = (raw.decode("utf-8") if b"\\" not in raw else _unescape(raw)).split(" ")
+            parts = (raw if b"\\" not in raw else _utf8(_unescape(raw))).split(b" ")
             if len(parts) != 2:
                 raise UnsupportedTokenizer(f"malformed merge {m.group(1)!r}")
             a, b = parts
@@ -177,6 +199,10 @@ def _scan_merges(data: bytes, start: int):
         pos = m.end()
         if end == b"]":
             return left, right, merged, pos
+
+
+def _utf8(s: str) -> bytes:
+    return s.encode("utf-8", "surrogatepass")
 
 
 def _split_file(data: bytes):
@@ -197,10 +223,10 @@ def _split_file(data: bytes):
     if not isinstance(model, dict) or model.get("vocab") != {} or model.get("merges") != []:
         raise UnsupportedTokenizer("vocab and merges are not members of the model")
     try:
-        _check(spec)
+        spm = _check(spec)
     except (AttributeError, KeyError, TypeError) as e:
         raise UnsupportedTokenizer(f"unexpected tokenizer.json layout ({type(e).__name__}: {e})") from None
-    return spec, vocab, merges
+    return spec, spm, vocab, merges
 
 
 def _in_id_order(ids: np.ndarray, pieces: bytearray, lengths: np.ndarray, n: int):
@@ -221,8 +247,11 @@ def _in_id_order(ids: np.ndarray, pieces: bytearray, lengths: np.ndarray, n: int
 
 def read_tables(path: str | Path) -> Tables:
     """The lean tables of the tokenizer.json at ``path``, or :class:`UnsupportedTokenizer`."""
-    spec, (hashes, ids, pieces, lengths, odd, _), (left, right, merged, _) = _split_file(
+    spec, spm, (hashes, ids, pieces, lengths, odd, utf8, _), (left, right, merged, _) = _split_file(
         Path(path).read_bytes())
+    if spm:                      # every token is its own text
+        pieces, lengths = utf8
+    del utf8
     ids_np = np.frombuffer(ids, np.int64)
     by_value = np.sort(ids_np)
     if np.any(by_value[1:] == by_value[:-1]):
@@ -234,12 +263,13 @@ def read_tables(path: str | Path) -> Tables:
         raise UnsupportedTokenizer(f"ids up to {n - 1} for {len(ids_np)} tokens (the arrays are per id)")
 
     kind = np.zeros(n, np.uint8)
-    kind[ids_np] = PRESENT
-    kind[list(odd)] |= ODD
+    kind[ids_np] = PRESENT | (ODD if spm else 0)
+    if not spm:
+        kind[np.frombuffer(odd, np.int64)] |= ODD
     new_ids = []                 # added tokens that are not in the vocab: their bytes after the rest
     for t in added:
         if not kind[t["id"]] & PRESENT:
-            b = token_bytes(t["content"])
+            b = None if spm else token_bytes(t["content"])
             kind[t["id"]] = PRESENT | (ODD if b is None else 0)
             b = b if b is not None else t["content"].encode("utf-8")
             new_ids.append(t["id"])
@@ -262,7 +292,7 @@ def read_tables(path: str | Path) -> Tables:
                     merge_keys=np.zeros(0, np.int64), merge_rank=np.zeros(0, np.int32),
                     merge_new=np.zeros(0, np.int32), rest={})
     _add_merges(tables, left, right, merged)
-    _add_rest(tables, spec, added)
+    _add_rest(tables, spec, added, spm)
     return tables
 
 
@@ -287,9 +317,9 @@ def _add_merges(t: Tables, left: array.array, right: array.array, merged: array.
     t.merge_keys, t.merge_rank, t.merge_new = keys[last], order.astype(np.int32), new[order]
 
 
-def _add_rest(t: Tables, spec: dict, added: list[dict]) -> None:
+def _add_rest(t: Tables, spec: dict, added: list[dict], spm: bool) -> None:
     model = spec["model"]
-    byte_ids = [vocab_id(t, c) for c in ALPHABET]
+    byte_ids = [vocab_id(t, f"<0x{b:02X}>" if spm else c) for b, c in enumerate(ALPHABET)]
     if model.get("unk_token") is not None and None in byte_ids:
         raise UnsupportedTokenizer("an unknown token stands in for bytes missing from the vocabulary")
     # tokenizers ignores the ids written beside added tokens and numbers them itself; where its
@@ -308,9 +338,9 @@ def _add_rest(t: Tables, spec: dict, added: list[dict]) -> None:
                 raise UnsupportedTokenizer(f"added token {a['content']!r} would share id {tid} with a vocab token")
         if tid != a["id"]:
             raise UnsupportedTokenizer(f"added token {a['content']!r} would get id {tid}, not {a['id']}")
-    t.rest = {"n_ids": len(t.kind), "nfc": spec.get("normalizer") is not None,
+    t.rest = {"n_ids": len(t.kind), "spm": spm, "nfc": not spm and spec.get("normalizer") is not None,
               "ignore_merges": bool(model.get("ignore_merges")),
-              "patterns": pre_tokenizer_patterns(spec.get("pre_tokenizer")),
+              "patterns": [] if spm else pre_tokenizer_patterns(spec.get("pre_tokenizer")),
               "byte_ids": [-1 if i is None else i for i in byte_ids],   # byte value -> its token's id
               "added": [{k: a[k] for k in ADDED_KEYS} for a in added]}
 
@@ -353,16 +383,30 @@ def pre_tokenizer_patterns(pre: dict | None) -> list[tuple[str, bool]]:
     return patterns
 
 
-def _check(spec: dict) -> None:
-    """Everything but vocab and merges in a shape ByteLevelBPE reproduces."""
+# a SentencePiece BPE file as storage.gguf_tokenizer writes it: these members exactly
+SPM_SHAPE = {"normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": SPACE},
+             "pre_tokenizer": None, "post_processor": None,
+             "decoder": {"type": "Sequence", "decoders": [{"type": "Replace", "pattern": {"String": SPACE},
+                                                           "content": " "},
+                                                          {"type": "ByteFallback"}, {"type": "Fuse"}]}}
+
+
+def _check(spec: dict) -> bool:
+    """Everything but vocab and merges in a shape the lean tokenizer reproduces; whether it is
+    the SentencePiece one (``SPM_SHAPE``, byte fallback) rather than byte-level."""
     model = spec["model"]
     if model.get("type", "BPE") != "BPE":
         raise UnsupportedTokenizer(f"model type {model.get('type')!r}")
-    for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback"):
+    for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
         if model.get(key):
             raise UnsupportedTokenizer(f"BPE {key}")
     if spec.get("truncation") or spec.get("padding"):
         raise UnsupportedTokenizer("truncation or padding")
+    if model.get("byte_fallback"):
+        if any(spec.get(k) != v for k, v in SPM_SHAPE.items()) or model.get("ignore_merges"):
+            raise UnsupportedTokenizer("BPE byte_fallback outside the SentencePiece shape of storage.gguf_tokenizer")
+        _check_added(spec, None)
+        return True
     norm = spec.get("normalizer")
     if norm is not None and norm.get("type") != "NFC":
         raise UnsupportedTokenizer(f"normalizer {norm.get('type')!r}")
@@ -372,11 +416,18 @@ def _check(spec: dict) -> None:
     post = spec.get("post_processor")
     if post is not None and post.get("type") != "ByteLevel":
         raise UnsupportedTokenizer(f"post-processor {post.get('type')!r}")
+    _check_added(spec, norm)
+    return False
+
+
+def _check_added(spec: dict, norm: dict | None) -> None:
     for t in spec.get("added_tokens", []):
         if not set(ADDED_KEYS) <= set(t) or not isinstance(t["id"], int) or not isinstance(t["content"], str):
             raise UnsupportedTokenizer(f"added token {t!r} lacks one of {', '.join(ADDED_KEYS)}")
         if norm is not None and t.get("normalized", True) and nfc(t["content"]) != t["content"]:
             raise UnsupportedTokenizer(f"added token {t['content']!r} changes under NFC")
+        if norm is None and spec.get("normalizer") is not None and t["normalized"]:
+            raise UnsupportedTokenizer(f"added token {t['content']!r} is matched on the normalized text")
 
 
 def unsupported_reason(path: str | Path) -> str | None:

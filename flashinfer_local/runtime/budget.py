@@ -40,10 +40,10 @@ from flashinfer_local.units import fmt_bytes
 
 SCRATCH_BUFFERS = 2        # overflow/naive reads: one chunk read while the previous is computed
 PAGE = 4096
-# The tokenizer's peak RSS per byte of its tokenizer.json: the lean byte-level BPE
-# (``runtime.bpe``) peaks at 3.4x Qwen2.5's 5.1 MiB file and 4.3x SmolLM2's 1.5 MiB one while it
-# loads (then holds 1.4x / 2.2x); HF `tokenizers`, for the files the lean one does not reproduce,
-# held 21-22x (106 MiB for Qwen2.5's).
+# The tokenizer's peak RSS per byte of its tokenizer.json: the lean BPE (``runtime.bpe``) peaks at
+# 3.8x Qwen2.5's 5.1 MiB file, 4.3x SmolLM2's 1.5 MiB one and 3.4x Gemma 3's 13.6 MiB SentencePiece
+# one while it loads (then holds 1.8-2.3x); HF `tokenizers`, for the files the lean one does not
+# reproduce, held 21-22x (106 MiB for Qwen2.5's, 278 MiB for Gemma's, peaking at 406 MiB).
 TOKENIZER_RSS_PER_FILE_BYTE = {"lean": 5, "tokenizers": 24}
 # Freed-but-kept heap, Python objects and small per-token arrays beyond what a prefill chunk's
 # activations account for: with 32 MiB here, a 2048-token prompt at the minimum budget peaked up to
