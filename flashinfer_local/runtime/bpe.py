@@ -278,8 +278,6 @@ class SentencePieceBPE(ByteLevelBPE):
 
     def __init__(self, tables: Tables):
         super().__init__(tables)
-        if min(self._byte_ids) < 0:
-            raise UnsupportedTokenizer("a byte-fallback vocabulary without all 256 <0xNN> pieces")
         # byte piece id -> its byte: every token spelled <0xNN> (tokenizers' ByteFallback reads the
         # hex of any such token, Rust's from_str_radix, a leading + included)
         lengths = np.diff(tables.offsets)

@@ -320,6 +320,8 @@ def _add_merges(t: Tables, left: array.array, right: array.array, merged: array.
 def _add_rest(t: Tables, spec: dict, added: list[dict], spm: bool) -> None:
     model = spec["model"]
     byte_ids = [vocab_id(t, f"<0x{b:02X}>" if spm else c) for b, c in enumerate(ALPHABET)]
+    if spm and None in byte_ids:
+        raise UnsupportedTokenizer("a byte-fallback vocabulary without all 256 <0xNN> pieces")
     if model.get("unk_token") is not None and None in byte_ids:
         raise UnsupportedTokenizer("an unknown token stands in for bytes missing from the vocabulary")
     # tokenizers ignores the ids written beside added tokens and numbers them itself; where its
