@@ -135,7 +135,7 @@ def evaluate(engine, sparsities: list[float], parts: dict[str, list[int]], gen_t
     """
     sel, cfg, lay = engine.selector, engine.config, engine.bundle.layout
     timing_tokens = max(1, min(timing_tokens, gen_tokens))
-    uses = np.array([cfg.uses(i) for i in range(cfg.n_layers)])      # a shared layer runs at several positions
+    uses = np.array([cfg.uses(i) for i in range(cfg.n_layers)])
     all_bytes = cfg.depth * cfg.d_ff * lay.record_bytes
     with engine.selecting(None):                                  # the exact model
         exact = perplexity_parts(engine, parts, window)
@@ -154,6 +154,7 @@ def evaluate(engine, sparsities: list[float], parts: dict[str, list[int]], gen_t
         with engine.observe(dens):
             pred = engine.logits(seq[:-1])[len(prompt) - 1:].argmax(-1).tolist()    # [gen_tokens]
         share = dens.share()
+        kept = float((share * uses).sum() / cfg.depth)      # over positions: a shared layer counts at each
         same = [p == g for p, g in zip(pred, gen)]
         ppl = perplexity_parts(engine, parts, window)
         # time: decode a few tokens with and without the selector (predictor share of a token)
@@ -168,8 +169,7 @@ def evaluate(engine, sparsities: list[float], parts: dict[str, list[int]], gen_t
                "ppl_increase": {k: ppl[k] / exact[k] - 1 for k in ppl},
                "agreement": sum(same) / len(same),
                "identical_prefix": same.index(False) if False in same else len(same),
-               "kept_share_per_layer": share.tolist(), "kept_share": float((share * uses).sum() / cfg.depth),
-               "bytes_per_token": float((share * uses).sum() / cfg.depth * all_bytes),
+               "kept_share_per_layer": share.tolist(), "kept_share": kept, "bytes_per_token": kept * all_bytes,
                "predictor_ms_per_token": 1000 * sel.seconds / timing_tokens,
                "predictor_share_of_dram_token": sel.seconds / timing_tokens / tok_s}
         rows.append(row)
