@@ -132,7 +132,9 @@ def test_recall_one_selection_reproduces_the_exact_tokens(calibrated, offload):
 def test_predictor_selects_fewer_neurons_as_sparsity_rises(calibrated):
     path, _ = calibrated("llama", "lowrank")
     eng = Engine(path, offload="naive", selector="predictor", sparsity=0.2, dram_budget=1 << 30)
-    x = torch.randn(1, eng.config.d_model)
+    # seeded, and eight tokens (the union is selected): one unseeded random x sometimes fell below
+    # every cutoff at 0.8, which calibration set on real hidden states (CI, session 27)
+    x = torch.randn(8, eng.config.d_model, generator=torch.Generator().manual_seed(0))
     n = []
     for s in (0.2, 0.5, 0.8):
         eng.selector.set_sparsity(s)

@@ -248,9 +248,34 @@ def _group_i32(builder, w, xv, w_signed):
     return out
 
 
+def _min_term(builder, mins0, xsp, ng):
+    """sum over groups g < ng of minimum[g] (f16) * xs[g] (f32): a q4/q5 vector's minimums dotted
+    with x's group sums, eight groups per fma and a scalar tail, apart from the code loop (inside
+    it, a scalar chain of one fma per group bounded the whole dot product by its latency)."""
+    acc = cgutils.alloca_once_value(builder, ir.Constant(_V8F, [0.0] * 8))
+    v8h, eight = ir.VectorType(_F16, 8), ir.Constant(_I64, 8)
+    with cgutils.for_range(builder, builder.udiv(ng, eight)) as loop:
+        m = builder.fpext(_load(builder, _at(builder, mins0, builder.mul(loop.index, ir.Constant(_I64, 16))), v8h),
+                          _V8F)
+        xs = _load(builder, _at(builder, xsp, builder.mul(loop.index, ir.Constant(_I64, 32))), _V8F)
+        builder.store(_fma(builder, m, xs, builder.load(acc)), acc)
+    tail = cgutils.alloca_once_value(builder, _hsum(builder, builder.load(acc)))
+    first = builder.mul(builder.udiv(ng, eight), eight)
+    with cgutils.for_range(builder, builder.sub(ng, first)) as loop:
+        g = builder.add(first, loop.index)
+        m = builder.fpext(_load(builder, _at(builder, mins0, builder.mul(g, ir.Constant(_I64, 2))), _F16), _F32)
+        xs = _load(builder, _at(builder, xsp, builder.mul(g, ir.Constant(_I64, 4))), _F32)
+        builder.store(_fma(builder, m, xs, builder.load(tail)), tail)
+    return builder.load(tail)
+
+
+QDOT_ACCS = 4     # groups in flight per dot product (each its own accumulator): 2 left it latency-bound
+
+
 def _qdot_codegen(kind):
-    """Code for qdot_q8 / qdot_q4: groups two at a time into two accumulators (so consecutive fmas
-    do not wait on each other), then an odd last group."""
+    """Code for qdot_q8 / qdot_q4 / qdot_q5: QDOT_ACCS groups at a time, each into its own
+    accumulator (so consecutive fmas do not wait on each other), then the last groups one by one;
+    q4/q5 add their minimums' term (``_min_term``) at the end."""
     def codegen(context, builder, signature, args):
         if kind == "q8":
             w_, s_, r_, off_, so_, xq_, xd_, t_, ng_ = args
@@ -269,13 +294,10 @@ def _qdot_codegen(kind):
         xqp, xdp = data(nx, xq_), data(nx + 1, xd_)
         two, four = ir.Constant(_I64, 2), ir.Constant(_I64, 4)
         codes0, scales0 = _at(builder, row, off_), _at(builder, srow, builder.mul(so_, two))
-        mterm = cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))
-        if kind != "q8":
-            xsp, mins0 = data(nx + 2, xs_), _at(builder, srow, builder.mul(mo_, two))
         v16 = ir.VectorType(_I8, 16)
 
         def group(g):
-            """Group g's dot product as <8 x float> lanes (q4: its minimum's term into mterm)."""
+            """Group g's dot product as <8 x float> lanes, and the factor that scales them."""
             s = builder.fpext(_load(builder, _at(builder, scales0, builder.mul(g, two)), _F16), _F32)
             d = _load(builder, _at(builder, xdp, builder.mul(g, four)), _F32)
             xv = _load(builder, _at(builder, xqp, builder.mul(g, ir.Constant(_I64, 32))), _V32B)
@@ -289,21 +311,25 @@ def _qdot_codegen(kind):
                 if kind == "q5":           # codes 0..31: still unsigned bytes for vpmaddubsw
                     w = builder.or_(w, _fifth_bits(builder, _at(builder, _at(builder, row, ho_),
                                                                 builder.mul(g, four))))
-                m = builder.fpext(_load(builder, _at(builder, mins0, builder.mul(g, two)), _F16), _F32)
-                xsum = _load(builder, _at(builder, xsp, builder.mul(g, four)), _F32)
-                builder.store(_fma(builder, m, xsum, builder.load(mterm)), mterm)
             return builder.sitofp(_group_i32(builder, w, xv, kind == "q8"), _V8F), builder.fmul(s, d)
 
-        accs = [cgutils.alloca_once_value(builder, ir.Constant(_V8F, [0.0] * 8)) for _ in range(2)]
-        with cgutils.for_range(builder, builder.udiv(ng_, two)) as loop:
+        n_acc = ir.Constant(_I64, QDOT_ACCS)
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(_V8F, [0.0] * 8)) for _ in range(QDOT_ACCS)]
+        with cgutils.for_range(builder, builder.udiv(ng_, n_acc)) as loop:
             for i, a in enumerate(accs):
-                f, c = group(builder.add(builder.mul(loop.index, two), ir.Constant(_I64, i)))
+                f, c = group(builder.add(builder.mul(loop.index, n_acc), ir.Constant(_I64, i)))
                 builder.store(_fma(builder, f, _splat(builder, c), builder.load(a)), a)
-        with builder.if_then(builder.icmp_unsigned("!=", builder.urem(ng_, two), ir.Constant(_I64, 0))):
-            f, c = group(builder.sub(ng_, ir.Constant(_I64, 1)))
+        first = builder.mul(builder.udiv(ng_, n_acc), n_acc)
+        with cgutils.for_range(builder, builder.sub(ng_, first)) as loop:
+            f, c = group(builder.add(first, loop.index))
             builder.store(_fma(builder, f, _splat(builder, c), builder.load(accs[0])), accs[0])
-        tot = _hsum(builder, builder.fadd(builder.load(accs[0]), builder.load(accs[1])))
-        return builder.fadd(tot, builder.load(mterm))
+        tot = [builder.load(a) for a in accs]
+        while len(tot) > 1:
+            tot = [builder.fadd(tot[i], tot[i + 1]) for i in range(0, len(tot), 2)]
+        tot = _hsum(builder, tot[0])
+        if kind == "q8":
+            return tot
+        return builder.fadd(tot, _min_term(builder, _at(builder, srow, builder.mul(mo_, two)), data(nx + 2, xs_), ng_))
     return codegen
 
 
