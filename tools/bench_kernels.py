@@ -73,6 +73,13 @@ def main():
         name = f"FFN records {dt}{f' (down {down})' if down else ''} (numba)"
         variants[name] = [lambda r=r, k=k, out=out: k(r, rows, x, out) for r in recs]
         nbytes[name] = recs[0].nbytes
+    for gu in ("q4", "q5"):         # the in-DRAM int4 path: gate/up rows of the records, down apart
+        lay = record_layout(cfg, "int4", "q5", gu)
+        recs = [np.ascontiguousarray(build_records(cfg, lay, w)[:, :lay.field("down").offset]) for w in ws]
+        k = RecordKernel(lay, "int4", d, n)
+        name = f"gate/up activations {gu} (numba, in-DRAM int4)"
+        variants[name] = [lambda r=r, k=k: (k.begin(x[None]), k.activations(r, rows, rows)) for r in recs]
+        nbytes[name] = recs[0].nbytes
     for name, tdt in (("FFN dense f16 (torch)", torch.float16), ("FFN dense f32 (torch)", torch.float32)):
         dense = [{k: torch.from_numpy(v).to(tdt) for k, v in w.items()} for w in ws]
         xin = xt.to(tdt)

@@ -12,6 +12,10 @@ of 32 values loaded and stored its accumulators, and a scalar accumulator needs 
 per group. Here the accumulators are stack slots that LLVM promotes to registers, and the
 horizontal sum happens once per vector (1.5-2x on a Qwen-1.5B layer held in cache).
 
+Editing this file does not invalidate numba's on-disk cache of the kernels that inline it (the
+cache is keyed on the calling function's own file): after a change here, delete
+``flashinfer_local/kernels/__pycache__/*.nbi`` and ``*.nbc`` before measuring.
+
 Offsets: ``off`` is the vector's byte offset in row ``r``; ``so``/``mo`` are the u16 indices of its
 f16 group scales/minimums in row ``r`` of the scales array (the same records, or a matrix's own).
 """
@@ -110,10 +114,12 @@ def dot_f16(typingctx, h, r, off, x, t, n32):
     return sig, codegen
 
 
-def _fifth_bits(builder, addr):
-    """The 4 bytes at addr (bit i % 8 of byte i // 8: value i's fifth bit) -> <32 x i8> of 0 or 16."""
-    b4 = builder.bitcast(_load(builder, addr, _I32), ir.VectorType(_I8, 4))
-    spread = builder.shuffle_vector(b4, b4, ir.Constant(ir.VectorType(_I32, 32), [i // 8 for i in range(32)]))
+def _fifth_bits(builder, addr, nbytes=4, pick=None):
+    """The ``nbytes`` at addr (bit i % 8 of byte i // 8: value i's fifth bit) -> <32 x i8> of 0 or
+    16; ``pick`` [32]: which byte each output value's bit comes from (default i // 8, one group)."""
+    pick = [i // 8 for i in range(32)] if pick is None else pick
+    b = builder.bitcast(_load(builder, addr, ir.IntType(8 * nbytes)), ir.VectorType(_I8, nbytes))
+    spread = builder.shuffle_vector(b, b, ir.Constant(ir.VectorType(_I32, 32), pick))
     v32 = ir.VectorType(_I8, 32)
     bit = builder.and_(spread, ir.Constant(v32, [1 << (i % 8) for i in range(32)]))
     return builder.select(builder.icmp_unsigned("!=", bit, ir.Constant(v32, [0] * 32)),
@@ -239,13 +245,36 @@ def _group_i32(builder, w, xv, w_signed):
             w, xv = builder.call(sign, [w, w]), builder.call(sign, [xv, w])
         pairs = builder.call(f("llvm.x86.avx2.pmadd.ub.sw", _V16W, [_V32B, _V32B]), [w, xv])
         return builder.call(f("llvm.x86.avx2.pmadd.wd", _V8I, [_V16W, _V16W]), [pairs, ir.Constant(_V16W, [1] * 16)])
+    return _lanes4(builder, _products(builder, w, xv, w_signed))
+
+
+def _products(builder, w, xv, w_signed):
+    """Generic code: the 32 products w * xv as <32 x i32>."""
     v32 = ir.VectorType(_I32, 32)
-    prod = builder.mul((builder.sext if w_signed else builder.zext)(w, v32), builder.sext(xv, v32))
+    return builder.mul((builder.sext if w_signed else builder.zext)(w, v32), builder.sext(xv, v32))
+
+
+def _lanes4(builder, prod):
+    """<32 x i32> -> 8 lanes, lane j the sum of values 4j..4j+3 (as vpmaddubsw + vpmaddwd add them)."""
     out = None
-    for i in range(4):
-        part = builder.shuffle_vector(prod, prod, ir.Constant(_V8I, list(range(8 * i, 8 * i + 8))))
+    for k in range(4):
+        part = builder.shuffle_vector(prod, prod, ir.Constant(_V8I, [4 * j + k for j in range(8)]))
         out = part if out is None else builder.add(out, part)
     return out
+
+
+def _pair_i32(builder, lo, xlo, hi, xhi):
+    """lo * xlo + hi * xhi (codes 0..31 unsigned, x signed; 32 x i8 each) in 8 int32 lanes, lane j
+    the sum of values 4j..4j+3 of both: two groups whose values 0..15 are ``lo``'s halves and 16..31
+    ``hi``'s give group 0 in lanes 0..3 and group 1 in lanes 4..7. On AVX2 the two vpmaddubsw
+    results are added as int16 (at most 2 x 2 x 31 x 127 = 15748) before one vpmaddwd."""
+    if AVX2:
+        f = lambda name, ret, args: cgutils.get_or_insert_function(  # noqa: E731
+            builder.module, ir.FunctionType(ret, args), name)
+        madd = f("llvm.x86.avx2.pmadd.ub.sw", _V16W, [_V32B, _V32B])
+        pairs = builder.add(builder.call(madd, [lo, xlo]), builder.call(madd, [hi, xhi]))
+        return builder.call(f("llvm.x86.avx2.pmadd.wd", _V8I, [_V16W, _V16W]), [pairs, ir.Constant(_V16W, [1] * 16)])
+    return _lanes4(builder, builder.add(_products(builder, lo, xlo, False), _products(builder, hi, xhi, False)))
 
 
 def _min_term(builder, mins0, xsp, ng):
@@ -273,9 +302,11 @@ QDOT_ACCS = 4     # groups in flight per dot product (each its own accumulator):
 
 
 def _qdot_codegen(kind):
-    """Code for qdot_q8 / qdot_q4 / qdot_q5: QDOT_ACCS groups at a time, each into its own
-    accumulator (so consecutive fmas do not wait on each other), then the last groups one by one;
-    q4/q5 add their minimums' term (``_min_term``) at the end."""
+    """Code for qdot_q8 / qdot_q4 / qdot_q5: QDOT_ACCS units at a time, each into its own
+    accumulator (so consecutive fmas do not wait on each other), then the last units one by one.
+    A unit is a group of 32 for q8 and a pair of groups for q4/q5 (``pair``: one 32-byte load of
+    codes, the integer sums of both groups in one vector; an odd last group alone); q4/q5 add
+    their minimums' term (``_min_term``) at the end."""
     def codegen(context, builder, signature, args):
         if kind == "q8":
             w_, s_, r_, off_, so_, xq_, xd_, t_, ng_ = args
@@ -313,16 +344,47 @@ def _qdot_codegen(kind):
                                                                 builder.mul(g, four))))
             return builder.sitofp(_group_i32(builder, w, xv, kind == "q8"), _V8F), builder.fmul(s, d)
 
+        v32i = ir.VectorType(_I32, 32)
+
+        def pair(p):
+            """Groups 2p and 2p + 1 (q4/q5) as <8 x float> lanes (group 2p in lanes 0..3), and the
+            lanes' factors: their 32 code bytes unpacked once, x's two groups regrouped to match."""
+            g = builder.mul(p, two)
+            packed = _load(builder, _at(builder, codes0, builder.mul(g, ir.Constant(_I64, 16))), _V32B)
+            lo = builder.and_(packed, ir.Constant(_V32B, [15] * 32))
+            hi = builder.and_(builder.lshr(packed, ir.Constant(_V32B, [4] * 32)), ir.Constant(_V32B, [15] * 32))
+            if kind == "q5":
+                bits = _at(builder, _at(builder, row, ho_), builder.mul(g, four))
+                lo = builder.or_(lo, _fifth_bits(builder, bits, 8, [i // 8 + (2 if i >= 16 else 0) for i in range(32)]))
+                hi = builder.or_(hi, _fifth_bits(builder, bits, 8, [i // 8 + (2 if i < 16 else 4) for i in range(32)]))
+            xg = _at(builder, xqp, builder.mul(g, ir.Constant(_I64, 32)))
+            x0, x1 = _load(builder, xg, _V32B), _load(builder, _at(builder, xg, 32), _V32B)
+            xlo = builder.shuffle_vector(x0, x1, ir.Constant(v32i, list(range(16)) + list(range(32, 48))))
+            xhi = builder.shuffle_vector(x0, x1, ir.Constant(v32i, list(range(16, 32)) + list(range(48, 64))))
+            v2h, v2f = ir.VectorType(_F16, 2), ir.VectorType(_F32, 2)
+            sc = builder.fpext(_load(builder, _at(builder, scales0, builder.mul(g, two)), v2h), v2f)
+            c2 = builder.fmul(sc, _load(builder, _at(builder, xdp, builder.mul(g, four)), v2f))
+            c8 = builder.shuffle_vector(c2, c2, ir.Constant(_V8I, [0] * 4 + [1] * 4))
+            return builder.sitofp(_pair_i32(builder, lo, xlo, hi, xhi), _V8F), c8
+
         n_acc = ir.Constant(_I64, QDOT_ACCS)
         accs = [cgutils.alloca_once_value(builder, ir.Constant(_V8F, [0.0] * 8)) for _ in range(QDOT_ACCS)]
-        with cgutils.for_range(builder, builder.udiv(ng_, n_acc)) as loop:
+        if kind == "q8":
+            unit, step, n_units = group, lambda c: _splat(builder, c), ng_
+        else:
+            unit, step, n_units = pair, lambda c: c, builder.udiv(ng_, two)
+        with cgutils.for_range(builder, builder.udiv(n_units, n_acc)) as loop:
             for i, a in enumerate(accs):
-                f, c = group(builder.add(builder.mul(loop.index, n_acc), ir.Constant(_I64, i)))
-                builder.store(_fma(builder, f, _splat(builder, c), builder.load(a)), a)
-        first = builder.mul(builder.udiv(ng_, n_acc), n_acc)
-        with cgutils.for_range(builder, builder.sub(ng_, first)) as loop:
-            f, c = group(builder.add(first, loop.index))
-            builder.store(_fma(builder, f, _splat(builder, c), builder.load(accs[0])), accs[0])
+                f, c = unit(builder.add(builder.mul(loop.index, n_acc), ir.Constant(_I64, i)))
+                builder.store(_fma(builder, f, step(c), builder.load(a)), a)
+        first = builder.mul(builder.udiv(n_units, n_acc), n_acc)
+        with cgutils.for_range(builder, builder.sub(n_units, first)) as loop:
+            f, c = unit(builder.add(first, loop.index))
+            builder.store(_fma(builder, f, step(c), builder.load(accs[0])), accs[0])
+        if kind != "q8":             # an odd last group
+            with builder.if_then(builder.icmp_unsigned("!=", builder.urem(ng_, two), ir.Constant(_I64, 0))):
+                f, c = group(builder.sub(ng_, ir.Constant(_I64, 1)))
+                builder.store(_fma(builder, f, _splat(builder, c), builder.load(accs[0])), accs[0])
         tot = [builder.load(a) for a in accs]
         while len(tot) > 1:
             tot = [builder.fadd(tot[i], tot[i + 1]) for i in range(0, len(tot), 2)]
