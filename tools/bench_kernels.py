@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """One FFN layer and one matrix-vector product per precision, side by side: the numba record
 kernels (f16, int8, int4 records: the int4 default's q5 down columns, and q4/q8 ones) against
-torch on dense f16/f32 weights, for one decode token, each next to the DRAM read bandwidth
+torch on dense f16/f32 weights, and the in-DRAM int4 path's gate/up activations alone (its down
+columns are a separate q8 matrix there), for one decode token, each next to the DRAM read bandwidth
 measured in the same run (a parallel sum over 512 MiB, the most a kernel that reads its weights
 once can reach).
 

@@ -298,7 +298,7 @@ def _min_term(builder, mins0, xsp, ng):
     return builder.load(tail)
 
 
-QDOT_ACCS = 4     # groups in flight per dot product (each its own accumulator): 2 left it latency-bound
+QDOT_ACCS = 4     # units (q8 groups, q4/q5 pairs of groups) in flight per dot product, each its own accumulator
 
 
 def _qdot_codegen(kind):
