@@ -40,13 +40,13 @@ def dense_dtype(dtype: str) -> str:
 
 
 def dense_specs(cfg: ModelConfig, dtype: "str | fmt.Precision",
-                four_bit=lambda name: False) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+                low_codes=lambda name: None) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
     """(name, dtype, shape) of every dense tensor, derived from the config, the ``convert --dtype``
-    name (or its Precision) and which matrices the checkpoint stores in 4 bits
-    (``format.dense_matrix_dtypes``)."""
+    name (or its Precision) and the codes of what the checkpoint stores (``low_codes``,
+    ``format.dense_matrix_dtypes``)."""
     precision = fmt.Precision.named(dtype)
     big = np.dtype(fmt.DTYPES[dense_dtype(precision.ffn)])
-    quantized = fmt.dense_matrix_dtypes(cfg, precision, fmt.FORMAT_VERSION, four_bit)
+    quantized = fmt.dense_matrix_dtypes(cfg, precision, fmt.FORMAT_VERSION, low_codes)
     specs = []
     for name in fmt.dense_tensor_names(cfg, precision.gate_split):
         shape = fmt.dense_shape(cfg, name)
@@ -66,14 +66,16 @@ def quantize_rows_q8(a: np.ndarray, rows: int = 8192) -> tuple[np.ndarray, np.nd
     return q, s
 
 
-def quantize_rows_q4(a: np.ndarray, rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """quant.quantize_q4 of a [out, in] matrix -> (packed codes [out, in / 2], scales then
-    minimums [out, in / 16]): the layout of a q4 dense matrix (``format.dense_matrix_dtypes``)."""
+def quantize_rows_q4(a: np.ndarray, rows: int = 4096, kind: str = "q4") -> tuple[np.ndarray, np.ndarray]:
+    """quant.quantize_q4 (``kind`` q5: quantize_q5) of a [out, in] matrix -> (codes [out, in / 2],
+    q5: [out, 5 in / 8]; scales then minimums [out, in / 16]): the layout of a q4 or q5 dense matrix
+    (``format.dense_matrix_dtypes``)."""
     ng = a.shape[1] // quant.GROUP
-    q = np.empty((a.shape[0], a.shape[1] // 2), np.uint8)
+    q = np.empty((a.shape[0], a.shape[1] // 2 if kind == "q4" else 5 * a.shape[1] // 8), np.uint8)
     s = np.empty((a.shape[0], 2 * ng), np.float16)
+    fit = quant.quantize_q4 if kind == "q4" else quant.quantize_q5
     for r in range(0, a.shape[0], rows):
-        q[r:r + rows], s[r:r + rows, :ng], s[r:r + rows, ng:] = quant.quantize_q4(a[r:r + rows])
+        q[r:r + rows], s[r:r + rows, :ng], s[r:r + rows, ng:] = fit(a[r:r + rows])
     return q, s
 
 
@@ -145,7 +147,7 @@ def _write_bundle(src: Source, tmp: Path, dtype: str, progress: bool) -> None:
         layout = fmt.record_layout(cfg, precision.ffn, precision.down, precision.gate_up, precision.gate_split)
     except ValueError as e:
         raise FlashinferError(str(e)) from None
-    dspecs, fspecs = dense_specs(cfg, precision, src.four_bit), ffn_specs(cfg, layout)
+    dspecs, fspecs = dense_specs(cfg, precision, src.low_codes), ffn_specs(cfg, layout)
     need = sum(int(np.prod(s)) * d.itemsize for _, d, s in dspecs + fspecs)
     free = shutil.disk_usage(tmp).free
     if free < need + (64 << 20):
@@ -155,18 +157,19 @@ def _write_bundle(src: Source, tmp: Path, dtype: str, progress: bool) -> None:
     files = {}
     with progress_bar(need, progress, "convert") as bar:
         w = SafetensorsWriter(tmp / fmt.DENSE_FILE, dspecs)
-        quantized = fmt.dense_matrix_dtypes(cfg, precision, fmt.FORMAT_VERSION, src.four_bit)
+        quantized = fmt.dense_matrix_dtypes(cfg, precision, fmt.FORMAT_VERSION, src.low_codes)
         try:
             for name, dt, shape in dspecs:
                 if name.endswith(".scale"):
                     continue                     # written right after its matrix
                 if name == "lm_head" and not src.has("lm_head"):
                     raise CheckpointError(f"{src.identity['path']}: the head ('lm_head') is missing")
-                want = (shape[0], 2 * shape[1]) if quantized.get(name) == "q4" else shape    # q4: packed
+                want = fmt.dense_shape(cfg, name) if name in quantized else shape    # codes: packed
                 a = _check_shape(src, name, src.load(name), want)
                 if name in quantized:
-                    rows = quantize_rows_q8 if quantized[name] == "q8" else quantize_rows_q4
-                    q, sc = rows(np.asarray(a, np.float32))
+                    a = np.asarray(a, np.float32)
+                    kind = quantized[name]
+                    q, sc = quantize_rows_q8(a) if kind == "q8" else quantize_rows_q4(a, kind=kind)
                     w.write(name, q)
                     w.write(name + ".scale", sc)
                     bar.update(q.nbytes + sc.nbytes)

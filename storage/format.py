@@ -64,7 +64,8 @@ FORMAT_NAME = "flashinfer-local-bundle"
 FORMAT_VERSION = 5
 # versions this reader opens: 1 is 2 without the int8 tied embedding, 2 is 3 with every quantized
 # dense matrix in q8 (see ``dense_matrix_dtypes``), 3 is 4 without the gate split, 4 is 5 without a
-# layer map (a reader before 5 would run a recursive bundle's stored layers once each)
+# layer map (a reader before 5 would run a recursive bundle's stored layers once each). q5 dense
+# matrices came within 5: a reader before them refuses their manifest ("not q8 or q4")
 READS_VERSIONS = (1, 2, 3, 4, 5)
 MANIFEST = "manifest.json"
 MANIFEST_SUM = "manifest.sha256"   # the manifest's own sha256 (bundles before it have none)
@@ -92,18 +93,19 @@ class Precision:
     """What ``convert --dtype`` writes: the records' dtype and each quantized matrix's codes.
 
     ``int4``: records in the most precise codes that keep them at their all-q4 size (records are
-    rounded up to 512 bytes; ``record_layout``); the attention matrices and an untied embedding in
-    q4 where the checkpoint stores them in 4 bits (``auto``: carried over exactly), else q8; the
-    head (and an embedding tied to it) in q8. Measured on Qwen2.5-Coder-1.5B (README, bundle
-    format): down columns at q4 cost 1.5% perplexity, the head at q4 0.5%; on Qwen2.5-Coder-0.5B,
-    whose matrices are Q5_0, q4 attention cost 3%.
+    rounded up to 512 bytes; ``record_layout``); every dense matrix (attention, head, embedding) by
+    what the checkpoint stores (``auto``, ``storage.source.Source.low_codes``): q4 where it is on a
+    4-bit grid (carried over exactly), q5 where it has 5 or 6 bits (Q5_0 exactly, Q6_K re-rounded),
+    else q8. Measured on Qwen2.5-Coder-1.5B (README, bundle format): down columns at q4 cost 1.5%
+    perplexity, its Q6_K head at q4 0.9%; on Qwen2.5-Coder-0.5B, whose matrices are Q5_0, q4
+    attention cost 3%.
     ``int4-q8`` keeps the down columns and every dense matrix in q8 (format version 2's int4; the
     gate/up codes still by the rule).
     ``int8``: q8 everywhere."""
     ffn: str                      # a key of FFN_DTYPES
     down: str | None = None       # quantized records: the down column's codes (None: by the rule above)
     attention: str = "q8"         # codes of the q/k/v/o matrices: q8, q4, or auto (q4 if stored in 4 bits)
-    head: str = "q8"              # codes of the head, and of the embedding when they are tied
+    head: str = "q8"              # codes of the head, and of the embedding when they are tied (or auto)
     embed: str = "q8"             # codes of an untied embedding
     gate_up: str | None = None    # int4 records: the gate/up vectors' codes (None: by the rule above)
     gate_split: bool = False      # gated models: the gate rows as a dense matrix, not in the records
@@ -113,7 +115,7 @@ class Precision:
         if isinstance(name, Precision):
             return name
         if name == "int4":
-            return cls("int4", None, "auto", "q8", "auto")
+            return cls("int4", None, "auto", "auto", "auto")
         if name == "int4-q8":
             return cls("int4", "q8")
         return cls(name)
@@ -149,19 +151,21 @@ def quantized_dense(cfg: ModelConfig, ffn_dtype: str, version: int = FORMAT_VERS
 
 
 def dense_matrix_dtypes(cfg: ModelConfig, precision: Precision, version: int = FORMAT_VERSION,
-                        four_bit=lambda name: False) -> dict[str, str]:
-    """name -> codes ("q8" or "q4") of each quantized dense matrix. q8: ``name`` I8 [out, in] and
-    ``name.scale`` F16 [out, in / 32]; q4: ``name`` U8 [out, in / 2] (packed as in
+                        low_codes=lambda name: None) -> dict[str, str]:
+    """name -> codes ("q8", "q5" or "q4") of each quantized dense matrix. q8: ``name`` I8 [out, in]
+    and ``name.scale`` F16 [out, in / 32]; q4: ``name`` U8 [out, in / 2] (packed as in
     ``storage.quant``) and ``name.scale`` F16 [out, in / 16], each row's group scales then its
-    group minimums. Bundles before version 3 hold q8 only. ``auto`` resolves by ``four_bit(name)``:
-    whether the checkpoint stores that matrix in 4 bits (``storage.source.Source.four_bit``)."""
+    group minimums; q5: ``name`` U8 [out, 5 in / 8] (q4's nibbles, then the fifth bits)
+    and the same scales. Bundles before version 3 hold q8 only. ``auto`` resolves by
+    ``low_codes(name)``: the codes of what the checkpoint stores (``storage.source.Source.low_codes``;
+    None: q8)."""
     names = quantized_dense(cfg, precision.ffn, version)
     gate = (gate_names(cfg) if precision.gate_split and gate_codes(cfg, precision.ffn) == "q8" else [])
     if version < 3:
         return {n: "q8" for n in names + gate}
     head = {"lm_head": precision.head, "embed": precision.head if cfg.tie_embeddings else precision.embed}
     kinds = {n: head.get(n, precision.attention) for n in names}
-    return {n: ("q4" if four_bit(n) else "q8") if k == "auto" else k for n, k in kinds.items()} | {n: "q8" for n in gate}
+    return {n: (low_codes(n) or "q8") if k == "auto" else k for n, k in kinds.items()} | {n: "q8" for n in gate}
 
 
 def ffn_tensor_name(layer: int) -> str:
@@ -185,13 +189,15 @@ def dense_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
 
 
 def quantized_matrix_specs(name: str, shape: tuple[int, int], kind: str) -> list[tuple[str, np.dtype, tuple]]:
-    """(name, dtype, shape) of the two tensors a q8 or q4 matrix of logical ``shape`` is stored as:
-    the codes (q4: two per byte) and the f16 group scales (q4: scales then minimums per row)."""
+    """(name, dtype, shape) of the two tensors a q8, q5 or q4 matrix of logical ``shape`` is stored
+    as: the codes (q4: two per byte; q5: those nibbles, then a bit per value) and the f16 group
+    scales (q4, q5: scales then minimums per row)."""
     from . import quant
     r, c = shape
     if kind == "q8":
         return [(name, np.dtype(np.int8), (r, c)), (name + ".scale", np.dtype(np.float16), (r, c // quant.GROUP))]
-    return [(name, np.dtype(np.uint8), (r, c // 2)), (name + ".scale", np.dtype(np.float16), (r, 2 * c // quant.GROUP))]
+    cols = c // 2 if kind == "q4" else 5 * c // 8
+    return [(name, np.dtype(np.uint8), (r, cols)), (name + ".scale", np.dtype(np.float16), (r, 2 * c // quant.GROUP))]
 
 
 def dense_tensor_names(cfg: ModelConfig, gate_split: bool = False) -> list[str]:

@@ -61,8 +61,10 @@ def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-# GGUF types whose blocks of 32 values lie on 16 levels (scale and minimum per block or sub-block)
+# GGUF types whose blocks of 32 values lie on 16 levels (scale and minimum per block or sub-block),
+# and those of 5 or 6 bits (Q5_0/Q5_1 on 32 levels per 32 values, Q5_K/Q6_K re-rounded to them)
 FOUR_BIT_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+FIVE_SIX_BIT_TYPES = ("Q5_0", "Q5_1", "Q5_K", "Q6_K")
 
 
 class GGUFSource(Source):
@@ -238,10 +240,11 @@ class GGUFSource(Source):
         g = self._gguf_name(name)
         return g is not None and g[0] in self._tensors
 
-    def four_bit(self, name: str) -> bool:
+    def low_codes(self, name: str) -> str | None:
         g = self._gguf_name(name)
         t = self._tensors.get(g[0]) if g is not None else None
-        return t is not None and t.tensor_type.name in FOUR_BIT_TYPES
+        kind = t.tensor_type.name if t is not None else None
+        return "q4" if kind in FOUR_BIT_TYPES else "q5" if kind in FIVE_SIX_BIT_TYPES else None
 
     def load(self, name: str) -> np.ndarray:
         """The canonical tensor ``name`` as a float32 array (its own memory), HF orientation."""

@@ -135,7 +135,7 @@ class Bundle:
 
     @property
     def quantized_dense(self) -> dict[str, str]:
-        """Dense matrices stored as codes + f16 group scales: name -> "q8" or "q4"
+        """Dense matrices stored as codes + f16 group scales: name -> "q8", "q5" or "q4"
         (``storage.format.dense_matrix_dtypes``; before version 3 every one is q8)."""
         listed = self.manifest["dense"].get("matrices")
         if isinstance(listed, dict):

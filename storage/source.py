@@ -37,10 +37,12 @@ class Source(ABC):
     def load(self, name: str) -> np.ndarray:
         """The canonical tensor ``name`` as float32, HF orientation. Raises CheckpointError if absent."""
 
-    def four_bit(self, name: str) -> bool:
-        """Whether the checkpoint stores tensor ``name`` on a grid of 16 levels per group of 32 (a
-        GGUF's Q4_0, Q4_1, Q4_K), which q4 codes carry over instead of rounding a second time."""
-        return False
+    def low_codes(self, name: str) -> str | None:
+        """The codes of a bundle's ``auto`` matrices that hold what the checkpoint stores in tensor
+        ``name`` (``storage.format.dense_matrix_dtypes``): "q4" for 16 levels per group of 32 (a
+        GGUF's Q4_0, Q4_1, Q4_K), carried over instead of rounded a second time; "q5" for 5 or 6
+        bits (Q5_0 and Q5_1 carried over, Q5_K and Q6_K re-rounded); None for 8 bits and floats."""
+        return None
 
     def close(self) -> None:
         pass

@@ -59,8 +59,8 @@ def check_manifest(m, path: Path, known_files: tuple[str, ...]) -> None:
     need(path, dense, "dense.dtype", str)
     mats = need(path, dense, "dense.matrices", dict, optional=True)
     for k, v in (mats or {}).items():
-        if v not in ("q8", "q4"):
-            raise _bad(path, f"dense.matrices.{k}", f"is {v!r}, not q8 or q4")
+        if v not in ("q8", "q5", "q4"):
+            raise _bad(path, f"dense.matrices.{k}", f"is {v!r}, not q8, q5 or q4")
     ffn = need(path, m, "ffn", dict)
     need(path, ffn, "ffn.dtype", str)
     lay = need(path, ffn, "ffn.layout", dict)

@@ -117,8 +117,8 @@ def test_int4_size_of_a_gguf_is_exact(smollm_bundle):
     """From a GGUF, int4 stores q4 matrices where the file's are 4-bit: the estimate knows which."""
     from flashinfer_local.workflows.fetch import fetch
     cfg, facts = load_config(fetch("smollm2-135m"))
-    assert "layers.0.q.weight" in facts["four_bit"] and "embed" not in facts["four_bit"]
-    est = bundle_bytes(cfg, "int4", facts["tokenizer_bytes"], facts["four_bit"])
+    assert facts["low_codes"]["layers.0.q.weight"] == "q4" and "embed" not in facts["low_codes"]
+    est = bundle_bytes(cfg, "int4", facts["tokenizer_bytes"], facts["low_codes"])
     real = Bundle(smollm_bundle("int4")).sizes()
     assert (est["dense_bytes"], est["ffn_bytes"], est["total_bytes"]) == (real["dense_bytes"], real["ffn_bytes"],
                                                                         real["total_bytes"])

@@ -331,9 +331,9 @@ def test_qwen2_tokenizer_weights_config_match_transformers(qwen_src, offline):
                                    rtol=0, atol=1e-6, err_msg=ours)
 
 
-def test_four_bit_tensors_are_the_q4_types(smol_src):
+def test_low_codes_of_smollm2_tensors(smol_src):
     """SmolLM2's GGUF stores attention and FFN in Q4_1 and the tied embedding in Q8_0: only the
     former are on a 4-bit grid that int4's q4 matrices carry over exactly."""
-    assert smol_src.four_bit("layers.0.q.weight") and smol_src.four_bit("layers.3.gate")
-    assert not smol_src.four_bit("embed") and not smol_src.four_bit("final_norm.weight")
-    assert not smol_src.four_bit("no.such.tensor")
+    assert smol_src.low_codes("layers.0.q.weight") == smol_src.low_codes("layers.3.gate") == "q4"
+    assert smol_src.low_codes("embed") is None and smol_src.low_codes("final_norm.weight") is None
+    assert smol_src.low_codes("no.such.tensor") is None

@@ -306,8 +306,9 @@ def test_older_bundles_still_run(tiny_ckpt, tmp_path, monkeypatch):
 
 def test_int4_precision_mixes():
     """int4: a down column is the most precise of q8, q5, q4 that keeps the record at its q4 size
-    (SmolLM2's 576-wide records: q8; Qwen2.5-0.5B's 896 and -1.5B's 1536: q5); attention q4, head
-    q8, an untied embedding q4. int4-q8 keeps down and every matrix at q8."""
+    (SmolLM2's 576-wide records: q8; Qwen2.5-0.5B's 896 and -1.5B's 1536: q5); each dense matrix as
+    the checkpoint stores it (q4 for 4 bits, q5 for 5 or 6, else q8). int4-q8 keeps down and every
+    matrix at q8."""
     from storage import format as fmt
     def cfg(d, tied):
         return ModelConfig(arch="llama", n_layers=1, d_model=d, d_ff=64, n_heads=1, n_kv_heads=(1,), head_dim=d,
@@ -321,13 +322,18 @@ def test_int4_precision_mixes():
     assert lay.record_bytes == lay.payload_bytes == 3072
     assert record_layout(cfg(1536, False), "int4", "q4").record_bytes == 3072
     assert record_layout(cfg(1536, False), "int4", "q8").record_bytes == 3584
-    m = fmt.dense_matrix_dtypes(cfg(1536, False), fmt.Precision.named("int4"), four_bit=lambda n: True)
-    assert m["layers.0.q.weight"] == "q4" and m["lm_head"] == "q8" and m["embed"] == "q4"
+    m = fmt.dense_matrix_dtypes(cfg(1536, False), fmt.Precision.named("int4"), low_codes=lambda n: "q4")
+    assert m["layers.0.q.weight"] == "q4" and m["lm_head"] == "q4" and m["embed"] == "q4"
     assert set(fmt.dense_matrix_dtypes(cfg(1536, False), fmt.Precision.named("int4")).values()) == {"q8"}
-    # matrices go to q4 only where the checkpoint stores them in 4 bits
-    m = fmt.dense_matrix_dtypes(cfg(1536, False), fmt.Precision.named("int4"), four_bit=lambda n: n.endswith("q.weight"))
-    assert m["layers.0.q.weight"] == "q4" and m["layers.0.v.weight"] == "q8" and m["embed"] == "q8"
-    assert fmt.dense_matrix_dtypes(cfg(576, True), fmt.Precision.named("int4"), four_bit=lambda n: True)["embed"] == "q8"
+    # Q4_K_M's layout: q/k/o and the embedding 4-bit, v and the head Q6_K
+    six = {"layers.0.v.weight", "lm_head"}
+    m = fmt.dense_matrix_dtypes(cfg(1536, False), fmt.Precision.named("int4"),
+                                low_codes=lambda n: "q5" if n in six else "q4")
+    assert m["layers.0.q.weight"] == "q4" and m["layers.0.v.weight"] == "q5" and m["lm_head"] == "q5"
+    assert m["embed"] == "q4"
+    # a tied head follows the checkpoint's embedding: SmolLM2's is Q8_0
+    assert fmt.dense_matrix_dtypes(cfg(576, True), fmt.Precision.named("int4"),
+                                   low_codes=lambda n: None if n == "embed" else "q4")["embed"] == "q8"
     assert set(fmt.dense_matrix_dtypes(cfg(1536, False), fmt.Precision.named("int4-q8")).values()) == {"q8"}
     old = fmt.dense_matrix_dtypes(cfg(1536, False), fmt.Precision.named("int4"), version=2)
     assert "embed" not in old and set(old.values()) == {"q8"}
@@ -352,24 +358,24 @@ def test_q4_keeps_a_4bit_source_grid():
 
 
 @pytest.mark.parametrize("T", [1, 3, 16, 17, 40])
-@pytest.mark.parametrize("kind", ["q8", "q4"])
+@pytest.mark.parametrize("kind", ["q8", "q5", "q4"])
 def test_quant_matrix_matches_numpy(kind, T):
-    """QuantMatrix on q8 and q4 codes against numpy on the same dequantized weights: the int8
+    """QuantMatrix on q8, q5 and q4 codes against numpy on the same dequantized weights: the int8
     kernel up to 16 tokens (the codes' term on x as int8, a q4 minimum's term on the float sums of
     x), the dequantized f32 matrix beyond; rows() dequantizes."""
     from flashinfer_local.kernels import QuantMatrix
     from storage.convert import quantize_rows_q4, quantize_rows_q8
     rng = np.random.default_rng(5)
     w = rng.standard_normal((70, 96)).astype(np.float32)
-    codes, scales = (quantize_rows_q8 if kind == "q8" else quantize_rows_q4)(w)
+    codes, scales = quantize_rows_q8(w) if kind == "q8" else quantize_rows_q4(w, kind=kind)
     mins = np.zeros((70, 96))
     if kind == "q8":
         wq = quant.dequantize_q8(codes, scales)
     else:
-        wq = quant.dequantize_q4(codes, scales[:, :3], scales[:, 3:])
+        wq = (quant.dequantize_q4 if kind == "q4" else quant.dequantize_q5)(codes, scales[:, :3], scales[:, 3:])
         mins = np.repeat(scales[:, 3:].astype(np.float64), 32, axis=1)
     mat = QuantMatrix(codes, scales)
-    assert mat.shape == (70, 96)
+    assert mat.shape == (70, 96) and mat.kind == kind
     x = rng.standard_normal((T, 96)).astype(np.float32)
     if T <= 16:
         xs = np.stack([_int8_x(r)[0] for r in x])
@@ -380,3 +386,37 @@ def test_quant_matrix_matches_numpy(kind, T):
     np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
     ids = torch.tensor([3, 0, 69, 3])
     np.testing.assert_allclose(mat.rows(ids).numpy(), wq[ids.numpy()], atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama_tied", "qwen2"])
+def test_q5_matrices_from_a_five_or_six_bit_checkpoint(arch, tiny_ckpt, tmp_path, monkeypatch):
+    """Where the checkpoint stores a matrix in 5 or 6 bits (``Source.low_codes`` "q5": Q5_0, Q6_K),
+    int4 writes it as q5: the manifest, the estimate's exact sizes and inspect say so, and the
+    engine's logits lie between the q8- and the q4-matrix bundles' (against f32: these random tiny
+    models amplify rounding, measured mean errors 0.10 / 0.31 / 0.53), the same in every mode."""
+    from click.testing import CliRunner
+    from flashinfer_local.cli import main
+    from flashinfer_local.measure.estimate import bundle_bytes
+    from storage.convert import convert
+    from storage.source import Source
+    def bundle(codes):
+        monkeypatch.setattr(Source, "low_codes", lambda self, name: codes)
+        made = Bundle(convert(tiny_ckpt(arch), tmp_path / str(codes), dtype="int4", progress=False))
+        monkeypatch.undo()
+        return made
+    q8, b, q4 = bundle(None), bundle("q5"), bundle("q4")
+    assert set(b.quantized_dense.values()) == {"q5"} and set(q8.quantized_dense.values()) == {"q8"}
+    est = bundle_bytes(b.config, "int4", b.sizes()["files"].get("tokenizer.json", 0),
+                       {n: "q5" for n in b.quantized_dense})
+    assert (est["dense_bytes"], est["ffn_bytes"]) == (b.sizes()["dense_bytes"], b.sizes()["ffn_bytes"])
+    assert b.sizes()["dense_bytes"] < q8.sizes()["dense_bytes"]
+    assert "head q5" in CliRunner().invoke(main, ["inspect", str(b.path)]).output.replace("tied head", "head")
+    long = IDS * 3                             # one-token kernels and the prefill's dequantized tiles
+    exact = Engine(convert(tiny_ckpt(arch), tmp_path / "f32", dtype="f32", progress=False)).logits(long)
+    eng = Engine(b.path)
+    err = {k: (Engine(m.path).logits(long) - exact).abs().mean() for k, m in (("q8", q8), ("q4", q4))}
+    assert err["q8"] < (eng.logits(long) - exact).abs().mean() < err["q4"]
+    tokens = [s.token_id for s in eng.generate(IDS, 12, GREEDY, stop_at_eos=False)]
+    for mode in ("window", "naive"):
+        e = Engine(b.path, offload=mode, context=64)
+        assert [s.token_id for s in e.generate(IDS, 12, GREEDY, stop_at_eos=False)] == tokens, mode

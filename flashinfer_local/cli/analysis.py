@@ -116,9 +116,9 @@ def estimate(model, context, dram_budget, draft, as_json):
     if draft is not None:
         dcfg, dfacts = load_config(draft)
         extra = draft_bytes(dcfg, dfacts.get("dtype") or DRAFT_DTYPE, dfacts["tokenizer_bytes"],
-                            min(context, cfg.max_position), dfacts.get("four_bit", ()), dfacts.get("lean_tokenizer", True))
+                            min(context, cfg.max_position), dfacts.get("low_codes", {}), dfacts.get("lean_tokenizer", True))
     e = do_estimate(cfg, context, parse_size(dram_budget) if dram_budget is not None else None,
-                    facts["tokenizer_bytes"], extra, facts.get("four_bit", ()), facts.get("lean_tokenizer", True))
+                    facts["tokenizer_bytes"], extra, facts.get("low_codes", {}), facts.get("lean_tokenizer", True))
     if as_json:
         click.echo(json.dumps({"source": {k: v for k, v in facts.items() if k != "bundle"}, **e}, indent=1))
         return

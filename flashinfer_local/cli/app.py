@@ -47,7 +47,8 @@ def main(verbose: int):
 @click.option("--dtype", type=click.Choice(list(CONVERT_DTYPES)), default="f16", show_default=True,
               help="Precision: f32/f16 keep the checkpoint's values; int8 and int4 quantize the FFN "
               "records and the attention, head and embedding matrices in groups of 32 with f16 scales "
-              "(int4: 4 bits everywhere, a down column at 8 where that costs no bytes); int4-q8 keeps the "
+              "(int4: records at 4 bits, a down column at 5 or 8 where that costs no bytes, each matrix at "
+              "4 or 5 bits where the checkpoint stores it in 4 or in 5-6, else 8); int4-q8 keeps the "
               "down columns and those matrices at 8 bits (larger, nearer f16 for checkpoints stored above "
               "4 bits).")
 @click.option("--gate-split", is_flag=True,
@@ -71,7 +72,7 @@ def convert(src: Path, out: Path, dtype: str, gate_split: bool, force: bool):
 
 def _precision(b) -> str:
     """Each part's precision, e.g. 'attention q4, embedding + tied head q4, norms/biases f32;
-    ffn int4 (gate q4, up q4, down q8)'; q8/q4 are groups of 32 with f16 scales (q4: and minimums)."""
+    ffn int4 (gate q4, up q4, down q8)'; q8/q5/q4 are groups of 32 with f16 scales (q5/q4: and minimums)."""
     qd, dense = b.quantized_dense, b.dense_dtype
     kinds = sorted({v for n, v in qd.items() if n.startswith("layers.") and not n.endswith(".gate")}, reverse=True)
     attn = "/".join(kinds) + (" (by the checkpoint's tensors)" if len(kinds) > 1 else "") if kinds else dense

@@ -7,7 +7,7 @@ import torch
 from numba import njit, prange
 
 from .records import SMALL_T, U, _dequantize_field, quantize_rows
-from .vecdot import qdot_q4, qdot_q8
+from .vecdot import qdot_q4, qdot_q5, qdot_q8
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
@@ -29,11 +29,20 @@ def _matmat_q4(p, s16, xq, xd, xs, T, y):
             y[t, r] = qdot_q4(p, s16, U(r), U(0), U(0), U(ng), xq, xd, xs, U(t), ng)
 
 
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _matmat_q5(p, s16, xq, xd, xs, T, y):
+    # _matmat_q4 for p [n, 5 k / 8]: each row's q4 nibbles, then its fifth bits from byte k / 2
+    ng = s16.shape[1] // 2
+    for r in prange(p.shape[0]):
+        for t in range(T):
+            y[t, r] = qdot_q5(p, s16, U(r), U(0), U(0), U(ng), U(16 * ng), xq, xd, xs, U(t), ng)
+
 
 class QuantMatrix:
     """A dense matrix [out, in] stored as codes with f16 group scales per 32 values of a row
-    (``storage.format.dense_matrix_dtypes``): q8 (int8 codes [out, in], scales [out, in / 32]) or
-    q4 (packed codes uint8 [out, in / 2], each row's scales then minimums [out, in / 16]).
+    (``storage.format.dense_matrix_dtypes``): q8 (int8 codes [out, in], scales [out, in / 32]),
+    q4 (packed codes uint8 [out, in / 2], each row's scales then minimums [out, in / 16]) or q5
+    (uint8 [out, 5 in / 8]: q4's nibbles, then the fifth bits; q4's scales).
     ``matmul`` is what ``models.common.linear`` calls, and ``rows`` what an embedding lookup calls.
 
     Up to SMALL_T tokens run the parallel numba kernel on the codes (each row read once for all of
@@ -45,8 +54,12 @@ class QuantMatrix:
 
     def __init__(self, codes: np.ndarray, scales: np.ndarray):
         self.codes, self.scales16 = codes, scales.view(np.uint16)
-        self.kind = "q4" if codes.dtype == np.uint8 else "q8"
-        n, k = codes.shape[0], codes.shape[1] * (2 if self.kind == "q4" else 1)
+        if codes.dtype == np.uint8:       # q4 and q5 hold two f16 values per group of 32
+            self.kind = "q4" if codes.shape[1] * 2 == scales.shape[1] * 16 else "q5"
+        else:
+            self.kind = "q8"
+        n, k = codes.shape[0], (codes.shape[1] * 2 if self.kind == "q4" else scales.shape[1] * 16
+                                if self.kind == "q5" else codes.shape[1])
         self.shape = (n, k)
         self.ng = k // 32
         self.xq = np.empty((SMALL_T, k), np.int8)      # scratch: x as int8 codes, group scales and sums
@@ -71,8 +84,9 @@ class QuantMatrix:
 
     def _dequantize_rows(self, codes: np.ndarray, scales: np.ndarray, out: np.ndarray) -> np.ndarray:
         c = codes.shape[0]
-        if self.kind == "q4":
-            _dequantize_field(codes, codes.view(np.int8), scales, 0, 0, self.ng, -1, self.ng, out[:c])
+        if self.kind != "q8":
+            ho = 16 * self.ng if self.kind == "q5" else -1
+            _dequantize_field(codes, codes.view(np.int8), scales, 0, 0, self.ng, ho, self.ng, out[:c])
         else:
             _dequantize_field(codes.view(np.uint8), codes, scales, 0, 0, -1, -1, self.ng, out[:c])
         return out[:c]
@@ -92,6 +106,8 @@ class QuantMatrix:
             y = self.y if T == 1 else torch.empty(T, self.shape[0])
             if self.kind == "q4":
                 _matmat_q4(self.codes, self.scales16, self.xq, self.xd, self.xs, T, y.numpy())
+            elif self.kind == "q5":
+                _matmat_q5(self.codes, self.scales16, self.xq, self.xd, self.xs, T, y.numpy())
             else:
                 _matmat_q8(self.codes, self.scales16, self.xq, self.xd, T, y.numpy())
             return y

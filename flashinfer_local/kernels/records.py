@@ -435,7 +435,8 @@ def warm_up() -> None:
                 for name in ("gate", "up", "down") if gated else ("up", "down"):
                     k.dequantize(recs, name, np.empty((2, 32), np.float32))
     for m in (QuantMatrix(np.zeros((2, 32), np.int8), np.zeros((2, 1), np.float16)),
-              QuantMatrix(np.zeros((2, 16), np.uint8), np.zeros((2, 2), np.float16))):
+              QuantMatrix(np.zeros((2, 16), np.uint8), np.zeros((2, 2), np.float16)),
+              QuantMatrix(np.zeros((2, 20), np.uint8), np.zeros((2, 2), np.float16))):
         for T in (1, 2, SMALL_T + 1):
             m.matmul(torch.ones(T, 32))
         m.rows(torch.zeros(1, dtype=torch.long))

@@ -46,12 +46,14 @@ def load_config(model: str | Path | None) -> tuple[ModelConfig, dict]:
         files = b.sizes()["files"]
         return b.config, {"kind": "bundle", "path": str(p), "dtype": b.ffn_dtype,
                           "tokenizer_bytes": files.get(fmt.TOKENIZER_FILE, 0), "bundle": b.sizes(),
+                          # its own matrices' codes, so the row of its precision is its files
+                          "low_codes": {n: c for n, c in b.quantized_dense.items() if c != "q8"},
                           "lean_tokenizer": budget_mod.Sizes.of(b).lean_tokenizer}
     with open_source(p) as src:
         tok = src.tokenizer.tokenizer_json
-        four = [n for n in fmt.quantized_dense(src.config, "int4") if src.four_bit(n)]
+        low = {n: src.low_codes(n) for n in fmt.quantized_dense(src.config, "int4") if src.low_codes(n)}
         return src.config, {"kind": src.identity.get("kind", "checkpoint"), "path": str(p),
-                            "tokenizer_bytes": len(tok.encode()) if tok is not None else 0, "four_bit": four,
+                            "tokenizer_bytes": len(tok.encode()) if tok is not None else 0, "low_codes": low,
                             "lean_tokenizer": tok is None or _lean(tok)}
 
 
@@ -65,15 +67,15 @@ def _lean(tokenizer_json: str) -> bool:
         return unsupported_reason(f.name) is None
 
 
-def bundle_bytes(cfg: ModelConfig, dtype: str, tokenizer_bytes: int = 0, four_bit=(),
+def bundle_bytes(cfg: ModelConfig, dtype: str, tokenizer_bytes: int = 0, low_codes=None,
                  lean_tokenizer: bool = True) -> dict:
-    """Exact sizes of the files ``convert --dtype dtype`` writes for ``cfg``; ``four_bit``: the
-    matrices the checkpoint stores in 4 bits (``storage.source.Source.four_bit``);
+    """Exact sizes of the files ``convert --dtype dtype`` writes for ``cfg``; ``low_codes``: name ->
+    the codes of each matrix the checkpoint stores at 6 bits or fewer (``storage.source.Source.low_codes``);
     ``lean_tokenizer``: whether the lean BPE will hold the tokenizer (``load_config``)."""
     p = fmt.Precision.named(dtype)
     layout = fmt.record_layout(cfg, p.ffn, p.down, p.gate_up)
-    four = set(four_bit)
-    specs = dense_specs(cfg, dtype, lambda name: name in four)
+    low = dict(low_codes or {})
+    specs = dense_specs(cfg, dtype, low.get)
     dense = encode_header(specs)[2]
     ffn = encode_header(ffn_specs(cfg, layout))[2]
     embed = sum(int(np.prod(shape)) * dt.itemsize for name, dt, shape in specs if name in ("embed", "embed.scale"))
@@ -100,10 +102,10 @@ def kv_cache(cfg: ModelConfig, tokens: int) -> dict:
             "rope_tables_bytes": budget_mod.rope_table_bytes(cfg, tokens)}
 
 
-def draft_bytes(cfg: ModelConfig, dtype: str, tokenizer_bytes: int, context: int, four_bit=(),
+def draft_bytes(cfg: ModelConfig, dtype: str, tokenizer_bytes: int, context: int, low_codes=None,
                 lean_tokenizer: bool = True) -> int:
     """What a draft model of ``cfg`` converted to ``dtype`` holds beside its target (``--draft``)."""
-    return budget_mod.draft_model_bytes(_sizes(cfg, bundle_bytes(cfg, dtype, tokenizer_bytes, four_bit, lean_tokenizer)),
+    return budget_mod.draft_model_bytes(_sizes(cfg, bundle_bytes(cfg, dtype, tokenizer_bytes, low_codes, lean_tokenizer)),
                                         context)
 
 
@@ -142,14 +144,14 @@ def verdict(cfg: ModelConfig, sizes: dict, minimum: dict, budget: int) -> dict:
 
 
 def estimate(cfg: ModelConfig, context: int = 2048, budget: int | None = None,
-             tokenizer_bytes: int = 0, draft: int = 0, four_bit=(), lean_tokenizer: bool = True) -> dict:
+             tokenizer_bytes: int = 0, draft: int = 0, low_codes=None, lean_tokenizer: bool = True) -> dict:
     """Sizes per precision, KV cache, minimum budget and (given ``budget``) the verdict; ``draft``:
     bytes a speculative draft model holds inside the budget (``draft_bytes``)."""
     context = min(context, cfg.max_position)
     rows = {}
     for dtype in PRECISIONS:
         try:
-            sizes = bundle_bytes(cfg, dtype, tokenizer_bytes, four_bit, lean_tokenizer)
+            sizes = bundle_bytes(cfg, dtype, tokenizer_bytes, low_codes, lean_tokenizer)
         except ValueError:            # int8/int4 need d_model divisible by the group size
             continue
         minimum = {**budget_parts(cfg, sizes, context, draft), "context": context}
